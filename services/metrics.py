@@ -1,0 +1,306 @@
+"""Every Prometheus metric of gradserve, defined in this one module.
+
+How numbers reach the exporter: the HTTP exporter runs in the gateway process only
+(`gradserve serve --metrics-port`). Ray worker and parameter-server actors live in other processes
+and never touch prometheus_client; instead they return their timings and counters inside each step
+result (`StepResult.timings`, failure/retry counts, byte counts), and the gateway, which owns the
+one exporter, calls `record_step(...)` with them. So a single scrape target shows the whole
+cluster, and no metric is lost when a worker process dies.
+
+Conventions (checked by `promtool check metrics` in tests/metrics/):
+- names are `gradserve_*`, in base units (`_seconds`, `_bytes`), counters end in `_total`;
+- labels are low-cardinality only: an RPC method name, a gRPC status code name, a step phase,
+  a consistency mode, an update outcome. Never a session id, step id or worker id: each distinct
+  label value is a new time series kept by Prometheus for weeks.
+
+All metrics live on the module-level `REGISTRY`, not prometheus_client's global default, so tests
+can start and stop exporters without clashing with other libraries' collectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+
+__all__ = [
+    "REGISTRY",
+    "STEP_PHASES",
+    "UPDATE_OUTCOMES",
+    "DURATION_BUCKETS_SECONDS",
+    "STALENESS_BUCKETS",
+    "METRIC_NAMES",
+    "start_metrics_server",
+    "stop_metrics_server",
+    "record_rpc",
+    "record_step",
+    "set_workers_alive",
+    "set_active_sessions",
+]
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+# Process CPU, memory and file descriptors of the gateway are worth having next to its own metrics.
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+
+# A step is split into these phases by the coordinator; only these become label values.
+STEP_PHASES = ("broadcast", "compute", "gather", "apply")
+UPDATE_OUTCOMES = ("applied", "duplicate", "dropped_stale")
+
+# Steps and RPCs range from a millisecond (a tiny MLP on one worker, a health check) to minutes
+# (a large model over a slow or recovering cluster); roughly 2.5x apart so p50/p99 estimated by
+# histogram_quantile stay within one bucket's width of the truth across that whole range.
+DURATION_BUCKETS_SECONDS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)
+# Staleness is counted in parameter versions; bounded-staleness training allows a handful, so the
+# buckets are dense near 0 and coarse beyond what any sane `staleness` bound would permit.
+STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+
+# --- RPCs (recorded by the gateway's interceptor / servicers) --------------------------------
+RPCS = Counter(
+    "gradserve_rpc_requests",
+    "gRPC requests handled, by method and final status code.",
+    ["method", "code"],
+    registry=REGISTRY,
+)
+RPC_DURATION = Histogram(
+    "gradserve_rpc_duration_seconds",
+    "Wall time from receiving a gRPC request to sending its last response, by method.",
+    ["method"],
+    buckets=DURATION_BUCKETS_SECONDS,
+    registry=REGISTRY,
+)
+RPC_RECEIVED_BYTES = Counter(
+    "gradserve_rpc_received_bytes",
+    "Serialized request bytes received, by method.",
+    ["method"],
+    registry=REGISTRY,
+)
+RPC_SENT_BYTES = Counter(
+    "gradserve_rpc_sent_bytes",
+    "Serialized response bytes sent, by method.",
+    ["method"],
+    registry=REGISTRY,
+)
+
+# --- Training steps (recorded by the gateway from each step result) ---------------------------
+STEP_DURATION = Histogram(
+    "gradserve_step_duration_seconds",
+    "Wall time of one training step, end to end, by consistency mode (sync/async).",
+    ["mode"],
+    buckets=DURATION_BUCKETS_SECONDS,
+    registry=REGISTRY,
+)
+STEP_PHASE_DURATION = Histogram(
+    "gradserve_step_phase_duration_seconds",
+    "Wall time of one phase of a training step: broadcast, compute, gather or apply.",
+    ["phase"],
+    buckets=DURATION_BUCKETS_SECONDS,
+    registry=REGISTRY,
+)
+SAMPLES = Counter(
+    "gradserve_samples_processed",
+    "Training samples whose gradients were computed (forward + backward) by the workers.",
+    registry=REGISTRY,
+)
+LOSS = Gauge(
+    "gradserve_loss",
+    "Mean training loss of the most recent step.",
+    registry=REGISTRY,
+)
+GRAD_NORM = Gauge(
+    "gradserve_gradient_global_norm",
+    "Global L2 norm over all parameter gradients of the most recent step (before clipping).",
+    registry=REGISTRY,
+)
+PARAMETER_VERSION = Gauge(
+    "gradserve_parameter_version",
+    "Parameter version after the most recent step (one increment per applied update).",
+    registry=REGISTRY,
+)
+STALENESS = Histogram(
+    "gradserve_gradient_staleness",
+    "Staleness of each shard gradient when it reached the parameter server, in parameter versions.",
+    buckets=STALENESS_BUCKETS,
+    registry=REGISTRY,
+)
+UPDATES = Counter(
+    "gradserve_updates",
+    "Parameter updates by outcome: applied, duplicate (repeated step id), dropped_stale.",
+    ["outcome"],
+    registry=REGISTRY,
+)
+WORKER_FAILURES = Counter(
+    "gradserve_worker_failures",
+    "Worker actor failures seen by the step coordinator (actor died or task raised).",
+    registry=REGISTRY,
+)
+WORKER_RETRIES = Counter(
+    "gradserve_worker_retries",
+    "Shard computations re-dispatched after a worker failure.",
+    registry=REGISTRY,
+)
+COMPRESSION_RATIO = Gauge(
+    "gradserve_gradient_compression_ratio",
+    "Raw over compressed gradient bytes in the most recent step (1 when compression is off).",
+    registry=REGISTRY,
+)
+GRADIENT_RAW_BYTES = Counter(
+    "gradserve_gradient_raw_bytes",
+    "Gradient bytes produced by workers before compression.",
+    registry=REGISTRY,
+)
+GRADIENT_COMPRESSED_BYTES = Counter(
+    "gradserve_gradient_compressed_bytes",
+    "Gradient bytes shipped from workers to the parameter server after compression.",
+    registry=REGISTRY,
+)
+
+# --- Cluster and sessions ---------------------------------------------------------------------
+WORKERS_ALIVE = Gauge(
+    "gradserve_workers_alive",
+    "Worker actors currently alive in the Ray cluster.",
+    registry=REGISTRY,
+)
+ACTIVE_SESSIONS = Gauge(
+    "gradserve_active_sessions",
+    "Training sessions currently open on the gateway.",
+    registry=REGISTRY,
+)
+
+# Exposed names (as scraped, counters with `_total`) so tests and the dashboards can be checked
+# against exactly what this module defines.
+METRIC_NAMES = frozenset(
+    {
+        "gradserve_rpc_requests_total",
+        "gradserve_rpc_duration_seconds",
+        "gradserve_rpc_received_bytes_total",
+        "gradserve_rpc_sent_bytes_total",
+        "gradserve_step_duration_seconds",
+        "gradserve_step_phase_duration_seconds",
+        "gradserve_samples_processed_total",
+        "gradserve_loss",
+        "gradserve_gradient_global_norm",
+        "gradserve_parameter_version",
+        "gradserve_gradient_staleness",
+        "gradserve_updates_total",
+        "gradserve_worker_failures_total",
+        "gradserve_worker_retries_total",
+        "gradserve_gradient_compression_ratio",
+        "gradserve_gradient_raw_bytes_total",
+        "gradserve_gradient_compressed_bytes_total",
+        "gradserve_workers_alive",
+        "gradserve_active_sessions",
+    }
+)
+
+# Exporters started in this process, by bound port, so tests (and `serve` on shutdown) stop them.
+_servers: dict[int, object] = {}
+
+
+def start_metrics_server(port: int, host: str = "127.0.0.1") -> int:
+    """Serve `REGISTRY` at http://host:port/metrics in a daemon thread; return the bound port.
+
+    Port 0 binds a free port (tests). The default host is loopback: exposing metrics on all
+    interfaces is a deployment decision (`--metrics-host 0.0.0.0` in the container image).
+    """
+    server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
+    bound_port = server.server_port
+    _servers[bound_port] = server
+    return bound_port
+
+
+def stop_metrics_server(port: int) -> None:
+    """Stop the exporter started on `port` by `start_metrics_server` and release its socket."""
+    server = _servers.pop(port)
+    server.shutdown()
+    server.server_close()
+
+
+def record_rpc(
+    method: str, code: str, seconds: float, bytes_received: int = 0, bytes_sent: int = 0
+) -> None:
+    """Record one finished RPC.
+
+    `method` is the short RPC name (`"Train"`, not the full path) and `code` the gRPC status code
+    name (`"OK"`, `"INVALID_ARGUMENT"`): both come from fixed, small sets.
+    """
+    RPCS.labels(method=method, code=code).inc()
+    RPC_DURATION.labels(method=method).observe(seconds)
+    if bytes_received:
+        RPC_RECEIVED_BYTES.labels(method=method).inc(bytes_received)
+    if bytes_sent:
+        RPC_SENT_BYTES.labels(method=method).inc(bytes_sent)
+
+
+def record_step(
+    *,
+    duration_s: float,
+    phases_s: Mapping[str, float],
+    samples: int,
+    loss: float,
+    grad_norm: float,
+    version: int,
+    staleness: Iterable[int] = (),
+    applied: int = 1,
+    duplicate: int = 0,
+    dropped_stale: int = 0,
+    worker_failures: int = 0,
+    retries: int = 0,
+    bytes_raw: int = 0,
+    bytes_compressed: int = 0,
+    mode: str = "sync",
+) -> None:
+    """Record one training step from the numbers its workers and parameter server returned.
+
+    `phases_s` maps phase names to seconds; only `STEP_PHASES` are recorded, other keys (a
+    coordinator's extra timings such as a total) are ignored so they cannot add label values.
+    `staleness` holds one value per shard gradient (versions behind when it was applied).
+    A NaN loss or norm is still recorded: a diverging run should be visible, not hidden.
+    """
+    STEP_DURATION.labels(mode=mode).observe(duration_s)
+    for phase in STEP_PHASES:
+        if phase in phases_s:
+            STEP_PHASE_DURATION.labels(phase=phase).observe(phases_s[phase])
+    if samples:
+        SAMPLES.inc(samples)
+    LOSS.set(loss)
+    GRAD_NORM.set(grad_norm)
+    PARAMETER_VERSION.set(version)
+    for versions_behind in staleness:
+        STALENESS.observe(versions_behind)
+    for outcome, count in zip(UPDATE_OUTCOMES, (applied, duplicate, dropped_stale)):
+        if count:
+            UPDATES.labels(outcome=outcome).inc(count)
+    if worker_failures:
+        WORKER_FAILURES.inc(worker_failures)
+    if retries:
+        WORKER_RETRIES.inc(retries)
+    if bytes_raw:
+        GRADIENT_RAW_BYTES.inc(bytes_raw)
+    if bytes_compressed:
+        GRADIENT_COMPRESSED_BYTES.inc(bytes_compressed)
+    if bytes_raw and bytes_compressed:
+        COMPRESSION_RATIO.set(bytes_raw / bytes_compressed)
+    elif bytes_raw:
+        COMPRESSION_RATIO.set(1.0)
+
+
+def set_workers_alive(n: int) -> None:
+    """Set the number of live worker actors (the coordinator reports it after each health check)."""
+    WORKERS_ALIVE.set(n)
+
+
+def set_active_sessions(n: int) -> None:
+    """Set the number of open training sessions (the gateway's session table size)."""
+    ACTIVE_SESSIONS.set(n)
