@@ -1,0 +1,346 @@
+"""Optimizers: SGD, momentum, Nesterov, Adam, AdamW; global-norm clipping; learning-rate schedules.
+
+The parameter server calls `Optimizer.step(params, grad_parts, grad_scale=...)` with the per-worker
+gradient SUMS it received and `1 / total_count` as the scale, so the mean gradient is never
+materialised: each parameter is walked once in cache-sized blocks that sum the parts, accumulate the
+squared norm and update the parameter and its state in place. With clipping the norm must be known
+before the first update, so that case makes one extra read-only pass.
+
+Update rules follow `torch.optim` exactly (same operation order), so float64 trajectories match it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from gradserve_services.errors import InvalidArgument
+
+__all__ = [
+    "OPTIMIZER_NAMES",
+    "SCHEDULE_NAMES",
+    "ScheduleConfig",
+    "OptimizerConfig",
+    "Optimizer",
+    "learning_rate",
+    "global_norm",
+]
+
+OPTIMIZER_NAMES = ("sgd", "momentum", "nesterov", "adam", "adamw")
+SCHEDULE_NAMES = ("constant", "step", "cosine")
+# Elements per block: three float32 blocks of this size (parameter, gradient, scratch) stay in L2.
+BLOCK_ELEMENTS = 1 << 15
+# torch.nn.utils.clip_grad_norm_ divides by (norm + 1e-6); the same guard keeps trajectories equal.
+CLIP_EPSILON = 1e-6
+
+_STATE_SLOTS = {
+    "sgd": (),
+    "momentum": ("momentum_buffer",),
+    "nesterov": ("momentum_buffer",),
+    "adam": ("exp_avg", "exp_avg_sq"),
+    "adamw": ("exp_avg", "exp_avg_sq"),
+}
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    name: str = "constant"
+    warmup_steps: int = 0
+    step_size: int = 100
+    gamma: float = 0.1
+    total_steps: int = 1000
+    min_lr: float = 0.0
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    clip_norm: float | None = None
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    @classmethod
+    def from_dict(cls, config: Mapping | "OptimizerConfig" | None) -> "OptimizerConfig":
+        """Validate a JSON-able config dict; errors name the field as `optimizer.FIELD`."""
+        if isinstance(config, OptimizerConfig):
+            return config
+        config = dict(config or {})
+        schedule = dict(config.pop("schedule", None) or {})
+        _reject_unknown(config, {f.name for f in fields(cls)} - {"schedule"}, "optimizer")
+        _reject_unknown(schedule, {f.name for f in fields(ScheduleConfig)}, "optimizer.schedule")
+        try:
+            parsed = cls(**config, schedule=ScheduleConfig(**schedule))
+        except TypeError as bad:  # pragma: no cover - unknown keys are rejected above
+            raise InvalidArgument(str(bad), "optimizer") from None
+        parsed._validate()
+        return parsed
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def _validate(self) -> None:
+        if self.name not in OPTIMIZER_NAMES:
+            raise InvalidArgument(f"unknown optimizer {self.name!r}; one of {OPTIMIZER_NAMES}",
+                                  "optimizer.name")
+        _check_number(self.lr, "optimizer.lr", low=0.0, low_inclusive=False)
+        _check_number(self.momentum, "optimizer.momentum", low=0.0, high=1.0)
+        _check_number(self.beta1, "optimizer.beta1", low=0.0, high=1.0, high_inclusive=False)
+        _check_number(self.beta2, "optimizer.beta2", low=0.0, high=1.0, high_inclusive=False)
+        _check_number(self.eps, "optimizer.eps", low=0.0)
+        _check_number(self.weight_decay, "optimizer.weight_decay", low=0.0)
+        if self.clip_norm is not None:
+            _check_number(self.clip_norm, "optimizer.clip_norm", low=0.0, low_inclusive=False)
+        schedule = self.schedule
+        if schedule.name not in SCHEDULE_NAMES:
+            raise InvalidArgument(f"unknown schedule {schedule.name!r}; one of {SCHEDULE_NAMES}",
+                                  "optimizer.schedule.name")
+        for name in ("warmup_steps", "step_size", "total_steps"):
+            value = getattr(schedule, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise InvalidArgument(f"must be a non-negative integer, got {value!r}",
+                                      f"optimizer.schedule.{name}")
+        if schedule.name == "step" and schedule.step_size < 1:
+            raise InvalidArgument("must be >= 1", "optimizer.schedule.step_size")
+        _check_number(schedule.gamma, "optimizer.schedule.gamma", low=0.0)
+        _check_number(schedule.min_lr, "optimizer.schedule.min_lr", low=0.0)
+
+
+def _reject_unknown(config: Mapping, known: set, prefix: str) -> None:
+    for key in config:
+        if key not in known:
+            raise InvalidArgument(f"unknown field {key!r}", f"{prefix}.{key}")
+
+
+def _check_number(value, field_name: str, *, low=None, high=None, low_inclusive=True,
+                  high_inclusive=True) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidArgument(f"must be a finite number, got {value!r}", field_name)
+    if low is not None and (value < low or (value == low and not low_inclusive)):
+        raise InvalidArgument(f"must be {'>=' if low_inclusive else '>'} {low}, got {value}",
+                              field_name)
+    if high is not None and (value > high or (value == high and not high_inclusive)):
+        raise InvalidArgument(f"must be {'<=' if high_inclusive else '<'} {high}, got {value}",
+                              field_name)
+
+
+def learning_rate(config: OptimizerConfig, update_index: int) -> float:
+    """The learning rate of the update with 0-based index `update_index`.
+
+    Warmup ramps linearly from lr/warmup to lr over the first `warmup_steps` updates; the schedule
+    proper counts updates after warmup (step: times gamma every `step_size`; cosine: from lr down to
+    `min_lr` over `total_steps - warmup_steps`, then stays at `min_lr`).
+    """
+    schedule = config.schedule
+    base = config.lr
+    if update_index < schedule.warmup_steps:
+        return base * (update_index + 1) / schedule.warmup_steps
+    after_warmup = update_index - schedule.warmup_steps
+    if schedule.name == "step":
+        return base * schedule.gamma ** (after_warmup // schedule.step_size)
+    if schedule.name == "cosine":
+        span = max(schedule.total_steps - schedule.warmup_steps, 1)
+        progress = min(after_warmup / span, 1.0)
+        return schedule.min_lr + (base - schedule.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return base
+
+
+def global_norm(grad_parts: Sequence[Mapping[str, np.ndarray]], grad_scale: float = 1.0) -> float:
+    """L2 norm over all parameters of `grad_scale * sum(grad_parts)` (float64 accumulation)."""
+    return math.sqrt(_squared_norm(grad_parts, grad_scale))
+
+
+def _squared_norm(grad_parts, grad_scale: float) -> float:
+    total = 0.0
+    names = list(grad_parts[0]) if grad_parts else []
+    scratch = None
+    for name in names:
+        flats = [np.ravel(part[name]) for part in grad_parts]
+        for start in range(0, flats[0].size, BLOCK_ELEMENTS):
+            stop = start + BLOCK_ELEMENTS
+            block = _sum_block(flats, start, stop, scratch)
+            scratch = block if len(flats) > 1 else scratch
+            total += float(np.dot(block, block))
+    return total * grad_scale * grad_scale
+
+
+def _sum_block(flats: list[np.ndarray], start: int, stop: int, scratch):
+    """The block [start, stop) of the sum of `flats` (a view of the only part when there is one)."""
+    if len(flats) == 1:
+        return flats[0][start:stop]
+    size = min(stop, flats[0].size) - start
+    dtype = np.result_type(*(flat.dtype for flat in flats))
+    if scratch is None or scratch.size < size or scratch.dtype != dtype:
+        scratch = np.empty(max(size, BLOCK_ELEMENTS), dtype=dtype)
+    out = scratch[:size]
+    np.add(flats[0][start:stop], flats[1][start:stop], out=out)
+    for flat in flats[2:]:
+        out += flat[start:stop]
+    return out
+
+
+class Optimizer:
+    """Per-parameter optimizer state plus the update rule; updates parameter arrays in place."""
+
+    def __init__(self, config: Mapping | OptimizerConfig, params: Mapping[str, np.ndarray]):
+        self.config = OptimizerConfig.from_dict(config)
+        self.update_count = 0
+        self.state: dict[str, dict[str, np.ndarray]] = {
+            name: {slot: np.zeros_like(value) for slot in _STATE_SLOTS[self.config.name]}
+            for name, value in params.items()
+        }
+
+    def step(self, params: Mapping[str, np.ndarray], grad_parts: Sequence[Mapping[str, np.ndarray]],
+             *, grad_scale: float = 1.0, norm: float | None = None) -> dict:
+        """Apply one update with gradient `grad_scale * sum(grad_parts)` to `params` in place.
+
+        `norm` is the global gradient norm when the caller knows it (a sharded parameter server
+        computes it across shards); otherwise it is computed here. Returns
+        `{"lr", "grad_norm", "clip_scale"}` for the step's report.
+        """
+        if not grad_parts:
+            raise InvalidArgument("no gradient to apply", "gradients")
+        clip_norm = self.config.clip_norm
+        fused_norm = norm is None and clip_norm is None
+        if norm is None and clip_norm is not None:
+            norm = global_norm(grad_parts, grad_scale)
+        clip_scale = 1.0
+        if clip_norm is not None and norm + CLIP_EPSILON > 0:
+            clip_scale = min(1.0, clip_norm / (norm + CLIP_EPSILON))
+        lr = learning_rate(self.config, self.update_count)
+        self.update_count += 1
+        squared = self._update_all(params, grad_parts, grad_scale * clip_scale, lr)
+        if fused_norm:
+            norm = math.sqrt(squared) * grad_scale
+        return {"lr": lr, "grad_norm": float(norm), "clip_scale": clip_scale}
+
+    def _update_all(self, params, grad_parts, scale: float, lr: float) -> float:
+        rule = getattr(self, f"_block_{self.config.name}")
+        coefficients = self._coefficients(lr)
+        squared = 0.0
+        for name, param in params.items():
+            flat_param = param.reshape(-1)
+            if not np.shares_memory(flat_param, param):
+                raise InvalidArgument("parameters must be contiguous to update in place",
+                                      f"parameters.{name}")
+            flat_grads = [np.ravel(part[name]) for part in grad_parts]
+            flat_state = {slot: value.reshape(-1) for slot, value in self.state[name].items()}
+            block = min(flat_param.size, BLOCK_ELEMENTS)
+            scratch = (np.empty(block, flat_param.dtype), np.empty(block, flat_param.dtype))
+            summed = None
+            for start in range(0, flat_param.size, BLOCK_ELEMENTS):
+                stop = start + BLOCK_ELEMENTS
+                grad_block = _sum_block(flat_grads, start, stop, summed)
+                if len(flat_grads) > 1:
+                    summed = grad_block
+                squared += float(np.dot(grad_block, grad_block))
+                block_state = {slot: value[start:stop] for slot, value in flat_state.items()}
+                size = grad_block.size
+                rule(flat_param[start:stop], grad_block, block_state,
+                     (scratch[0][:size], scratch[1][:size]), scale, coefficients)
+        return squared
+
+    def _coefficients(self, lr: float) -> dict:
+        config = self.config
+        step = self.update_count  # already incremented: torch's `state["step"]` after `+= 1`
+        return {
+            "lr": lr,
+            "bias_correction1": 1.0 - config.beta1 ** step,
+            "bias_correction2_sqrt": math.sqrt(1.0 - config.beta2 ** step),
+        }
+
+    # Each rule updates one block in place; `scratch` holds two block-sized buffers it may overwrite.
+    # `grad` may be a read-only view of a worker's gradient, so it is never written. Momentum and
+    # Adam state start at zero, which gives exactly torch's first step (0 * beta + g == g).
+
+    def _scaled_grad(self, param, grad, scratch, scale, *, l2: bool):
+        np.multiply(grad, scale, out=scratch)
+        if l2 and self.config.weight_decay:
+            scratch += self.config.weight_decay * param
+        return scratch
+
+    def _block_sgd(self, param, grad, state, scratch, scale, c):
+        g = self._scaled_grad(param, grad, scratch[0], scale, l2=True)
+        g *= -c["lr"]
+        param += g
+
+    def _block_momentum(self, param, grad, state, scratch, scale, c):
+        g = self._scaled_grad(param, grad, scratch[0], scale, l2=True)
+        buf = state["momentum_buffer"]
+        buf *= self.config.momentum
+        buf += g
+        np.multiply(buf, -c["lr"], out=g)
+        param += g
+
+    def _block_nesterov(self, param, grad, state, scratch, scale, c):
+        g = self._scaled_grad(param, grad, scratch[0], scale, l2=True)
+        buf = state["momentum_buffer"]
+        buf *= self.config.momentum
+        buf += g
+        np.multiply(buf, self.config.momentum, out=scratch[1])
+        g += scratch[1]
+        g *= -c["lr"]
+        param += g
+
+    def _block_adam(self, param, grad, state, scratch, scale, c):
+        self._adam(param, grad, state, scratch, scale, c, l2=True)
+
+    def _block_adamw(self, param, grad, state, scratch, scale, c):
+        if self.config.weight_decay:
+            param *= 1.0 - c["lr"] * self.config.weight_decay
+        self._adam(param, grad, state, scratch, scale, c, l2=False)
+
+    def _adam(self, param, grad, state, scratch, scale, c, *, l2: bool):
+        config = self.config
+        g = self._scaled_grad(param, grad, scratch[0], scale, l2=l2)
+        other = scratch[1]
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        # torch: exp_avg.lerp_(grad, 1 - beta1) == exp_avg + (1 - beta1) * (grad - exp_avg)
+        np.subtract(g, exp_avg, out=other)
+        other *= 1.0 - config.beta1
+        exp_avg += other
+        # torch: exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        exp_avg_sq *= config.beta2
+        np.multiply(g, g, out=other)
+        other *= 1.0 - config.beta2
+        exp_avg_sq += other
+        # torch: denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        np.sqrt(exp_avg_sq, out=other)
+        other /= c["bias_correction2_sqrt"]
+        other += config.eps
+        # torch: param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+        np.divide(exp_avg, other, out=other)
+        other *= -c["lr"] / c["bias_correction1"]
+        param += other
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
+        """`(arrays, meta)`: arrays keyed `PARAM/SLOT`, meta JSON-able (config, update count)."""
+        arrays = {f"{name}/{slot}": value for name, slots in self.state.items()
+                  for slot, value in slots.items()}
+        return arrays, {"config": self.config.to_dict(), "update_count": self.update_count}
+
+    def load_state_dict(self, arrays: Mapping[str, np.ndarray], meta: Mapping) -> None:
+        """Restore from `state_dict()` output; the config in `meta` must name the same optimizer."""
+        config = OptimizerConfig.from_dict(meta["config"])
+        if config.name != self.config.name:
+            raise InvalidArgument(f"state is for {config.name!r}, optimizer is {self.config.name!r}",
+                                  "optimizer.name")
+        for name, slots in self.state.items():
+            for slot, value in slots.items():
+                key = f"{name}/{slot}"
+                if key not in arrays:
+                    raise InvalidArgument("missing optimizer state", f"optimizer_state.{key}")
+                stored = np.asarray(arrays[key])
+                if stored.shape != value.shape:
+                    raise InvalidArgument(f"shape {stored.shape} != {value.shape}",
+                                          f"optimizer_state.{key}")
+                value[...] = stored
+        self.config = config
+        self.update_count = int(meta["update_count"])

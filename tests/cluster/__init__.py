@@ -1,0 +1,1 @@
+"""Tests of the optimizers, checkpoints and the Ray cluster (workers, parameter servers, coordinator)."""
