@@ -1,0 +1,386 @@
+"""The ops: one class per op, its forward, backward and tangent (forward-mode) rules side by side.
+
+Every op works on 2-D `(batch, features)` arrays in the parameter dtype. The rules share one
+calling convention (see `Op`); the engine in `model.py` walks the graph and owns the bookkeeping:
+
+- `forward` returns the output and whatever the other two rules need later (`saved`);
+- `backward` receives the gradient of the loss w.r.t. this node's output, adds the gradients of its
+  parameters into `param_grads` and returns one gradient per input (None where `wants` is False);
+  the engine sums gradients arriving from several consumers (`+=`), so a rule never accumulates;
+- `tangent` carries a forward-mode tangent (a JVP) through the node: input tangents (None means
+  zero) and parameter tangents in, the output's tangent out (None when it is zero).
+
+Arrays a rule receives are read-only for it; it writes only into buffers from `ctx.buffer`, which
+belong to this node and are reused by the next pass. All arithmetic goes through `ctx.xp`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from gradserve_services.errors import SpecError
+
+__all__ = ["Op", "OPS"]
+
+
+class Attribute:
+    """One attribute of an op: its kind, default (`REQUIRED` if none) and allowed range."""
+
+    REQUIRED = object()
+
+    def __init__(self, kind: type, default=REQUIRED, low=None, high=None, low_open=False, high_open=False):
+        self.kind, self.default = kind, default
+        self.low, self.high, self.low_open, self.high_open = low, high, low_open, high_open
+
+    def parse(self, node_name: str, key: str, value):
+        if value is None and self.default is not Attribute.REQUIRED:
+            return self.default
+        if isinstance(value, bool) != (self.kind is bool) or not isinstance(value, (int, float)):
+            raise SpecError(f"attribute {key!r} must be a {self.kind.__name__}, got {value!r}", field=node_name)
+        if self.kind is int and not isinstance(value, int):
+            raise SpecError(f"attribute {key!r} must be an integer, got {value!r}", field=node_name)
+        if self.kind is float and not math.isfinite(value):
+            raise SpecError(f"attribute {key!r} must be finite, got {value!r}", field=node_name)
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if below or above:
+            lo = "(" if self.low_open else "["
+            hi = ")" if self.high_open else "]"
+            raise SpecError(f"attribute {key!r} = {value!r} is outside {lo}{self.low}, {self.high}{hi}", field=node_name)
+        return self.kind(value)
+
+
+class Op:
+    kind = ""
+    arity: tuple[int, int | None] = (1, 1)  # (fewest, most) inputs; None: no upper bound
+    attributes: Mapping[str, Attribute] = {}
+
+    def parse_attrs(self, node_name: str, raw: Mapping[str, object]) -> dict[str, object]:
+        unknown = sorted(set(raw) - set(self.attributes))
+        if unknown:
+            raise SpecError(f"op {self.kind!r} has no attribute {unknown[0]!r}", field=node_name)
+        parsed = {}
+        for key, attribute in self.attributes.items():
+            if key not in raw and attribute.default is Attribute.REQUIRED:
+                raise SpecError(f"op {self.kind!r} needs attribute {key!r}", field=node_name)
+            parsed[key] = attribute.parse(node_name, key, raw.get(key))
+        return parsed
+
+    def output_width(self, node, input_widths: list[int]) -> int:
+        return input_widths[0]
+
+    def parameter_suffixes(self, node) -> tuple[str, ...]:
+        return ()
+
+    def parameter_shapes(self, node, input_widths: list[int]) -> dict[str, tuple[int, ...]]:
+        return {}
+
+    def forward(self, node, ctx, inputs, params):
+        raise NotImplementedError
+
+    def backward(self, node, ctx, grad_out, saved, params, param_grads, wants):
+        raise NotImplementedError
+
+    def tangent(self, node, ctx, inputs, tangents, out, saved, params, param_tangents):
+        raise NotImplementedError
+
+
+class Dense(Op):
+    """z = x @ W + b. W is (in, units): `x @ W` and `x.T @ dz` run as BLAS calls without copies."""
+
+    kind = "dense"
+    attributes = {"units": Attribute(int, low=1, high=1 << 20), "bias": Attribute(bool, default=True)}
+
+    def output_width(self, node, input_widths):
+        return node.attrs["units"]
+
+    def parameter_suffixes(self, node):
+        return ("weight", "bias") if node.attrs["bias"] else ("weight",)
+
+    def parameter_shapes(self, node, input_widths):
+        shapes = {f"{node.name}.weight": (input_widths[0], node.attrs["units"])}
+        if node.attrs["bias"]:
+            shapes[f"{node.name}.bias"] = (node.attrs["units"],)
+        return shapes
+
+    def forward(self, node, ctx, inputs, params):
+        (x,) = inputs
+        z = ctx.buffer(node.name, "out", (x.shape[0], node.attrs["units"]))
+        ctx.xp.matmul(x, params[f"{node.name}.weight"], out=z)
+        if node.attrs["bias"]:
+            z += params[f"{node.name}.bias"]
+        return z, x
+
+    def backward(self, node, ctx, grad_out, saved, params, param_grads, wants):
+        xp, x = ctx.xp, saved
+        param_grads.write(f"{node.name}.weight", lambda out: xp.matmul(x.T, grad_out, out=out))
+        if node.attrs["bias"]:
+            param_grads.write(f"{node.name}.bias", lambda out: xp.sum(grad_out, axis=0, out=out))
+        if not wants[0]:  # e.g. the batch input: nothing consumes its gradient
+            return [None]
+        dx = ctx.buffer(node.name, "grad_in", x.shape)
+        return [xp.matmul(grad_out, params[f"{node.name}.weight"].T, out=dx)]
+
+    def tangent(self, node, ctx, inputs, tangents, out, saved, params, param_tangents):
+        xp, (x,), (dx,) = ctx.xp, inputs, tangents
+        dz = ctx.buffer(node.name, "tangent", out.shape)
+        xp.matmul(x, param_tangents[f"{node.name}.weight"], out=dz)
+        if dx is not None:
+            dz += xp.matmul(dx, params[f"{node.name}.weight"], out=ctx.buffer(node.name, "tangent_in", out.shape))
+        if node.attrs["bias"]:
+            dz += param_tangents[f"{node.name}.bias"]
+        return dz
+
+
+class Elementwise(Op):
+    """y = f(x) element by element. Backward and tangent are the chain rule with f'(x) (`slope`):
+    a subclass gives `value` (which may keep what `slope` needs) and `slope`."""
+
+    def value(self, xp, x, out, attrs):
+        """Write f(x) into out; return what `slope` needs."""
+        raise NotImplementedError
+
+    def slope(self, xp, saved, attrs, out):
+        """Write f'(x) into out and return it."""
+        raise NotImplementedError
+
+    def forward(self, node, ctx, inputs, params):
+        out = ctx.buffer(node.name, "out", inputs[0].shape)
+        return out, self.value(ctx.xp, inputs[0], out, node.attrs)
+
+    def backward(self, node, ctx, grad_out, saved, params, param_grads, wants):
+        dx = self.slope(ctx.xp, saved, node.attrs, ctx.buffer(node.name, "grad_in", grad_out.shape))
+        return [ctx.xp.multiply(dx, grad_out, out=dx)]
+
+    def tangent(self, node, ctx, inputs, tangents, out, saved, params, param_tangents):
+        if tangents[0] is None:
+            return None
+        dy = self.slope(ctx.xp, saved, node.attrs, ctx.buffer(node.name, "tangent", out.shape))
+        return ctx.xp.multiply(dy, tangents[0], out=dy)
+
+
+class ReLU(Elementwise):
+    kind = "relu"
+
+    def value(self, xp, x, out, attrs):
+        return xp.maximum(x, 0, out=out)
+
+    def slope(self, xp, y, attrs, out):
+        # Like PyTorch: slope 0 at x == 0. `y > 0` read back as 0/1 in the parameter dtype.
+        return xp.greater(y, 0, out=out)
+
+    def backward(self, node, ctx, grad_out, saved, params, param_grads, wants):
+        # Hot path of the benchmark models: one pass, `where` keeps grad_out where the output is > 0.
+        dx = ctx.buffer(node.name, "grad_in", grad_out.shape)
+        mask = ctx.xp.greater(saved, 0, out=ctx.buffer(node.name, "mask", grad_out.shape, dtype=bool))
+        return [ctx.xp.multiply(grad_out, mask, out=dx)]
+
+
+class LeakyReLU(Elementwise):
+    kind = "leaky_relu"
+    attributes = {"alpha": Attribute(float, default=0.01)}
+
+    def value(self, xp, x, out, attrs):
+        xp.multiply(x, attrs["alpha"], out=out)
+        positive = x > 0
+        out[positive] = x[positive]
+        return x
+
+    def slope(self, xp, x, attrs, out):
+        out.fill(attrs["alpha"])
+        out[x > 0] = 1
+        return out
+
+
+class Sigmoid(Elementwise):
+    kind = "sigmoid"
+
+    def value(self, xp, x, out, attrs):
+        return stable_sigmoid(xp, x, out)
+
+    def slope(self, xp, y, attrs, out):
+        xp.subtract(1, y, out=out)
+        return xp.multiply(out, y, out=out)
+
+
+class Tanh(Elementwise):
+    kind = "tanh"
+
+    def value(self, xp, x, out, attrs):
+        return xp.tanh(x, out=out)
+
+    def slope(self, xp, y, attrs, out):
+        xp.multiply(y, y, out=out)
+        return xp.subtract(1, out, out=out)
+
+
+class GELU(Elementwise):
+    """The tanh approximation: 0.5 x (1 + tanh(k (x + c x^3))), k = sqrt(2 / pi), c = 0.044715."""
+
+    kind = "gelu"
+    K = math.sqrt(2.0 / math.pi)
+    C = 0.044715
+
+    def value(self, xp, x, out, attrs):
+        inner = self.K * (x + self.C * x**3)
+        xp.multiply(0.5 * x, 1 + xp.tanh(inner), out=out)
+        return x
+
+    def slope(self, xp, x, attrs, out):
+        t = xp.tanh(self.K * (x + self.C * x**3))
+        d_inner = self.K * (1 + 3 * self.C * x * x)
+        out[...] = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * d_inner
+        return out
+
+
+class Add(Op):
+    """Residual sum of >= 2 inputs of equal width; the gradient reaches every input unchanged."""
+
+    kind = "add"
+    arity = (2, None)
+
+    def output_width(self, node, input_widths):
+        if len(set(input_widths)) != 1:
+            raise SpecError(f"add needs inputs of equal width, got {input_widths}", field=node.name)
+        return input_widths[0]
+
+    def forward(self, node, ctx, inputs, params):
+        out = ctx.xp.add(inputs[0], inputs[1], out=ctx.buffer(node.name, "out", inputs[0].shape))
+        for x in inputs[2:]:
+            out += x
+        return out, None
+
+    def backward(self, node, ctx, grad_out, saved, params, param_grads, wants):
+        # Shared read-only: the engine never accumulates into an array it did not allocate.
+        return [grad_out if wanted else None for wanted in wants]
+
+    def tangent(self, node, ctx, inputs, tangents, out, saved, params, param_tangents):
+        present = [t for t in tangents if t is not None]
+        if not present:
+            return None
+        total = ctx.buffer(node.name, "tangent", out.shape)
+        total[...] = present[0]
+        for t in present[1:]:
+            total += t
+        return total
+
+
+class Concat(Op):
+    """Inputs side by side on the feature axis; the same input may appear several times."""
+
+    kind = "concat"
+    arity = (2, None)
+
+    def output_width(self, node, input_widths):
+        return sum(input_widths)
+
+    def forward(self, node, ctx, inputs, params):
+        out = ctx.buffer(node.name, "out", (inputs[0].shape[0], sum(x.shape[1] for x in inputs)))
+        start = 0
+        for x in inputs:
+            out[:, start : start + x.shape[1]] = x
+            start += x.shape[1]
+        return out, [x.shape[1] for x in inputs]
+
+    def backward(self, node, ctx, grad_out, saved, params, param_grads, wants):
+        grads, start = [], 0
+        for width, wanted in zip(saved, wants):
+            grads.append(grad_out[:, start : start + width] if wanted else None)
+            start += width
+        return grads
+
+    def tangent(self, node, ctx, inputs, tangents, out, saved, params, param_tangents):
+        if all(t is None for t in tangents):
+            return None
+        total, start = ctx.buffer(node.name, "tangent", out.shape), 0
+        for width, t in zip(saved, tangents):
+            total[:, start : start + width] = 0 if t is None else t
+            start += width
+        return total
+
+
+class LayerNorm(Op):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias over the feature axis (biased variance)."""
+
+    kind = "layernorm"
+    attributes = {"eps": Attribute(float, default=1e-5, low=0, high=1, low_open=True)}
+
+    def parameter_suffixes(self, node):
+        return ("weight", "bias")
+
+    def parameter_shapes(self, node, input_widths):
+        return {f"{node.name}.weight": (input_widths[0],), f"{node.name}.bias": (input_widths[0],)}
+
+    def forward(self, node, ctx, inputs, params):
+        xp, (x,) = ctx.xp, inputs
+        centered = x - x.mean(axis=1, keepdims=True)
+        inv_std = 1 / xp.sqrt((centered * centered).mean(axis=1, keepdims=True) + node.attrs["eps"])
+        normed = centered * inv_std
+        out = ctx.buffer(node.name, "out", x.shape)
+        xp.multiply(normed, params[f"{node.name}.weight"], out=out)
+        out += params[f"{node.name}.bias"]
+        return out, (normed, inv_std)
+
+    def backward(self, node, ctx, grad_out, saved, params, param_grads, wants):
+        xp, (normed, inv_std) = ctx.xp, saved
+        param_grads.write(f"{node.name}.weight", lambda out: xp.sum(grad_out * normed, axis=0, out=out))
+        param_grads.write(f"{node.name}.bias", lambda out: xp.sum(grad_out, axis=0, out=out))
+        if not wants[0]:
+            return [None]
+        d_normed = grad_out * params[f"{node.name}.weight"]
+        mean_d = d_normed.mean(axis=1, keepdims=True)
+        mean_d_normed = (d_normed * normed).mean(axis=1, keepdims=True)
+        dx = ctx.buffer(node.name, "grad_in", grad_out.shape)
+        xp.multiply(d_normed - mean_d - normed * mean_d_normed, inv_std, out=dx)
+        return [dx]
+
+    def tangent(self, node, ctx, inputs, tangents, out, saved, params, param_tangents):
+        xp, (normed, inv_std), (dx,) = ctx.xp, saved, tangents
+        dy = ctx.buffer(node.name, "tangent", out.shape)
+        xp.multiply(normed, param_tangents[f"{node.name}.weight"], out=dy)
+        dy += param_tangents[f"{node.name}.bias"]
+        if dx is not None:
+            d_centered = dx - dx.mean(axis=1, keepdims=True)
+            # d(normed) = inv_std * (d_centered - normed * mean(normed * d_centered))
+            d_normed = inv_std * (d_centered - normed * (normed * d_centered).mean(axis=1, keepdims=True))
+            dy += d_normed * params[f"{node.name}.weight"]
+        return dy
+
+
+class Dropout(Op):
+    """Inverted dropout: in training, kept features are scaled by 1 / (1 - rate); identity in eval.
+    The mask comes from `ctx.dropout_mask`, a function of (seed, node, global sample, feature)."""
+
+    kind = "dropout"
+    attributes = {"rate": Attribute(float, low=0, high=1, high_open=True)}
+
+    def forward(self, node, ctx, inputs, params):
+        (x,) = inputs
+        if not ctx.train or node.attrs["rate"] == 0:
+            return x, None
+        mask = ctx.dropout_mask(node.name, x.shape, node.attrs["rate"])
+        return ctx.xp.multiply(x, mask, out=ctx.buffer(node.name, "out", x.shape)), mask
+
+    def backward(self, node, ctx, grad_out, saved, params, param_grads, wants):
+        if saved is None:
+            return [grad_out]
+        return [ctx.xp.multiply(grad_out, saved, out=ctx.buffer(node.name, "grad_in", grad_out.shape))]
+
+    def tangent(self, node, ctx, inputs, tangents, out, saved, params, param_tangents):
+        if saved is None or tangents[0] is None:
+            return tangents[0]
+        return ctx.xp.multiply(tangents[0], saved, out=ctx.buffer(node.name, "tangent", out.shape))
+
+
+def stable_sigmoid(xp, x, out):
+    """1 / (1 + exp(-x)) without overflow: exp only ever sees -|x|."""
+    e = xp.exp(-xp.abs(x))
+    positive = x >= 0
+    xp.divide(xp.where(positive, 1, e), 1 + e, out=out)
+    return out
+
+
+OPS: Mapping[str, Op] = {
+    op.kind: op for op in (Dense(), ReLU(), LeakyReLU(), Sigmoid(), Tanh(), GELU(), Add(), Concat(), LayerNorm(), Dropout())
+}
