@@ -28,6 +28,7 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
     start_http_server,
 )
 
@@ -45,6 +46,10 @@ __all__ = [
     "set_workers_alive",
     "set_active_sessions",
 ]
+
+# In the text format each counter and histogram also gets a `*_created` gauge: a second series per
+# label set that nothing here reads (dashboards use rate(), which handles resets by itself).
+disable_created_metrics()
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 # Process CPU, memory and file descriptors of the gateway are worth having next to its own metrics.
