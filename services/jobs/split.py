@@ -1,0 +1,117 @@
+"""Train/test split, feature standardisation, and the order batches are drawn in.
+
+The batch order is a pure function of (seed, global step): epoch `e` uses the permutation drawn from
+`default_rng([seed, e])`, and step `s` is batch `s % steps_per_epoch` of epoch `s // steps_per_epoch`.
+So a resumed job needs only the step it stopped at to continue with exactly the batches an
+uninterrupted job would have drawn: no batch repeated, none skipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .datasets import Dataset
+
+__all__ = ["Split", "Standardizer", "BatchOrder", "split_dataset"]
+
+
+@dataclass(frozen=True)
+class Split:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    feature_scaler: "Standardizer | None"
+    target_scaler: "Standardizer | None"  # regression targets; losses are reported in scaled units
+
+
+@dataclass(frozen=True)
+class Standardizer:
+    mean: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def fit(cls, values: np.ndarray) -> "Standardizer":
+        values = np.asarray(values, dtype=np.float64)
+        scale = values.std(axis=0)
+        # Constant columns (digits' always-blank corner pixels) keep scale 1 instead of dividing by 0.
+        scale = np.where(scale > 1e-12, scale, 1.0)
+        return cls(mean=values.mean(axis=0), scale=scale)
+
+    def transform(self, values: np.ndarray) -> np.ndarray:
+        return ((values - self.mean) / self.scale).astype(np.float32)
+
+    def inverse(self, values: np.ndarray) -> np.ndarray:
+        return (values * self.scale + self.mean).astype(np.float32)
+
+
+def split_dataset(
+    dataset: Dataset, *, test_fraction: float, seed: int, standardize: bool, standardize_target: bool
+) -> Split:
+    """A seeded split (stratified by class where every class has two samples); scalers fitted on
+    the training part only, so no test statistics leak into training."""
+    from sklearn.model_selection import train_test_split
+
+    stratify = None
+    if dataset.task == "classification":
+        counts = np.bincount(dataset.y)
+        if counts[counts > 0].min() >= 2:
+            stratify = dataset.y
+    x_train, x_test, y_train, y_test = train_test_split(
+        dataset.x, dataset.y, test_size=test_fraction, random_state=seed, stratify=stratify
+    )
+    feature_scaler = Standardizer.fit(x_train) if standardize else None
+    if feature_scaler is not None:
+        x_train, x_test = feature_scaler.transform(x_train), feature_scaler.transform(x_test)
+    target_scaler = None
+    if dataset.task == "regression" and standardize_target:
+        target_scaler = Standardizer.fit(y_train)
+        y_train, y_test = target_scaler.transform(y_train), target_scaler.transform(y_test)
+    return Split(
+        x_train=np.ascontiguousarray(x_train, dtype=np.float32),
+        y_train=np.ascontiguousarray(y_train),
+        x_test=np.ascontiguousarray(x_test, dtype=np.float32),
+        y_test=np.ascontiguousarray(y_test),
+        feature_scaler=feature_scaler,
+        target_scaler=target_scaler,
+    )
+
+
+@dataclass(frozen=True)
+class BatchOrder:
+    """Which training rows make up global step `step`. The last batch of an epoch may be smaller."""
+
+    num_samples: int
+    batch_size: int
+    seed: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+
+    def indices(self, step: int, permutation: np.ndarray | None = None) -> np.ndarray:
+        """Row indices of step `step`; pass the epoch's permutation to avoid redrawing it."""
+        if permutation is None:
+            permutation = self.permutation(self.epoch_of(step))
+        start = (step % self.steps_per_epoch) * self.batch_size
+        return permutation[start : start + self.batch_size]
+
+    def position(self, step: int) -> dict:
+        """The data-order position before `step` runs, as recorded in checkpoints."""
+        return {
+            "step": step,
+            "epoch": self.epoch_of(step),
+            "batch_in_epoch": step % self.steps_per_epoch,
+            "steps_per_epoch": self.steps_per_epoch,
+            "batch_size": self.batch_size,
+            "num_samples": self.num_samples,
+            "seed": self.seed,
+        }
