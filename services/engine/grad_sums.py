@@ -2,8 +2,8 @@
 
 The first micro-batch writes its contribution straight into the array returned to the caller; each
 later one goes through a scratch buffer and is added with `+=`. So one micro-batch costs no extra
-pass over the gradients, and several cost one add each. The returned arrays are fresh per call and
-belong to the caller: a later call never writes into them.
+pass over the gradients, and several cost one add each. The sums come from `Workspace.result`:
+they belong to the caller, and a later call never writes into one the caller still holds.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ class GradSums:
         """`contribution(out)` writes this pass's gradient of `name` into `out`."""
         total = self.sums.get(name)
         if total is None:
-            self.sums[name] = self.xp.empty(self.shapes[name], dtype=self.dtype)
+            self.sums[name] = self.workspace.result(name, self.shapes[name], self.dtype)
             contribution(self.sums[name])
         else:
             scratch = self.workspace.buffer(name, "grad_contribution", self.shapes[name], self.dtype)

@@ -70,6 +70,15 @@ class Model:
             params[name] = self.xp.asarray(value.astype(dtype))
         return params
 
+    def release_buffers(self) -> None:
+        """Free the workspace (scratch and recycled result arrays); the next call reallocates."""
+        with self._lock:
+            self._workspace.release()
+
+    def workspace_nbytes(self) -> int:
+        """Bytes held between calls: scratch buffers plus recycled gradient arrays."""
+        return self._workspace.nbytes
+
     # ----- validation --------------------------------------------------------------------------
 
     def validate_parameters(self, params, *, field_prefix: str = "parameters", check_values: bool = True):
