@@ -1,0 +1,21 @@
+"""Ray execution: sharded gradient workers, parameter-server actors, the step coordinator.
+
+`LocalExecutor` runs the same classes in process (tests, small jobs); `RayExecutor` runs them as Ray
+actors. See docs/ARCHITECTURE.md ("Cluster API") for the contract.
+"""
+
+from .config import COMPRESSIONS, CONSISTENCY_MODES, STALE_POLICIES, StepResult, TrainerConfig
+from .executor import Executor, LocalExecutor, RayExecutor
+from .trainer import Trainer
+
+__all__ = [
+    "Executor",
+    "LocalExecutor",
+    "RayExecutor",
+    "Trainer",
+    "TrainerConfig",
+    "StepResult",
+    "CONSISTENCY_MODES",
+    "STALE_POLICIES",
+    "COMPRESSIONS",
+]

@@ -1,0 +1,60 @@
+"""What the coordinator needs from where actors run: the `Backend` interface.
+
+`RayBackend` (remote.py) runs workers and parameter servers as Ray actors; `LocalBackend` (local.py)
+calls the same plain classes in this process. The coordinator (`Trainer`, `compute_gradients`) is
+written once against this interface, so both executors share every rule: sharding, exactly-once,
+staleness, retries, timings.
+
+Futures are opaque (Ray ObjectRefs, or completed local results). Actor handles are addressed by
+their position in the backend's pool, which is stable: a replacement takes the dead one's place.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence
+
+__all__ = ["Backend"]
+
+
+class Backend(Protocol):
+    def put(self, value) -> Any:
+        """A future holding `value`, shared by every call that receives it."""
+
+    def submit(self, handle, method: str, *args, num_returns: int = 1) -> list:
+        """Call `handle.method(*args)`; top-level future arguments arrive resolved. Always a list
+        of `num_returns` futures."""
+
+    def get(self, futures):
+        """The value(s) of one future or a list of futures; raises what the call raised."""
+
+    def wait_one(self, futures: Sequence) -> int:
+        """Index in `futures` of one that is complete (blocks until there is one)."""
+
+    def workers(self, count: int) -> list:
+        """The first `count` worker handles (pool positions 0..count-1), started if missing."""
+
+    def reserve_workers(self, owner: str, count: int) -> None:
+        """`owner` will use `count` workers: start them now (and wait until they run)."""
+
+    def release_workers(self, owner: str) -> None:
+        """`owner` needs no workers any more; workers beyond every remaining need may stop."""
+
+    def servers(self, count: int) -> list:
+        """The first `count` parameter-server handles, started if missing."""
+
+    def replace_worker(self, position: int, lost) -> Any:
+        """The handle now at `position`: a new worker if `lost` is still there, else the one that
+        already replaced it."""
+
+    def replace_server(self, position: int, lost) -> Any:
+        """Like `replace_worker`, for parameter servers (their tables are gone)."""
+
+    def is_lost(self, error: BaseException) -> bool:
+        """Whether `error` means the actor (its process or node) is gone, so a retry elsewhere may
+        succeed."""
+
+    def cause(self, error: BaseException) -> BaseException:
+        """The error to raise to the caller for a failed call (the domain error a task raised)."""
+
+    def shutdown(self) -> None:
+        """Stop every actor this backend started."""

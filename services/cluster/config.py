@@ -1,0 +1,106 @@
+"""What a trainer is configured with (`TrainerConfig`) and what one step reports (`StepResult`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Mapping
+
+from gradserve_services.errors import InvalidArgument
+from gradserve_services.optim import OptimizerConfig
+
+__all__ = ["TrainerConfig", "StepResult", "CONSISTENCY_MODES", "STALE_POLICIES", "COMPRESSIONS"]
+
+CONSISTENCY_MODES = ("sync", "async", "bounded")
+STALE_POLICIES = ("drop", "downweight")
+COMPRESSIONS = ("none", "fp16", "topk")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """`consistency`: "sync" (one update per step from all shards, a barrier), "async" (each shard's
+    gradient applied on arrival, whatever its staleness) or "bounded" (applied on arrival only if
+    `current_version - computed_on_version <= staleness`, else dropped or down-weighted by
+    `(staleness + 1) / (versions_behind + 1)` per `stale_policy`)."""
+
+    spec: Any
+    optimizer: Mapping | OptimizerConfig = field(default_factory=lambda: {"name": "sgd", "lr": 0.1})
+    consistency: str = "sync"
+    staleness: int = 0
+    stale_policy: str = "drop"
+    num_workers: int = 2
+    ps_shards: int = 1
+    compression: str = "none"
+    micro_batch_size: int | None = None
+    seed: int = 0
+    topk_fraction: float = 0.01
+
+    def validated(self) -> "TrainerConfig":
+        """A copy with the optimizer parsed; InvalidArgument names the bad field as `config.X`."""
+        _one_of(self.consistency, CONSISTENCY_MODES, "config.consistency")
+        _one_of(self.stale_policy, STALE_POLICIES, "config.stale_policy")
+        _one_of(self.compression, COMPRESSIONS, "config.compression")
+        _integer(self.staleness, "config.staleness", low=0)
+        _integer(self.num_workers, "config.num_workers", low=1)
+        _integer(self.ps_shards, "config.ps_shards", low=1)
+        _integer(self.seed, "config.seed", low=0)
+        if self.micro_batch_size is not None:
+            _integer(self.micro_batch_size, "config.micro_batch_size", low=1)
+        fraction = self.topk_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
+                or not 0.0 < fraction <= 1.0:
+            raise InvalidArgument(f"must be in (0, 1], got {fraction!r}", "config.topk_fraction")
+        return replace(self, optimizer=OptimizerConfig.from_dict(self.optimizer))
+
+
+def _one_of(value, allowed, field_name):
+    if value not in allowed:
+        raise InvalidArgument(f"must be one of {allowed}, got {value!r}", field_name)
+
+
+def _integer(value, field_name, *, low):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise InvalidArgument(f"must be an integer >= {low}, got {value!r}", field_name)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One step's outcome. `timings` are milliseconds: broadcast (data put + parameter fetch on the
+    slowest worker), compute (slowest worker's forward+backward), gather (dispatch and result
+    transfer: the workers phase minus broadcast and compute), apply (parameter-server phase as the
+    coordinator saw it), total. `staleness` holds versions-behind per shard gradient handled."""
+
+    loss: float
+    version: int
+    duplicate: bool = False
+    applied: bool = True
+    timings: dict = field(default_factory=dict)
+    samples: int = 0
+    grad_norm: float = 0.0
+    lr: float = 0.0
+    staleness: tuple = ()
+    updates_applied: int = 0
+    updates_dropped: int = 0
+    worker_failures: int = 0
+    retries: int = 0
+    bytes_raw: int = 0
+    bytes_compressed: int = 0
+    worker_compute_ms: tuple = ()
+    mode: str = "sync"
+
+    @property
+    def bytes_saved(self) -> int:
+        return self.bytes_raw - self.bytes_compressed
+
+    def to_record(self) -> dict:
+        """JSON-able form, kept in the step log (and checkpoints) to answer repeated step ids."""
+        record = asdict(self)
+        record["staleness"] = list(self.staleness)
+        record["worker_compute_ms"] = list(self.worker_compute_ms)
+        return record
+
+    @classmethod
+    def from_record(cls, record: Mapping) -> "StepResult":
+        record = dict(record)
+        record["staleness"] = tuple(record.get("staleness", ()))
+        record["worker_compute_ms"] = tuple(record.get("worker_compute_ms", ()))
+        return cls(**record)

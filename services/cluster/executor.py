@@ -1,0 +1,176 @@
+"""Executors: where gradients are computed and trainers run. `LocalExecutor` (in process) and
+`RayExecutor` (Ray actors, embedded runtime or an existing cluster) share one implementation over
+a `Backend`."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from typing import Mapping
+
+import numpy as np
+
+from gradserve_services.engine import Model
+from gradserve_services.errors import InvalidArgument, Unavailable
+
+from .config import TrainerConfig
+from .sharding import split_rows
+from .trainer import Trainer
+from .worker import spec_key
+
+__all__ = ["Executor", "LocalExecutor", "RayExecutor"]
+
+MAX_CACHED_MODELS = 32
+ONE_OFF_TABLE = "__compute_gradients__"
+
+
+class Executor:
+    def __init__(self, backend, num_workers: int):
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+            raise InvalidArgument(f"must be an integer >= 1, got {num_workers!r}", "num_workers")
+        self.num_workers = num_workers
+        self._backend = backend
+        self._models: OrderedDict[str, Model] = OrderedDict()
+        self._models_lock = threading.Lock()
+        self._trainers: set[Trainer] = set()
+        backend.reserve_workers("__executor__", num_workers)
+
+    def compute_gradients(self, spec, params: Mapping[str, np.ndarray], x, y, *,
+                          micro_batch_size=None, tangent=None, seed: int = 0) -> dict:
+        """Mean loss and mean gradient (or, with `tangent`, the directional derivative of the mean
+        loss) of one batch, sharded over the executor's workers.
+
+        Returns `{"loss", "grads" (None with a tangent), "jvp" (None without), "count", "timings"}`;
+        timings in ms: broadcast, compute, gather, reduce, total, and retries / worker_failures.
+        """
+        started = time.perf_counter()
+        model = self._model(spec)
+        dtype = model.validate_parameters(params)
+        x, y = model.validate_batch(x, y, dtype=dtype)
+        if tangent is not None and model.validate_parameters(tangent, field_prefix="tangent") != dtype:
+            raise InvalidArgument(f"tangent must be {dtype} like the parameters", "tangent")
+        backend = self._backend
+        box = [backend.put((None, dict(params)))]
+        tangent_box = None if tangent is None else [backend.put((None, dict(tangent)))]
+        x_ref, y_ref = backend.put(x), backend.put(y)
+        put = time.perf_counter()
+        task_base = {"spec": spec, "table": ONE_OFF_TABLE, "partition": [list(params)],
+                     "micro_batch_size": micro_batch_size, "seed": seed}
+        shards = split_rows(x.shape[0], self.num_workers)
+        calls = [dict(task_base, start=start, stop=stop) for start, stop in shards]
+        stats, parts, failures = self._run_shards(calls, box, x_ref, y_ref, tangent_box)
+        gathered = time.perf_counter()
+        count = sum(s["count"] for s in stats)
+        loss = sum(s["loss_sum"] for s in stats) / count
+        grads = jvp = None
+        if tangent is None:
+            grad_parts = backend.get(parts)
+            grads = {name: _sum_over(grad_parts, name) / count for name in model.parameter_shapes()}
+        else:
+            jvp = sum(s["jvp_sum"] for s in stats) / count
+        done = time.perf_counter()
+        fetch = max(s["fetch_ms"] for s in stats)
+        compute = max(s["compute_ms"] for s in stats)
+        timings = {"broadcast": (put - started) * 1e3 + fetch, "compute": compute,
+                   "gather": max((gathered - put) * 1e3 - fetch - compute, 0.0),
+                   "reduce": (done - gathered) * 1e3, "total": (done - started) * 1e3,
+                   "worker_failures": failures[0], "retries": failures[1]}
+        return {"loss": float(loss), "grads": grads, "jvp": jvp, "count": count, "timings": timings}
+
+    def _run_shards(self, tasks, box, x_ref, y_ref, tangent_box):
+        """Run each task on its own worker, re-running a shard whose worker was lost."""
+        backend = self._backend
+        failures = [0, 0]
+        workers = backend.workers(len(tasks))
+        futures = [backend.submit(w, "compute", t, box, x_ref, y_ref, tangent_box, num_returns=2)
+                   for w, t in zip(workers, tasks)]
+        stats = [None] * len(tasks)
+        for attempt in range(4):
+            for index, (part, stat) in enumerate(futures):
+                if stats[index] is not None:
+                    continue
+                try:
+                    stats[index] = backend.get(stat)
+                except Exception as error:  # noqa: BLE001 - classified by the backend
+                    if not backend.is_lost(error):
+                        raise backend.cause(error) from None
+                    lost = backend.workers(len(tasks))[index]
+                    failures[0] += int(backend.replace_worker(index, lost) is not lost)
+                    failures[1] += 1
+                    target = backend.workers(len(tasks))[(index + 1 + attempt) % len(tasks)]
+                    futures[index] = backend.submit(target, "compute", tasks[index], box, x_ref,
+                                                    y_ref, tangent_box, num_returns=2)
+            if all(s is not None for s in stats):
+                return stats, [part for part, _ in futures], failures
+        raise Unavailable("workers kept failing; giving up on this batch", "workers")
+
+    def create_trainer(self, config: TrainerConfig, params: Mapping[str, np.ndarray]) -> Trainer:
+        trainer = Trainer(self._backend, config, params)
+        self._trainers.add(trainer)
+        return trainer
+
+    def shutdown(self) -> None:
+        for trainer in list(self._trainers):
+            trainer.close()
+        self._trainers.clear()
+        self._backend.release_workers("__executor__")
+        self._backend.shutdown()
+
+    def _model(self, spec) -> Model:
+        key = spec_key(spec)
+        with self._models_lock:
+            model = self._models.get(key)
+            if model is None:
+                model = self._models[key] = Model(spec)
+                while len(self._models) > MAX_CACHED_MODELS:
+                    self._models.popitem(last=False)
+            self._models.move_to_end(key)
+            return model
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.shutdown()
+
+
+def _sum_over(grad_parts, name):
+    total = np.array(grad_parts[0]["grads"][name], copy=True)
+    for part in grad_parts[1:]:
+        total += part["grads"][name]
+    return total
+
+
+class LocalExecutor(Executor):
+    """In-process executor with the same interface (unit tests, tiny jobs)."""
+
+    def __init__(self, num_workers: int = 1):
+        from .local import LocalBackend
+
+        super().__init__(LocalBackend(num_workers), num_workers)
+
+
+class RayExecutor(Executor):
+    """Ray actors. `address=None` (and no RAY_ADDRESS) or "local": an embedded runtime started
+    here; otherwise connect to that cluster ("auto", "HOST:PORT", "ray://...")."""
+
+    def __init__(self, address: str | None = None, num_workers: int = 2, *,
+                 num_cpus: int | None = None, object_store_memory: int | None = None):
+        from .remote import RayBackend
+        from .runtime import RayRuntime
+
+        self.runtime = RayRuntime.connect(address, num_cpus=num_cpus or 0,
+                                          min_cpus=num_workers,
+                                          object_store_memory=object_store_memory)
+        try:
+            super().__init__(RayBackend(), num_workers)
+        except BaseException:
+            self.runtime.disconnect()
+            raise
+
+    def shutdown(self) -> None:
+        try:
+            super().shutdown()
+        finally:
+            self.runtime.disconnect()

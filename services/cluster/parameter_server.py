@@ -1,0 +1,148 @@
+"""Parameter server: `ParameterTable` (one trainer's parameters on one shard) and
+`ParameterServer` (the actor class hosting the tables of many trainers, keyed push/pull style).
+
+A table owns its parameters (writable, updated in place), its optimizer state and a version that
+counts applied updates. `apply` is exactly-once per update key: a key seen before returns the
+recorded report and changes nothing. The staleness rule lives here too: a gradient computed on
+version v is applied only if `version - v <= bound`; otherwise it is dropped or down-weighted.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Mapping
+
+import numpy as np
+
+from gradserve_services.errors import NotFound
+from gradserve_services.optim import Optimizer, global_norm
+
+from .compression import decode
+
+__all__ = ["ParameterTable", "ParameterServer", "StalenessRule"]
+
+
+class StalenessRule:
+    """`bound=None` accepts any staleness (async); `policy` is "drop" or "downweight"."""
+
+    def __init__(self, bound: int | None = None, policy: str = "drop"):
+        self.bound, self.policy = bound, policy
+
+    def weight(self, versions_behind: int) -> float:
+        """Weight of a gradient `versions_behind` versions old: 1, 0 (dropped) or a fraction."""
+        if self.bound is None or versions_behind <= self.bound:
+            return 1.0
+        if self.policy == "drop":
+            return 0.0
+        return (self.bound + 1) / (versions_behind + 1)
+
+    def to_dict(self) -> dict:
+        return {"bound": self.bound, "policy": self.policy}
+
+
+class ParameterTable:
+    def __init__(self, params: Mapping[str, np.ndarray], optimizer_config,
+                 rule: StalenessRule | None = None):
+        # Own writable, contiguous copies: the optimizer updates them in place.
+        self.params = {name: np.array(value, copy=True, order="C") for name, value in params.items()}
+        self.optimizer = Optimizer(optimizer_config, self.params)
+        self.rule = rule or StalenessRule(bound=0)
+        self.version = 0
+        self.log: dict[str, dict] = {}
+
+    def snapshot(self) -> tuple[int, dict]:
+        """`(version, params)`; the live arrays, so copy (or serialize) before the next update."""
+        return self.version, self.params
+
+    def squared_norm(self, parts: list, grad_scale: float) -> float:
+        """Squared norm of this shard's part of `grad_scale * sum(parts)` (phase one of clipping
+        across shards)."""
+        return global_norm([decode(part) for part in parts], grad_scale) ** 2
+
+    def apply(self, key: str, parts: list, count: int, computed_on: int,
+              norm: float | None = None) -> dict:
+        """Apply `sum(parts) / count` once for `key`; returns the report of what happened."""
+        recorded = self.log.get(key)
+        if recorded is not None:
+            return {**recorded, "duplicate": True}
+        started = time.perf_counter()
+        versions_behind = self.version - computed_on
+        weight = self.rule.weight(versions_behind)
+        report = {"key": key, "duplicate": False, "staleness": versions_behind, "weight": weight,
+                  "applied": weight > 0.0, "lr": 0.0, "grad_norm": math.nan}
+        if weight > 0.0:
+            info = self.optimizer.step(self.params, [decode(part) for part in parts],
+                                       grad_scale=weight / count, norm=norm)
+            self.version += 1
+            report.update(lr=info["lr"], grad_norm=info["grad_norm"])
+        report.update(version=self.version, apply_ms=(time.perf_counter() - started) * 1e3)
+        self.log[key] = report
+        return report
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict]:
+        optimizer_arrays, optimizer_meta = self.optimizer.state_dict()
+        arrays = {f"param/{name}": value for name, value in self.params.items()}
+        arrays.update({f"optim/{key}": value for key, value in optimizer_arrays.items()})
+        meta = {"version": self.version, "optimizer": optimizer_meta, "rule": self.rule.to_dict(),
+                "log": self.log}
+        return arrays, meta
+
+    @classmethod
+    def from_state(cls, arrays: Mapping[str, np.ndarray], meta: Mapping, names) -> "ParameterTable":
+        """The table for parameters `names` out of a (possibly merged) `state()`."""
+        params = {name: arrays[f"param/{name}"] for name in names}
+        rule = StalenessRule(**meta["rule"])
+        table = cls(params, meta["optimizer"]["config"], rule)
+        prefix = "optim/"
+        optimizer_arrays = {key[len(prefix):]: value for key, value in arrays.items()
+                            if key.startswith(prefix) and key[len(prefix):].split("/")[0] in params}
+        table.optimizer.load_state_dict(optimizer_arrays, meta["optimizer"])
+        table.version = int(meta["version"])
+        table.log = {key: dict(report) for key, report in meta.get("log", {}).items()}
+        return table
+
+
+class ParameterServer:
+    """Hosts `ParameterTable`s by table id (one per trainer); the Ray actor class."""
+
+    def __init__(self):
+        self.tables: dict[str, ParameterTable] = {}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def create_table(self, table_id: str, params: Mapping, optimizer_config, rule: dict):
+        """Create (or replace) a table; returns its `(version, params)` snapshot for the workers."""
+        self.tables[table_id] = ParameterTable(params, optimizer_config, StalenessRule(**rule))
+        return self.tables[table_id].snapshot()
+
+    def load_table(self, table_id: str, arrays: Mapping, meta: Mapping, names):
+        self.tables[table_id] = ParameterTable.from_state(arrays, meta, names)
+        return self.tables[table_id].snapshot()
+
+    def drop_table(self, table_id: str) -> None:
+        self.tables.pop(table_id, None)
+
+    def squared_norm(self, table_id: str, parts: list, grad_scale: float) -> float:
+        return self._table(table_id).squared_norm(parts, grad_scale)
+
+    def apply(self, table_id: str, key: str, parts: list, count: int, computed_on: int,
+              norm: float | None = None):
+        """`(snapshot, report)`: Ray stores the snapshot as its own object for the workers."""
+        table = self._table(table_id)
+        report = table.apply(key, parts, count, computed_on, norm)
+        return table.snapshot(), report
+
+    def snapshot(self, table_id: str):
+        return self._table(table_id).snapshot()
+
+    def state(self, table_id: str):
+        return self._table(table_id).state()
+
+    def _table(self, table_id: str) -> ParameterTable:
+        table = self.tables.get(table_id)
+        if table is None:
+            raise NotFound(f"no parameter table {table_id!r} on this server", "table")
+        return table

@@ -1,0 +1,381 @@
+"""The step coordinator: split a batch into shards, dispatch them, gather, retry, apply.
+
+Per sync step: one `put` for x and one for y, one `compute` call per worker (parameters travel as
+references to the parameter servers' last returned snapshots, which workers fetch once per version),
+one `get` of the workers' small stats, one `apply` per parameter-server shard that receives the
+workers' gradient references directly, one `get` of the servers' small reports. Gradients and
+parameters never pass through this process.
+
+A worker lost mid-step (its process killed, its node gone) is replaced in the pool and its shard is
+re-run on a live worker with the same inputs, so a sync step's result is the fault-free one.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import uuid
+from dataclasses import dataclass, replace
+from typing import Mapping
+
+import numpy as np
+
+from gradserve_services.engine import Model
+from gradserve_services.errors import FailedPrecondition, InvalidArgument, Unavailable
+
+from .backend import Backend
+from .config import StepResult, TrainerConfig
+from .sharding import partition_parameters, split_rows
+
+__all__ = ["Trainer", "step_key"]
+
+# How many times one shard may be re-run after losing its worker before the step gives up.
+MAX_SHARD_ATTEMPTS = 4
+STATE_FORMAT = 1
+
+
+def step_key(step_id) -> str:
+    """Step ids are compared as strings (ints and their decimal strings are the same step)."""
+    if isinstance(step_id, bool) or not isinstance(step_id, (int, str, np.integer)) or step_id == "":
+        raise InvalidArgument(f"step id must be a non-empty string or an integer, got {step_id!r}",
+                              "step_id")
+    return str(step_id)
+
+
+@dataclass
+class _ShardCall:
+    position: int  # worker pool position running it
+    task: dict
+    parts: list  # one gradient future per parameter-server shard
+    stats: object  # future of the small stats dict
+
+
+class Trainer:
+    def __init__(self, backend: Backend, config: TrainerConfig, params: Mapping[str, np.ndarray]):
+        self.config = config.validated()
+        self._backend = backend
+        self._model = Model(self.config.spec)
+        self._dtype = self._model.validate_parameters(params)
+        self._table = uuid.uuid4().hex
+        self._partition = partition_parameters(self._model.parameter_shapes(),
+                                               self.config.ps_shards)
+        self._lock = threading.Lock()  # one step (or state change) at a time per trainer
+        self._log: dict[str, dict] = {}
+        self._steps_run = 0
+        self._version = 0
+        self._closed = False
+        self._num_workers = self.config.num_workers
+        backend.reserve_workers(self._table, self._num_workers)
+        servers = backend.servers(len(self._partition))
+        self._snapshots = [
+            backend.submit(server, "create_table", self._table, {n: params[n] for n in names},
+                           self.config.optimizer.to_dict(), self._rule())[0]
+            for server, names in zip(servers, self._partition)
+        ]
+        self._get_from_servers(self._snapshots)
+
+    # ----- public API ----------------------------------------------------------------------------
+
+    def step(self, step_id, x, y) -> StepResult:
+        key = step_key(step_id)
+        with self._lock:
+            self._check_open()
+            recorded = self._log.get(key)
+            if recorded is not None:
+                return replace(StepResult.from_record(recorded), duplicate=True)
+            x, y = self._model.validate_batch(x, y, dtype=self._dtype)
+            if self.config.consistency == "sync":
+                result = self._step_sync(key, x, y)
+            else:
+                result = self._step_on_arrival(key, x, y)
+            self._log[key] = result.to_record()
+            self._steps_run += 1
+            self._version = result.version
+            return result
+
+    def parameters(self) -> tuple[int, dict[str, np.ndarray]]:
+        """`(version, params)`: copies the caller owns, in model order."""
+        with self._lock:
+            self._check_open()
+            snapshots = self._get_from_servers(self._snapshots)
+        merged = {}
+        for _, shard_params in snapshots:
+            merged.update(shard_params)
+        params = {name: np.array(merged[name], copy=True) for name in self._model.parameter_shapes()}
+        return snapshots[0][0], params
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict]:
+        """`(arrays, meta)` for a checkpoint: parameters, optimizer state, version, step log."""
+        with self._lock:
+            self._check_open()
+            servers = self._backend.servers(len(self._partition))
+            states = self._get_from_servers(
+                [self._backend.submit(server, "state", self._table)[0] for server in servers])
+        arrays = {}
+        for shard_arrays, _ in states:
+            arrays.update({key: np.array(value, copy=True) for key, value in shard_arrays.items()})
+        meta = {"format": STATE_FORMAT, "version": states[0][1]["version"],
+                "steps_run": self._steps_run, "step_log": self._log, "table": states[0][1]}
+        return arrays, meta
+
+    def restore(self, arrays: Mapping[str, np.ndarray], meta: Mapping) -> None:
+        """Load a `state()`; replaces lost parameter servers (that is how a session recovers)."""
+        if meta.get("format") != STATE_FORMAT:
+            raise InvalidArgument(f"unknown state format {meta.get('format')!r}", "state.format")
+        params = {name: arrays.get(f"param/{name}") for name in self._model.parameter_shapes()}
+        missing = [name for name, value in params.items() if value is None]
+        if missing:
+            raise InvalidArgument(f"missing parameter {missing[0]!r}", f"state.param/{missing[0]}")
+        if self._model.validate_parameters(params, field_prefix="state.param") != self._dtype:
+            raise InvalidArgument(f"parameters must be {self._dtype}", "state.param")
+        with self._lock:
+            self._check_open()
+            snapshots = []
+            for position, names in enumerate(self._partition):
+                shard_arrays = {key: value for key, value in arrays.items()
+                                if key.split("/")[1] in names}
+                snapshots.append(self._load_table(position, shard_arrays, meta["table"], names))
+            self._snapshots = snapshots
+            self._version = int(meta["version"])
+            self._steps_run = int(meta["steps_run"])
+            self._log = {key: dict(record) for key, record in meta["step_log"].items()}
+
+    def resize(self, num_workers: int) -> None:
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+            raise InvalidArgument(f"must be an integer >= 1, got {num_workers!r}", "num_workers")
+        with self._lock:
+            self._check_open()
+            self._backend.reserve_workers(self._table, num_workers)
+            self._num_workers = num_workers
+
+    @property
+    def num_workers(self) -> int:
+        return self._num_workers
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            backend = self._backend
+            for server in backend.servers(len(self._partition)):
+                backend.submit(server, "drop_table", self._table)
+            for worker in backend.workers(self._num_workers):
+                backend.submit(worker, "forget", self._table)
+            backend.release_workers(self._table)
+
+    # ----- steps ---------------------------------------------------------------------------------
+
+    def _step_sync(self, key: str, x, y) -> StepResult:
+        clock = _Clock()
+        x_ref, y_ref = self._backend.put(x), self._backend.put(y)
+        clock.mark("put")
+        calls = self._dispatch_all(x.shape[0], x_ref, y_ref)
+        stats, failures = self._gather(calls, x_ref, y_ref)
+        clock.mark("gathered")
+        total = sum(s["count"] for s in stats)
+        computed_on = stats[0]["version"]
+        servers = self._backend.servers(len(self._partition))
+        norm = self._clipping_norm(servers, [[call.parts[k] for call in calls]
+                                             for k in range(len(servers))], total)
+        outputs = [self._backend.submit(server, "apply", self._table, key,
+                                        [call.parts[k] for call in calls], total, computed_on, norm,
+                                        num_returns=2)
+                   for k, server in enumerate(servers)]
+        reports = self._get_from_servers([output[1] for output in outputs])
+        self._snapshots = [output[0] for output in outputs]
+        clock.mark("applied")
+        if norm is None:
+            norm = math.sqrt(sum(report["grad_norm"] ** 2 for report in reports))
+        first = reports[0]
+        return self._result(stats, [first], clock, failures, grad_norm=norm)
+
+    def _step_on_arrival(self, key: str, x, y) -> StepResult:
+        """async / bounded: each shard's gradient goes to the servers the moment it arrives."""
+        clock = _Clock()
+        x_ref, y_ref = self._backend.put(x), self._backend.put(y)
+        clock.mark("put")
+        pending = dict(enumerate(self._dispatch_all(x.shape[0], x_ref, y_ref)))
+        servers = self._backend.servers(len(self._partition))
+        stats, report_futures, failures = [], [], [0, 0]
+        while pending:
+            indices = list(pending)
+            index = indices[self._backend.wait_one([pending[i].stats for i in indices])]
+            call = pending.pop(index)
+            try:
+                shard_stats = self._backend.get(call.stats)
+            except Exception as error:  # noqa: BLE001 - classified by the backend
+                pending[index] = self._rerun(call, error, [], x_ref, y_ref, failures)
+                continue
+            stats.append(shard_stats)
+            count = shard_stats["count"]
+            groups = [[part] for part in call.parts]
+            norm = self._clipping_norm(servers, groups, count)
+            outputs = [self._backend.submit(server, "apply", self._table, f"{key}/{index}",
+                                            [call.parts[k]], count, shard_stats["version"], norm,
+                                            num_returns=2)
+                       for k, server in enumerate(servers)]
+            self._snapshots = [output[0] for output in outputs]
+            report_futures.append(outputs[0][1])
+            # the other shards' reports only matter for errors: fetch them together below
+            report_futures.extend(output[1] for output in outputs[1:])
+        clock.mark("gathered")
+        reports = self._get_from_servers(report_futures)
+        clock.mark("applied")
+        first_shard_reports = reports[::len(servers)]
+        applied = [r for r in first_shard_reports if r["applied"]]
+        norm = applied[-1]["grad_norm"] if applied else 0.0
+        return self._result(stats, first_shard_reports, clock, failures, grad_norm=norm)
+
+    # ----- workers -------------------------------------------------------------------------------
+
+    def _dispatch_all(self, rows: int, x_ref, y_ref) -> list[_ShardCall]:
+        shards = split_rows(rows, self._num_workers)
+        seed = (self.config.seed * 1_000_003 + self._steps_run) % 2**31
+        calls = []
+        for position, (start, stop) in enumerate(shards):
+            task = {"spec": self.config.spec, "table": self._table, "start": start, "stop": stop,
+                    "partition": self._partition, "micro_batch_size": self.config.micro_batch_size,
+                    "seed": seed, "compression": self.config.compression,
+                    "topk_fraction": self.config.topk_fraction}
+            calls.append(self._dispatch(position, task, x_ref, y_ref))
+        return calls
+
+    def _dispatch(self, position: int, task: dict, x_ref, y_ref) -> _ShardCall:
+        worker = self._backend.workers(position + 1)[position]
+        futures = self._backend.submit(worker, "compute", task, list(self._snapshots), x_ref, y_ref,
+                                       num_returns=len(self._partition) + 1)
+        return _ShardCall(position, task, futures[:-1], futures[-1])
+
+    def _gather(self, calls: list[_ShardCall], x_ref, y_ref):
+        """Every shard's stats, re-running shards whose worker was lost. Returns (stats, failures)
+        with failures = [workers lost, shards re-run]."""
+        stats = [None] * len(calls)
+        failures = [0, 0]
+        while any(s is None for s in stats):
+            for index, call in enumerate(calls):
+                if stats[index] is not None:
+                    continue
+                try:
+                    stats[index] = self._backend.get(call.stats)
+                except Exception as error:  # noqa: BLE001 - classified by the backend
+                    healthy = [c.position for c, s in zip(calls, stats) if s is not None]
+                    calls[index] = self._rerun(call, error, healthy, x_ref, y_ref, failures)
+        return stats, failures
+
+    def _rerun(self, call: _ShardCall, error, healthy: list[int], x_ref, y_ref, failures):
+        """Replace the lost worker and run the shard again: on a worker known to be alive if there
+        is one (it is warm), else on another pool member, else on the replacement."""
+        if not self._backend.is_lost(error):
+            raise self._backend.cause(error) from None
+        attempts = call.task.get("attempt", 0) + 1
+        if attempts >= MAX_SHARD_ATTEMPTS:
+            raise Unavailable(f"shard {call.task['start']}:{call.task['stop']} lost its worker "
+                              f"{attempts} times: {error}", "workers")
+        lost = self._backend.workers(self._num_workers)[call.position]
+        replaced = self._backend.replace_worker(call.position, lost) is not lost
+        failures[0] += int(replaced)
+        failures[1] += 1
+        others = [p for p in range(self._num_workers) if p != call.position]
+        candidates = healthy or others or [call.position]
+        position = candidates[attempts % len(candidates)]
+        return self._dispatch(position, {**call.task, "attempt": attempts}, x_ref, y_ref)
+
+    # ----- parameter servers ---------------------------------------------------------------------
+
+    def _clipping_norm(self, servers, part_groups, count) -> float | None:
+        """With clipping over several server shards the global norm is needed before any shard
+        updates: phase one asks each shard for its squared norm. Otherwise each shard computes it
+        while updating (None)."""
+        if self.config.optimizer.clip_norm is None or len(servers) == 1:
+            return None
+        squares = self._get_from_servers([
+            self._backend.submit(server, "squared_norm", self._table, parts, 1.0 / count)[0]
+            for server, parts in zip(servers, part_groups)])
+        return math.sqrt(sum(squares))
+
+    def _get_from_servers(self, futures):
+        try:
+            return self._backend.get(futures)
+        except Exception as error:  # noqa: BLE001 - classified by the backend
+            if self._backend.is_lost(error):
+                raise Unavailable("a parameter server was lost; restore this trainer from its "
+                                  f"last checkpoint ({error})", "parameter_server") from None
+            raise self._backend.cause(error) from None
+
+    def _load_table(self, position: int, arrays, table_meta, names):
+        server = self._backend.servers(position + 1)[position]
+        for _ in range(2):
+            future = self._backend.submit(server, "load_table", self._table, arrays, table_meta,
+                                          names)[0]
+            try:
+                self._backend.get(future)
+                return future
+            except Exception as error:  # noqa: BLE001 - classified by the backend
+                if not self._backend.is_lost(error):
+                    raise self._backend.cause(error) from None
+                server = self._backend.replace_server(position, server)
+        raise Unavailable("could not start a parameter server", "parameter_server")
+
+    def _rule(self) -> dict:
+        if self.config.consistency == "async":
+            return {"bound": None, "policy": self.config.stale_policy}
+        bound = 0 if self.config.consistency == "sync" else self.config.staleness
+        return {"bound": bound, "policy": self.config.stale_policy}
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise FailedPrecondition("the trainer is closed", "trainer")
+
+    # ----- reporting -----------------------------------------------------------------------------
+
+    def _result(self, stats, reports, clock: "_Clock", failures, *, grad_norm) -> StepResult:
+        samples = sum(s["count"] for s in stats)
+        fetch = max(s["fetch_ms"] for s in stats)
+        compute = max(s["compute_ms"] for s in stats)
+        workers_phase = clock.between("put", "gathered")
+        applied = [r for r in reports if r["applied"]]
+        timings = {
+            "broadcast": clock.between(None, "put") + fetch,
+            "compute": compute,
+            "gather": max(workers_phase - fetch - compute, 0.0),
+            "apply": clock.between("gathered", "applied"),
+            "total": clock.between(None, "applied"),
+            "server_apply": sum(r.get("apply_ms", 0.0) for r in reports),
+        }
+        return StepResult(
+            loss=sum(s["loss_sum"] for s in stats) / samples,
+            version=max(r["version"] for r in reports),
+            applied=bool(applied),
+            timings=timings,
+            samples=samples,
+            grad_norm=float(grad_norm),
+            lr=applied[-1]["lr"] if applied else 0.0,
+            staleness=tuple(r["staleness"] for r in reports),
+            updates_applied=len(applied),
+            updates_dropped=len(reports) - len(applied),
+            worker_failures=failures[0],
+            retries=failures[1],
+            bytes_raw=sum(s["bytes_raw"] for s in stats),
+            bytes_compressed=sum(s["bytes_sent"] for s in stats),
+            worker_compute_ms=tuple(s["compute_ms"] for s in stats),
+            mode=self.config.consistency,
+        )
+
+
+class _Clock:
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.marks: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = time.perf_counter()
+
+    def between(self, first: str | None, second: str) -> float:
+        begin = self.start if first is None else self.marks[first]
+        return (self.marks[second] - begin) * 1e3
