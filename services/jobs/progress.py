@@ -23,6 +23,7 @@ class EpochProgress:
         self.started = time.perf_counter()
         self.samples = 0
         self.bar = None
+        self.postfix = ""
         if enabled:
             from tqdm import tqdm
 
@@ -33,11 +34,12 @@ class EpochProgress:
         self.samples += samples
         if self.bar is not None:
             rate = self.samples / max(time.perf_counter() - self.started, 1e-9)
-            self.bar.set_postfix_str(f"loss={loss:.4f} samples/s={rate:,.0f}", refresh=False)
+            self.postfix = f"loss={loss:.4f} samples/s={rate:,.0f}"
+            self.bar.set_postfix_str(self.postfix, refresh=False)
             self.bar.update(1)
 
     def close(self, summary: str | None = None) -> None:
         if self.bar is not None:
             if summary:
-                self.bar.set_postfix_str(summary, refresh=False)
+                self.bar.set_postfix_str(f"{self.postfix} {summary}".strip(), refresh=False)
             self.bar.close()
