@@ -50,7 +50,9 @@ class LivePrometheus:
         return self.server.url
 
 
-@pytest.fixture(scope="session")
+# Package scope: the recording thread must stop before other packages (tests/metrics) check
+# exact counter deltas on the same process-wide registry.
+@pytest.fixture(scope="package")
 def live_prometheus(tmp_path_factory):
     libraries = console_libraries_dir(tmp_path_factory.mktemp("prometheus-consoles"))
     metrics_port = metrics.start_metrics_server(0)
