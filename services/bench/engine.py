@@ -43,12 +43,14 @@ def run(args) -> int:
     import torch
     from threadpoolctl import threadpool_limits
 
+    torch_threads = torch.get_num_threads()
     for sizes, batch in _parse_models(args.models):
         for threads in (int(t) for t in args.threads.split(",")):
             with threadpool_limits(limits=threads, user_api="blas"):
                 torch.set_num_threads(threads)
                 line = measure_step(sizes, batch, threads, args.dtype, args.repeats, args.warmup)
             print(json.dumps(line), flush=True)
+    torch.set_num_threads(torch_threads)
     if not args.no_modes:
         with threadpool_limits(limits=1, user_api="blas"):
             sizes = [int(s) for s in args.modes_model.split("-")]
@@ -86,11 +88,11 @@ def measure_step(sizes, batch, threads, dtype, repeats, warmup) -> dict:
         "batch": batch,
         "threads": threads,
         "dtype": dtype,
-        "gradserve_ms": round(gradserve_s * 1e3, 3),
-        "torch_ms": round(torch_s * 1e3, 3),
+        "gradserve_ms": round(gradserve_s * 1e3, 4),
+        "torch_ms": round(torch_s * 1e3, 4),
         "ratio_vs_torch": round(gradserve_s / torch_s, 4),
-        "achieved_gflops": round(achieved, 2),
-        "gemm_ceiling_gflops": round(ceiling, 2),
+        "achieved_gflops": round(achieved, 3),
+        "gemm_ceiling_gflops": round(ceiling, 3),
         "fraction_of_ceiling": round(achieved / ceiling, 4),
     }
 

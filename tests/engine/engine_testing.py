@@ -136,3 +136,10 @@ def relative_error(actual, expected) -> float:
     """Norm-wise relative error (elementwise ratios blow up on entries that cancel to ~0)."""
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30))
+
+
+def norms_close(actual, expected, rtol: float, atol: float = 1e-12) -> bool:
+    """||actual - expected|| <= rtol ||expected|| + atol: a gradient that is exactly 0 in theory
+    comes out of PyTorch as rounding noise (1e-17), which a purely relative test cannot accept."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return bool(np.linalg.norm(actual - expected) <= rtol * np.linalg.norm(expected) + atol)
