@@ -1,7 +1,7 @@
 """Engine speed: one fwd+bwd step of gradserve vs PyTorch and vs the GEMM ceiling; reverse vs forward mode.
 
 One JSON line per (model, threads): `gradserve_ms` and `torch_ms` are medians over `--repeats`
-after a warm-up, same data, dtype and BLAS thread count. `gemm_ceiling_gflops` times, in this
+after a warm-up, same data, dtype and BLAS thread count, the three measurements taking turns. `gemm_ceiling_gflops` times, in this
 same run, numpy matmul on exactly the GEMMs the step needs (forward `a @ W`, `a.T @ dz` for every
 weight, `dz @ W.T` for every layer but the first) and `fraction_of_ceiling` is the step's
 `achieved_gflops` over it: 1.0 would mean everything besides the GEMMs is free. A last line
@@ -77,9 +77,11 @@ def measure_step(sizes, batch, threads, dtype, repeats, warmup) -> dict:
     x = rng.standard_normal((batch, sizes[0])).astype(dtype)
     y = rng.integers(0, sizes[-1], size=batch)
 
-    gradserve_s = _median_seconds(lambda: model.loss_and_grad(params, x, y), repeats, warmup)
-    torch_s = _median_seconds(_torch_step(sizes, params, x, y), repeats, warmup)
-    gemm_s = _median_seconds(_gemm_sequence(sizes, batch, dtype), repeats, warmup)
+    gradserve_s, torch_s, gemm_s = _interleaved_medians(
+        [lambda: model.loss_and_grad(params, x, y), _torch_step(sizes, params, x, y), _gemm_sequence(sizes, batch, dtype)],
+        repeats,
+        warmup,
+    )
     flops = step_flops(sizes, batch)
     achieved = flops / gradserve_s / 1e9
     ceiling = flops / gemm_s / 1e9
@@ -186,6 +188,21 @@ def _gradient_by_forward_mode(model, params, x, y) -> dict:
             grad[index] = model.jvp(params, tangent, x, y)[1]
             direction[index] = 0
     return grads
+
+
+def _interleaved_medians(steps, repeats: int, warmup: int) -> list[float]:
+    """Median seconds of each step, taking turns so that load from other processes on the machine
+    falls on all of them alike rather than on whichever ran during it."""
+    for step in steps:
+        for _ in range(warmup):
+            step()
+    times = [[] for _ in steps]
+    for _ in range(max(repeats, 1)):
+        for step, samples in zip(steps, times):
+            started = time.perf_counter()
+            step()
+            samples.append(time.perf_counter() - started)
+    return [statistics.median(samples) for samples in times]
 
 
 def _median_seconds(step, repeats: int, warmup: int) -> float:

@@ -128,3 +128,19 @@ def test_gradients_keep_names_shapes_and_dtype(dtype):
         assert grad.shape == params[name].shape and grad.dtype == np.dtype(dtype)
     out = model.forward(params, x)
     assert out.dtype == np.dtype(dtype) and out.shape == (4, 3)
+
+
+def test_dropped_gradient_arrays_are_recycled_instead_of_reallocated():
+    """Steady-state training allocates no new gradient memory once results are let go."""
+    spec = mlp([5, 7, 3])
+    model = Model(spec)
+    params = random_params(model, dtype="float32")
+    x, y = make_batch(spec, 8, dtype="float32")
+    _, grads = model.loss_and_grad(params, x, y)
+    first_address = grads["fc1.weight"].ctypes.data
+    del grads
+    _, grads = model.loss_and_grad(params, x, y)
+    assert grads["fc1.weight"].ctypes.data == first_address
+    held = grads  # still referenced: the next call must use other memory
+    _, grads = model.loss_and_grad(params, x * 2, y)
+    assert not np.shares_memory(grads["fc1.weight"], held["fc1.weight"])

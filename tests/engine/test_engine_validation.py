@@ -221,3 +221,21 @@ def test_option_and_tangent_errors(model_params_batch):
     tangent64 = {k: np.zeros(v.shape, np.float64) for k, v in params.items()}
     assert_invalid(lambda: model.jvp(params, tangent64, x, y), "tangent", "differs")
     assert_invalid(lambda: model.init_parameters(dtype="float16"), "dtype")
+
+
+def test_a_protobuf_model_spec_is_read_like_the_dict():
+    model_pb2 = pytest.importorskip("gradserve.v1.model_pb2")  # the client SDK's generated messages
+    spec = model_pb2.ModelSpec(
+        input_features=4,
+        nodes=[
+            model_pb2.Node(name="fc", op="dense", inputs=["input"], units=3, bias=False),
+            model_pb2.Node(name="drop", op="dropout", inputs=["fc"], rate=0.25),
+        ],
+        output="drop",
+        loss="softmax_cross_entropy",
+    )
+    model = Model(spec)
+    assert model.parameter_shapes() == {"fc.weight": (4, 3)}
+    assert dict(model.graph.nodes[1].attrs) == {"rate": 0.25}
+    spec.nodes[0].ClearField("units")
+    assert_spec_error(spec, "fc", "units")
