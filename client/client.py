@@ -1,0 +1,366 @@
+"""`Client`: the service's RPCs with numpy arrays in and out; chunking, retries and deadlines inside."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from gradserve.v1 import model_pb2, service_pb2, service_pb2_grpc
+
+from .codec import TensorFormatError
+from .errors import GradserveError, InvalidArgument, Unavailable, from_rpc_error
+from .spec import SpecFormatError, optimizer_to_proto, spec_to_proto
+from .transfer import DEFAULT_MAX_REQUEST_BYTES, MAX_MESSAGE_BYTES, OutgoingTensors, read_messages
+
+__all__ = ["Client", "Gradients", "StepResult", "SessionInfo", "Checkpoint", "CHANNEL_OPTIONS"]
+
+# Set explicitly on both ends (the service uses the same numbers); see service.proto.
+CHANNEL_OPTIONS = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+)
+PARAMETERS = "parameters."
+GRADIENTS = "gradients."
+TANGENT = "tangent."
+
+
+@dataclass(frozen=True)
+class Gradients:
+    loss: float  # mean loss over the batch
+    gradients: dict[str, np.ndarray] | None  # mean gradient per parameter (None in forward mode)
+    jvp: float | None  # directional derivative along the tangent (forward mode only)
+    count: int  # rows averaged over
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step_id: int
+    loss: float
+    version: int
+    duplicate: bool
+    applied: bool
+    samples: int
+    grad_norm: float
+    lr: float
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    session_id: str
+    version: int
+    steps: int
+    consistency: str
+    num_workers: int
+    created_unix_s: float
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    name: str
+    version: int
+
+
+class Client:
+    """A connection to a gradserve service.
+
+    `token`: bearer token sent with every call. `tls`: None for plaintext, PEM root certificate
+    bytes to trust (e.g. a self-signed server certificate), or True for the system roots.
+    `timeout`: seconds per call, retries included. `retries`: extra attempts after UNAVAILABLE;
+    a retried step reuses its step id, and the service applies each step id at most once.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        token: str | None = None,
+        tls: bytes | bool | None = None,
+        timeout: float = 60.0,
+        *,
+        retries: int = 3,
+        retry_backoff_s: float = 0.25,
+    ):
+        if tls is None:
+            self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        else:
+            roots = None if tls is True else tls
+            credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+            self._channel = grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+        self._stub = service_pb2_grpc.GradserveStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout = timeout
+        self.retries = retries
+        self.retry_backoff_s = retry_backoff_s
+        self._next_step_ids: dict[str, int] = {}
+
+    # ----- lifecycle ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # ----- stateless ----------------------------------------------------------------------------
+
+    def compute_gradients(
+        self,
+        spec,
+        parameters: Mapping[str, np.ndarray],
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        micro_batch_size: int | None = None,
+        tangent: Mapping[str, np.ndarray] | None = None,
+        seed: int = 0,
+        timeout: float | None = None,
+    ) -> Gradients:
+        """Mean loss and gradients of `spec` at `parameters` on (x, y); with `tangent`, the JVP."""
+        arrays = {PARAMETERS + name: value for name, value in parameters.items()}
+        arrays.update({"batch.x": x, "batch.y": y})
+        arrays.update({TANGENT + name: value for name, value in (tangent or {}).items()})
+        outgoing = _outgoing(arrays)
+        header = service_pb2.ComputeGradientsHeader(
+            model=_spec(spec), tensors=outgoing.entries, micro_batch_size=micro_batch_size or 0, seed=seed
+        )
+        wrap = service_pb2.ComputeGradientsRequest
+
+        def attempt(deadline_s: float) -> Gradients:
+            requests = itertools.chain([wrap(header=header)], outgoing.chunks(wrap))
+            responses = self._stub.ComputeGradients(requests, timeout=deadline_s, metadata=self._metadata)
+            result, arrays = _single(responses)
+            gradients = {name[len(GRADIENTS):]: value for name, value in arrays.items()}
+            return Gradients(
+                loss=result.loss,
+                gradients=None if result.HasField("jvp") else gradients,
+                jvp=result.jvp if result.HasField("jvp") else None,
+                count=result.count,
+                timings_ms=dict(result.timings_ms),
+            )
+
+        return self._with_retries(attempt, timeout)
+
+    # ----- sessions -----------------------------------------------------------------------------
+
+    def create_session(
+        self,
+        spec,
+        parameters: Mapping[str, np.ndarray] | None = None,
+        *,
+        optimizer: Mapping | None = None,
+        seed: int = 0,
+        dtype: str = "float32",
+        consistency: str = "sync",
+        staleness: int = 0,
+        stale_policy: str = "drop",
+        num_workers: int = 0,
+        ps_shards: int = 1,
+        compression: str = "none",
+        micro_batch_size: int | None = None,
+        checkpoint_every_steps: int = 0,
+        timeout: float | None = None,
+    ) -> str:
+        """Start a training session; returns its id. Without `parameters`, they start from `seed`."""
+        config = service_pb2.SessionConfig(
+            model=_spec(spec),
+            optimizer=_optimizer(optimizer),
+            consistency=consistency,
+            staleness=staleness,
+            stale_policy=stale_policy,
+            num_workers=num_workers,
+            ps_shards=ps_shards,
+            compression=compression,
+            micro_batch_size=micro_batch_size or 0,
+            seed=seed,
+            init=service_pb2.ParameterInit(seed=seed, dtype=dtype),
+            checkpoint_every_steps=checkpoint_every_steps,
+        )
+        outgoing = _outgoing({PARAMETERS + name: value for name, value in (parameters or {}).items()})
+        wrap = service_pb2.CreateSessionRequest
+        requests = itertools.chain(
+            [wrap(header=service_pb2.CreateSessionHeader(config=config, tensors=outgoing.entries))],
+            outgoing.chunks(wrap),
+        )
+        # Not retried: after UNAVAILABLE the first attempt may have created a session already.
+        try:
+            reply = self._stub.CreateSession(requests, timeout=timeout or self.timeout, metadata=self._metadata)
+        except grpc.RpcError as failed:
+            raise from_rpc_error(failed) from None
+        self._next_step_ids[reply.session_id] = 1
+        return reply.session_id
+
+    def step(self, session_id: str, x: np.ndarray, y: np.ndarray, *, step_id: int | None = None,
+             timeout: float | None = None) -> StepResult:
+        """One training step; `step_id` defaults to this client's next id for the session."""
+        step_id = self._claim_step_id(session_id, step_id)
+        messages = _step_messages(session_id, step_id, x, y)
+
+        def attempt(deadline_s: float) -> StepResult:
+            reply = self._stub.Step(iter(messages), timeout=deadline_s, metadata=self._metadata)
+            return _step_result(reply)
+
+        return self._with_retries(attempt, timeout)
+
+    def stream_steps(
+        self, session_id: str, batches: Iterable, *, timeout: float | None = None
+    ) -> Iterator[StepResult]:
+        """Steps over one stream: `batches` yields (x, y) or (step_id, x, y); one result per step,
+        in order. After UNAVAILABLE the unanswered steps are sent again with the same ids."""
+        numbered = (self._numbered(session_id, batch) for batch in batches)
+        unanswered: collections.deque = collections.deque()
+        attempts_left = self.retries
+        while True:
+            replay = list(unanswered)
+
+            def requests():
+                for step in itertools.chain(replay, _record(numbered, unanswered)):
+                    yield from _step_messages(session_id, *step)
+
+            try:
+                for reply in self._stub.StreamSteps(requests(), timeout=timeout, metadata=self._metadata):
+                    if unanswered and unanswered[0][0] == reply.step_id:
+                        unanswered.popleft()
+                    yield _step_result(reply)
+                return
+            except grpc.RpcError as failed:
+                if failed.code() != grpc.StatusCode.UNAVAILABLE or attempts_left <= 0:
+                    raise from_rpc_error(failed) from None
+                attempts_left -= 1
+                time.sleep(self.retry_backoff_s)
+
+    def pull_parameters(self, session_id: str, *, timeout: float | None = None) -> tuple[int, dict[str, np.ndarray]]:
+        """(version, parameters) of the session, as the service holds them now."""
+        request = service_pb2.PullParametersRequest(session_id=session_id)
+
+        def attempt(deadline_s: float):
+            responses = self._stub.PullParameters(request, timeout=deadline_s, metadata=self._metadata)
+            header, arrays = _single(responses)
+            return header.version, {name[len(PARAMETERS):]: value for name, value in arrays.items()}
+
+        return self._with_retries(attempt, timeout)
+
+    def save_checkpoint(self, session_id: str, *, timeout: float | None = None) -> Checkpoint:
+        request = service_pb2.SaveCheckpointRequest(session_id=session_id)
+        reply = self._unary(self._stub.SaveCheckpoint, request, timeout)
+        return Checkpoint(reply.checkpoint, reply.version)
+
+    def restore_checkpoint(self, session_id: str, checkpoint: str = "", *, timeout: float | None = None) -> Checkpoint:
+        """Restore one of the session's checkpoints (default: its latest); returns what was restored."""
+        request = service_pb2.RestoreCheckpointRequest(session_id=session_id, checkpoint=checkpoint)
+        reply = self._unary(self._stub.RestoreCheckpoint, request, timeout)
+        return Checkpoint(reply.checkpoint, reply.version)
+
+    def close_session(self, session_id: str, *, timeout: float | None = None) -> int:
+        """Close the session; returns its final parameter version."""
+        reply = self._unary(self._stub.CloseSession, service_pb2.CloseSessionRequest(session_id=session_id), timeout)
+        self._next_step_ids.pop(session_id, None)
+        return reply.version
+
+    def list_sessions(self, *, timeout: float | None = None) -> list[SessionInfo]:
+        reply = self._unary(self._stub.ListSessions, service_pb2.ListSessionsRequest(), timeout)
+        return [
+            SessionInfo(s.session_id, s.version, s.steps, s.consistency, s.num_workers, s.created_unix_s)
+            for s in reply.sessions
+        ]
+
+    # ----- plumbing -----------------------------------------------------------------------------
+
+    def _unary(self, method, request, timeout):
+        return self._with_retries(
+            lambda deadline_s: method(request, timeout=deadline_s, metadata=self._metadata), timeout
+        )
+
+    def _with_retries(self, attempt: Callable[[float], object], timeout: float | None):
+        """Run `attempt(seconds_left)`; retry UNAVAILABLE with backoff while time is left."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        for attempt_number in itertools.count():
+            try:
+                return attempt(max(deadline - time.monotonic(), 0.001))
+            except grpc.RpcError as failed:
+                error = from_rpc_error(failed)
+            pause = self.retry_backoff_s * 2**attempt_number
+            if not isinstance(error, Unavailable) or attempt_number >= self.retries \
+                    or time.monotonic() + pause >= deadline:
+                raise error
+            time.sleep(pause)
+
+    def _claim_step_id(self, session_id: str, step_id: int | None) -> int:
+        if step_id is None:
+            step_id = self._next_step_ids.get(session_id, 1)
+        self._next_step_ids[session_id] = max(self._next_step_ids.get(session_id, 1), step_id + 1)
+        return step_id
+
+    def _numbered(self, session_id: str, batch) -> tuple:
+        if len(batch) == 3:
+            step_id, x, y = batch
+        else:
+            (x, y), step_id = batch, None
+        return self._claim_step_id(session_id, step_id), x, y
+
+
+def _record(steps: Iterator[tuple], unanswered: collections.deque) -> Iterator[tuple]:
+    for step in steps:
+        unanswered.append(step)
+        yield step
+
+
+def _spec(spec) -> model_pb2.ModelSpec:
+    try:
+        return spec_to_proto(spec)
+    except SpecFormatError as bad:
+        raise InvalidArgument(str(bad), ((bad.field, bad.message),)) from None
+
+
+def _optimizer(config) -> model_pb2.OptimizerConfig:
+    try:
+        return optimizer_to_proto(config)
+    except SpecFormatError as bad:
+        raise InvalidArgument(str(bad), ((bad.field, bad.message),)) from None
+
+
+def _outgoing(arrays: Mapping[str, np.ndarray]) -> OutgoingTensors:
+    try:
+        return OutgoingTensors(arrays)
+    except TensorFormatError as bad:
+        raise InvalidArgument(str(bad), ((bad.field, bad.message),)) from None
+
+
+def _step_messages(session_id: str, step_id: int, x, y) -> list:
+    outgoing = _outgoing({"batch.x": x, "batch.y": y})
+    header = service_pb2.StepHeader(session_id=session_id, step_id=step_id, tensors=outgoing.entries)
+    wrap = service_pb2.StepRequest
+    return [wrap(header=header), *outgoing.chunks(wrap)]
+
+
+def _step_result(reply: service_pb2.StepResponse) -> StepResult:
+    return StepResult(
+        step_id=reply.step_id,
+        loss=reply.loss,
+        version=reply.version,
+        duplicate=reply.duplicate,
+        applied=reply.applied,
+        samples=reply.samples,
+        grad_norm=reply.grad_norm,
+        lr=reply.lr,
+        timings_ms=dict(reply.timings_ms),
+    )
+
+
+def _single(responses) -> tuple[object, dict[str, np.ndarray]]:
+    """The one (header, arrays) of a response stream; a malformed stream is the service's fault."""
+    try:
+        (parts,) = list(read_messages(responses, DEFAULT_MAX_REQUEST_BYTES * 4, single=True))
+        return parts
+    except TensorFormatError as bad:
+        responses.cancel()
+        raise GradserveError(f"malformed response from the service: {bad}") from None

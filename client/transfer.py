@@ -1,0 +1,171 @@
+"""Chunked tensor transfer: a header with tensor descriptors (small tensors inline), then 1 MiB
+chunks of the large ones. Used by both ends for every RPC that carries tensors.
+
+Why chunks rather than one big message: gRPC holds a whole message in memory several times and
+caps its size; a 400 MB model as a stream of 1 MiB chunks never exceeds the 8 MiB message limit
+both ends set, and the receiver copies each chunk straight into a buffer preallocated from the
+header's dtype and shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+import numpy as np
+
+from gradserve.v1 import tensor_pb2
+
+from .codec import TensorFormatError, decode_tensor, tensor_nbytes, wire_array
+
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "CHUNK_BYTES",
+    "INLINE_TENSOR_BYTES",
+    "INLINE_HEADER_BYTES",
+    "DEFAULT_MAX_REQUEST_BYTES",
+    "OutgoingTensors",
+    "TensorAssembler",
+    "read_messages",
+]
+
+MAX_MESSAGE_BYTES = 8 << 20  # gRPC send/receive limit on both ends (documented in service.proto)
+CHUNK_BYTES = 1 << 20  # bytes per TensorChunk
+INLINE_TENSOR_BYTES = 1 << 20  # a tensor larger than this is always chunked
+INLINE_HEADER_BYTES = 4 << 20  # inline bytes of one header; later tensors are chunked
+DEFAULT_MAX_REQUEST_BYTES = 2 << 30  # total tensor bytes of one request (service default)
+
+
+class OutgoingTensors:
+    """Named arrays split into header entries and the chunks that follow the header."""
+
+    def __init__(self, arrays: Mapping[str, object]):
+        self.entries: list[tensor_pb2.NamedTensor] = []
+        self._chunked: list[tuple[int, memoryview]] = []
+        inline_bytes = 0
+        for name, array in arrays.items():
+            try:
+                array = wire_array(array)
+            except TensorFormatError as bad:
+                raise TensorFormatError(bad.message, field=name) from None
+            entry = tensor_pb2.NamedTensor(name=name)
+            entry.tensor.dtype = array.dtype.name
+            entry.tensor.shape.extend(array.shape)
+            chunk = array.nbytes > INLINE_TENSOR_BYTES or inline_bytes + array.nbytes > INLINE_HEADER_BYTES
+            if chunk:
+                entry.chunked = True
+                self._chunked.append((len(self.entries), memoryview(array.reshape(-1)).cast("B")))
+            else:
+                entry.tensor.data = array.tobytes()
+                inline_bytes += array.nbytes
+            self.entries.append(entry)
+
+    def chunks(self, wrap: Callable[..., object]) -> Iterator[object]:
+        """`wrap(chunk=TensorChunk)` for every chunk, in order (wrap builds the RPC's message)."""
+        for index, raw in self._chunked:
+            for offset in range(0, len(raw), CHUNK_BYTES):
+                piece = raw[offset : offset + CHUNK_BYTES].tobytes()
+                yield wrap(chunk=tensor_pb2.TensorChunk(index=index, offset=offset, data=piece))
+
+
+class TensorAssembler:
+    """Rebuilds the named arrays of one header from its inline tensors and the chunks that follow.
+
+    Everything is checked from the header alone (names, dtypes, shapes, total size) before any
+    buffer is allocated; chunks must fill each buffer in order, without gaps or overlap.
+    """
+
+    def __init__(self, entries: Iterable[tensor_pb2.NamedTensor], max_total_bytes: int):
+        self.arrays: dict[str, np.ndarray] = {}
+        self._buffers: list[np.ndarray | None] = []  # flat uint8 views of chunked tensors
+        self._received: list[int] = []
+        self._missing = 0  # chunked tensors not yet complete
+        total = 0
+        for entry in entries:
+            name = entry.name
+            if not name:
+                raise TensorFormatError("every tensor needs a name", field=f"tensors[{len(self._buffers)}]")
+            if name in self.arrays:
+                raise TensorFormatError("tensor sent twice", field=name)
+            dtype, shape, nbytes = tensor_nbytes(entry.tensor, name, max_total_bytes - total)
+            total += nbytes
+            if entry.chunked:
+                if entry.tensor.data:
+                    raise TensorFormatError("a chunked tensor carries no inline data", field=name)
+                array = np.empty(shape, dtype=dtype)
+                self._buffers.append(array.reshape(-1).view(np.uint8))
+                self._missing += nbytes > 0
+            else:
+                array = decode_tensor(entry.tensor, name, max_total_bytes)
+                self._buffers.append(None)
+            self._received.append(0)
+            self.arrays[name] = array
+        self._names = list(self.arrays)
+
+    @property
+    def complete(self) -> bool:
+        return self._missing == 0
+
+    def add(self, chunk: tensor_pb2.TensorChunk) -> None:
+        index = chunk.index
+        if index >= len(self._buffers) or self._buffers[index] is None:
+            raise TensorFormatError(f"chunk for tensor index {index}, which is not chunked", field="chunk.index")
+        buffer, name = self._buffers[index], self._names[index]
+        start = self._received[index]
+        if chunk.offset != start:
+            raise TensorFormatError(f"chunk at offset {chunk.offset}, expected {start}", field=name)
+        data = chunk.data
+        end = start + len(data)
+        if end > len(buffer) or not data:
+            raise TensorFormatError(
+                f"chunk of {len(data)} bytes at {start} does not fit the {len(buffer)} bytes declared", field=name
+            )
+        buffer[start:end] = np.frombuffer(data, dtype=np.uint8)
+        self._received[index] = end
+        if end == len(buffer):
+            self._missing -= 1
+
+    def check_complete(self) -> None:
+        for index, buffer in enumerate(self._buffers):
+            if buffer is not None and self._received[index] != len(buffer):
+                raise TensorFormatError(
+                    f"stream ended after {self._received[index]} of {len(buffer)} bytes", field=self._names[index]
+                )
+
+
+def read_messages(
+    messages: Iterator, max_total_bytes: int, *, single: bool
+) -> Iterator[tuple[object, dict[str, np.ndarray]]]:
+    """(header, arrays) for each header of a `oneof part {header, chunk}` stream, once complete.
+
+    `single`: the stream holds exactly one header (anything after its last chunk is an error).
+    """
+    pending = None  # (header, assembler) while chunks are outstanding
+    seen_header = False
+    for message in messages:
+        part = message.WhichOneof("part")
+        if part == "header":
+            if pending is not None:
+                pending[1].check_complete()
+            if single and seen_header:
+                raise TensorFormatError("a second header in a single-request stream", field="header")
+            seen_header = True
+            header = message.header
+            assembler = TensorAssembler(header.tensors, max_total_bytes)
+            if assembler.complete:
+                yield header, assembler.arrays
+            else:
+                pending = (header, assembler)
+        elif part == "chunk":
+            if pending is None:
+                raise TensorFormatError("a chunk with no tensor waiting for it", field="chunk")
+            pending[1].add(message.chunk)
+            if pending[1].complete:
+                header, assembler = pending
+                pending = None
+                yield header, assembler.arrays
+        else:
+            raise TensorFormatError("empty message: neither header nor chunk", field="part")
+    if pending is not None:
+        pending[1].check_complete()
+    if single and not seen_header:
+        raise TensorFormatError("the stream carried no header", field="header")
