@@ -173,7 +173,7 @@ class Model:
         with self._lock:
             x, y = self._checked_batch(params, x, y)
             dtype = self.validate_parameters(tangent, field_prefix="tangent")
-            if dtype != x.dtype:
+            if dtype is not None and dtype != x.dtype:
                 raise InvalidArgument(f"dtype {dtype} differs from the parameters' {x.dtype}", field="tangent")
             loss_sum = derivative_sum = 0.0
             for start, stop in _micro_batches(x.shape[0], micro_batch_size):
@@ -219,9 +219,9 @@ class Model:
         return values[self.graph.output], saved
 
     def _backward(self, ctx, params, loss_grad, saved, sums: GradSums) -> None:
-        grads = {self.graph.output: loss_grad}
-        owned = set()  # nodes whose gradient lives in their own "grad_sum" buffer
         needs_grad = self.graph.needs_grad
+        grads = {self.graph.output: loss_grad} if needs_grad[self.graph.output] else {}
+        owned = set()  # nodes whose gradient lives in their own "grad_sum" buffer
         for node in reversed(self.graph.nodes):
             grad_out = grads.pop(node.name, None)
             if grad_out is None:  # nothing downstream depends on a parameter through this node

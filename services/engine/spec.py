@@ -64,7 +64,7 @@ def parse_spec(spec) -> Graph:
     if not isinstance(output, str) or output not in listed:
         raise SpecError(f"output {output!r} is not a node of the spec", field="output")
     loss = spec.get("loss")
-    if loss not in LOSSES:
+    if not isinstance(loss, str) or loss not in LOSSES:
         raise SpecError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}", field="loss")
     ordered = _topological_order(listed)
     _reject_nodes_not_feeding(output, listed)
@@ -114,7 +114,8 @@ def _parse_nodes(raw_nodes) -> dict[str, Node]:
             raise SpecError(f"{INPUT!r} is reserved for the batch input", field=name)
         if name in listed:
             raise SpecError(f"node name {name!r} is used twice", field=name)
-        op = OPS.get(raw.get("op"))
+        op_name = raw.get("op")
+        op = OPS.get(op_name) if isinstance(op_name, str) else None
         if op is None:
             raise SpecError(f"unknown op {raw.get('op')!r}; known: {', '.join(OPS)}", field=name)
         inputs = raw.get("inputs")

@@ -31,6 +31,8 @@ def assert_spec_error(spec, field, match=None):
     "changes, field, match",
     [
         ({"act1": {"op": "softplus"}}, "act1", "unknown op"),
+        ({"act1": {"op": ["relu"]}}, "act1", "unknown op"),
+        ({"act1": {"inputs": "fc1"}}, "act1", "list of node names"),
         ({"act1": {"inputs": ["nowhere"]}}, "act1", "not a node"),
         ({"act1": {"inputs": []}}, "act1", "exactly 1"),
         ({"act1": {"inputs": ["fc1", "fc1"]}}, "act1", "exactly 1"),
@@ -101,6 +103,10 @@ def test_dangling_node_and_top_level_errors():
     assert_spec_error(spec, "unused", "does not feed")
     assert_spec_error({**BASE, "output": "nope"}, "output")
     assert_spec_error({**BASE, "loss": "hinge"}, "loss", "unknown loss")
+    assert_spec_error({**BASE, "loss": ["mse"]}, "loss", "unknown loss")
+    assert_spec_error({**BASE, "output": ["fc2"]}, "output")
+    assert_spec_error({**BASE, "nodes": [{"op": "relu", "inputs": ["input"]}]}, "nodes[0]", "name")
+    assert_spec_error({**BASE, "nodes": ["fc1"]}, "nodes[0]", "mapping")
     assert_spec_error({**BASE, "input_features": 0}, "input_features")
     assert_spec_error({**BASE, "input_features": "4"}, "input_features")
     assert_spec_error({**BASE, "nodes": []}, "nodes")
@@ -239,3 +245,13 @@ def test_a_protobuf_model_spec_is_read_like_the_dict():
     assert dict(model.graph.nodes[1].attrs) == {"rate": 0.25}
     spec.nodes[0].ClearField("units")
     assert_spec_error(spec, "fc", "units")
+
+
+def test_a_model_without_parameters_has_an_empty_gradient():
+    spec = {"input_features": 3, "nodes": [{"name": "act", "op": "tanh", "inputs": ["input"]}],
+            "output": "act", "loss": "mse"}
+    model = Model(spec)
+    x, y = make_batch(spec, 4)
+    loss, grads = model.loss_and_grad({}, x, y)
+    assert grads == {} and loss == pytest.approx(float(np.mean((np.tanh(x) - y) ** 2)))
+    assert model.jvp({}, {}, x, y)[1] == 0.0
