@@ -1,0 +1,186 @@
+"""The Gradserve servicer: each method decodes, delegates (executor or session registry), encodes.
+
+Failures leave through one place: a GradserveError becomes its status (status.py); anything else
+is logged and answered INTERNAL without internals.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+
+import grpc
+
+from gradserve.spec import spec_from_proto
+from gradserve.v1 import service_pb2, service_pb2_grpc
+
+from gradserve_services.errors import DeadlineExceeded, GradserveError, InvalidArgument
+
+from . import wire
+from .auth import Authenticator
+from .sessions import SessionRegistry
+from .status import abort_internal, abort_with
+
+__all__ = ["GradserveServicer"]
+
+log = logging.getLogger(__name__)
+
+
+def _answering_errors(method):
+    """Map failures of a servicer method (plain or generator) to statuses."""
+    name = method.__name__
+
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def streaming(self, request, context):
+            try:
+                yield from method(self, request, context)
+            except GradserveError as error:
+                abort_with(context, error)
+            except Exception as error:  # noqa: BLE001 - the one catch-all, logged
+                if _is_abort(context):
+                    raise
+                abort_internal(context, name, error)
+        return streaming
+
+    @functools.wraps(method)
+    def unary(self, request, context):
+        try:
+            return method(self, request, context)
+        except GradserveError as error:
+            abort_with(context, error)
+        except Exception as error:  # noqa: BLE001 - the one catch-all, logged
+            if _is_abort(context):
+                raise
+            abort_internal(context, name, error)
+    return unary
+
+
+def _is_abort(context) -> bool:
+    """context.abort raises a plain Exception after setting the code; let it through as is."""
+    return context.code() not in (None, grpc.StatusCode.OK)
+
+
+def _seconds_left(context: grpc.ServicerContext):
+    return lambda: context.time_remaining()
+
+
+def _check_deadline(context: grpc.ServicerContext) -> None:
+    """Refuse to start work for a caller that is gone or out of time."""
+    remaining = context.time_remaining()
+    if not context.is_active() or (remaining is not None and remaining <= 0):
+        raise DeadlineExceeded("the caller's deadline passed before the work could start", "deadline")
+
+
+class GradserveServicer(service_pb2_grpc.GradserveServicer):
+    def __init__(self, executor, registry: SessionRegistry, authenticator: Authenticator, max_request_bytes: int):
+        self._executor = executor
+        self._sessions = registry
+        self._auth = authenticator
+        self._max_bytes = max_request_bytes
+
+    @_answering_errors
+    def ComputeGradients(self, request_iterator, context):
+        header, arrays = wire.read_one(request_iterator, self._max_bytes)
+        tensors = wire.group(arrays, (wire.PARAMETERS, wire.TANGENT), exact=wire.BATCH)
+        _require(tensors, wire.BATCH)
+        _check_deadline(context)
+        result = self._executor.compute_gradients(
+            spec_from_proto(header.model),
+            tensors[wire.PARAMETERS],
+            tensors["batch.x"],
+            tensors["batch.y"],
+            micro_batch_size=header.micro_batch_size or None,
+            tangent=tensors[wire.TANGENT] or None,
+            seed=header.seed,
+        )
+        reply = service_pb2.ComputeGradientsResult(loss=result["loss"], count=result["count"])
+        reply.timings_ms.update({k: float(v) for k, v in result["timings"].items()})
+        if result["jvp"] is not None:
+            reply.jvp = result["jvp"]
+        gradients = {wire.GRADIENTS + name: value for name, value in (result["grads"] or {}).items()}
+        yield from wire.send(reply, gradients, service_pb2.ComputeGradientsResponse)
+
+    @_answering_errors
+    def CreateSession(self, request_iterator, context):
+        owner = self._auth.identity(context)
+        header, arrays = wire.read_one(request_iterator, self._max_bytes)
+        params = wire.group(arrays, (wire.PARAMETERS,))[wire.PARAMETERS]
+        config = wire.trainer_config(header.config, default_workers=self._sessions.default_workers)
+        _check_deadline(context)
+        session = self._sessions.create(
+            owner, config, params,
+            init_seed=header.config.init.seed,
+            init_dtype=header.config.init.dtype,
+            checkpoint_every_steps=header.config.checkpoint_every_steps,
+        )
+        return service_pb2.CreateSessionResponse(session_id=session.session_id, version=session.version)
+
+    @_answering_errors
+    def Step(self, request_iterator, context):
+        owner = self._auth.identity(context)
+        header, arrays = wire.read_one(request_iterator, self._max_bytes)
+        return self._step(owner, header, arrays, context)
+
+    @_answering_errors
+    def StreamSteps(self, request_iterator, context):
+        owner = self._auth.identity(context)
+        for header, arrays in wire.read_each(request_iterator, self._max_bytes):
+            yield self._step(owner, header, arrays, context)
+
+    def _step(self, owner, header, arrays, context) -> service_pb2.StepResponse:
+        session = self._sessions.get(owner, header.session_id)
+        batch = wire.group(arrays, (), exact=wire.BATCH)
+        _require(batch, wire.BATCH)
+        result = self._sessions.step(session, header.step_id, batch["batch.x"], batch["batch.y"],
+                                     _seconds_left(context))
+        reply = service_pb2.StepResponse(
+            step_id=header.step_id, loss=result.loss, version=result.version, duplicate=result.duplicate,
+            applied=result.applied and not result.duplicate, samples=result.samples,
+            grad_norm=result.grad_norm, lr=result.lr,
+        )
+        reply.timings_ms.update({k: float(v) for k, v in result.timings.items()})
+        return reply
+
+    @_answering_errors
+    def PullParameters(self, request, context):
+        session = self._sessions.get(self._auth.identity(context), request.session_id)
+        version, params = self._sessions.parameters(session)
+        arrays = {wire.PARAMETERS + name: value for name, value in params.items()}
+        yield from wire.send(service_pb2.ParametersHeader(version=version), arrays,
+                             service_pb2.PullParametersResponse)
+
+    @_answering_errors
+    def SaveCheckpoint(self, request, context):
+        session = self._sessions.get(self._auth.identity(context), request.session_id)
+        name, version = self._sessions.save_checkpoint(session)
+        return service_pb2.SaveCheckpointResponse(checkpoint=name, version=version)
+
+    @_answering_errors
+    def RestoreCheckpoint(self, request, context):
+        session = self._sessions.get(self._auth.identity(context), request.session_id)
+        name, version = self._sessions.restore_checkpoint(session, request.checkpoint)
+        return service_pb2.RestoreCheckpointResponse(checkpoint=name, version=version)
+
+    @_answering_errors
+    def CloseSession(self, request, context):
+        version = self._sessions.close(self._auth.identity(context), request.session_id)
+        return service_pb2.CloseSessionResponse(version=version)
+
+    @_answering_errors
+    def ListSessions(self, request, context):
+        sessions = self._sessions.list(self._auth.identity(context))
+        return service_pb2.ListSessionsResponse(sessions=[
+            service_pb2.SessionInfo(
+                session_id=s.session_id, version=s.version, steps=s.steps, consistency=s.config.consistency,
+                num_workers=s.config.num_workers, created_unix_s=s.created_unix_s,
+            )
+            for s in sessions
+        ])
+
+
+def _require(tensors: dict, names: tuple[str, ...]) -> None:
+    for name in names:
+        if name not in tensors:
+            raise InvalidArgument("missing tensor", name)

@@ -1,0 +1,93 @@
+"""Decoding requests into numpy arrays and plain dicts, and encoding replies: the servicers' only
+contact with message layouts beyond single fields. Codec errors become domain errors here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+
+import numpy as np
+
+from gradserve.codec import TensorFormatError, TensorTooLarge
+from gradserve.spec import optimizer_from_proto, spec_from_proto
+from gradserve.transfer import OutgoingTensors, read_messages
+from gradserve.v1 import service_pb2
+
+from gradserve_services.cluster import TrainerConfig
+from gradserve_services.errors import InvalidArgument, ResourceExhausted
+
+__all__ = [
+    "PARAMETERS",
+    "GRADIENTS",
+    "TANGENT",
+    "read_one",
+    "read_each",
+    "group",
+    "send",
+    "trainer_config",
+]
+
+PARAMETERS = "parameters."
+GRADIENTS = "gradients."
+TANGENT = "tangent."
+BATCH = ("batch.x", "batch.y")
+
+
+def read_one(requests: Iterator, max_bytes: int) -> tuple[object, dict[str, np.ndarray]]:
+    """The header and assembled arrays of a single-request stream."""
+    (parts,) = list(read_each(requests, max_bytes, single=True))
+    return parts
+
+
+def read_each(requests: Iterator, max_bytes: int, *, single: bool = False):
+    """(header, arrays) per header of a request stream, as each completes."""
+    parts = read_messages(requests, max_bytes, single=single)
+    while True:
+        try:
+            yield next(parts)
+        except StopIteration:
+            return
+        except TensorTooLarge as bad:
+            raise ResourceExhausted(bad.message, bad.field) from None
+        except TensorFormatError as bad:
+            raise InvalidArgument(bad.message, bad.field) from None
+
+
+def group(arrays: Mapping[str, np.ndarray], prefixes: tuple[str, ...], exact: tuple[str, ...] = ()) -> dict:
+    """Split `arrays` by name prefix ({prefix: {rest: array}}); names in `exact` map to themselves.
+    A name matching nothing is an error naming it, so a typo is never silently ignored."""
+    grouped: dict[str, dict[str, np.ndarray]] = {prefix: {} for prefix in prefixes}
+    for name, array in arrays.items():
+        if name in exact:
+            grouped[name] = array
+            continue
+        prefix = next((p for p in prefixes if name.startswith(p)), None)
+        if prefix is None:
+            expected = ", ".join([f"{p}<param>" for p in prefixes] + list(exact))
+            raise InvalidArgument(f"unexpected tensor name; expected {expected}", name)
+        grouped[prefix][name[len(prefix):]] = array
+    return grouped
+
+
+def send(header, arrays: Mapping[str, np.ndarray], wrap: Callable[..., object]) -> Iterator:
+    """The reply stream: `wrap(header=header)` carrying the descriptors, then the chunks."""
+    outgoing = OutgoingTensors(arrays)
+    header.tensors.extend(outgoing.entries)
+    yield wrap(header=header)
+    yield from outgoing.chunks(wrap)
+
+
+def trainer_config(config: service_pb2.SessionConfig, *, default_workers: int) -> TrainerConfig:
+    """The cluster's TrainerConfig for a SessionConfig message; empty strings and zeros are the
+    documented defaults. The cluster validates every value (errors name `config.X`)."""
+    return TrainerConfig(
+        spec=spec_from_proto(config.model),
+        optimizer=optimizer_from_proto(config.optimizer),
+        consistency=config.consistency or "sync",
+        staleness=config.staleness,
+        stale_policy=config.stale_policy or "drop",
+        num_workers=config.num_workers or default_workers,
+        ps_shards=config.ps_shards or 1,
+        compression=config.compression or "none",
+        micro_batch_size=config.micro_batch_size or None,
+        seed=config.seed,
+    )
