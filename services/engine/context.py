@@ -22,6 +22,10 @@ class PassContext:
     def buffer(self, owner: str, role: str, shape, dtype=None):
         return self.workspace.buffer(owner, role, shape, self.dtype if dtype is None else dtype)
 
+    def filled(self, value: float, length: int):
+        """A cached read-only vector of `length` copies of `value` in the pass dtype."""
+        return self.workspace.filled(value, length, self.dtype)
+
     def dropout_mask(self, node_name: str, shape, rate: float):
         out = self.buffer(node_name, "mask", shape)
         return dropout_mask(self.xp, self.seed, node_name, self.first_sample, shape, rate, self.dtype, out)

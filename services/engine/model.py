@@ -26,6 +26,7 @@ from .workspace import Workspace
 __all__ = ["Model", "GradSum", "FLOAT_DTYPES"]
 
 FLOAT_DTYPES = ("float32", "float64")
+_FLOAT_DTYPES = frozenset(numpy.dtype(name) for name in FLOAT_DTYPES)  # `dtype.name` is slow per call
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ class Model:
             value, field = params[name], f"{field_prefix}.{name}"
             if not isinstance(value, self.xp.ndarray):
                 raise InvalidArgument(f"expected an array, got {type(value).__name__}", field=field)
-            if value.dtype.name not in FLOAT_DTYPES:
+            if value.dtype not in _FLOAT_DTYPES:
                 raise InvalidArgument(f"dtype must be float32 or float64, got {value.dtype}", field=field)
             if dtype is not None and value.dtype != dtype:
                 raise InvalidArgument(f"dtype {value.dtype} differs from the other parameters' {dtype}", field=field)
@@ -116,7 +117,7 @@ class Model:
         output width. Returns (x, y) with float targets in x's dtype."""
         if not isinstance(x, self.xp.ndarray):
             raise InvalidArgument(f"expected an array, got {type(x).__name__}", field="batch.x")
-        if x.dtype.name not in FLOAT_DTYPES:
+        if x.dtype not in _FLOAT_DTYPES:
             raise InvalidArgument(f"dtype must be float32 or float64, got {x.dtype}", field="batch.x")
         if dtype is not None and x.dtype != dtype:
             raise InvalidArgument(f"dtype {x.dtype} differs from the parameters' {dtype}", field="batch.x")

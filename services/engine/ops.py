@@ -115,8 +115,9 @@ class Dense(Op):
     def backward(self, node, ctx, grad_out, saved, params, param_grads, wants):
         xp, x = ctx.xp, saved
         param_grads.write(f"{node.name}.weight", lambda out: xp.matmul(x.T, grad_out, out=out))
-        if node.attrs["bias"]:
-            param_grads.write(f"{node.name}.bias", lambda out: xp.sum(grad_out, axis=0, out=out))
+        if node.attrs["bias"]:  # the column sums of grad_out, as a BLAS gemv: ones @ grad_out
+            ones = ctx.filled(1, grad_out.shape[0])
+            param_grads.write(f"{node.name}.bias", lambda out: xp.matmul(ones, grad_out, out=out))
         if not wants[0]:  # e.g. the batch input: nothing consumes its gradient
             return [None]
         dx = ctx.buffer(node.name, "grad_in", x.shape)
@@ -163,8 +164,11 @@ class Elementwise(Op):
 class ReLU(Elementwise):
     kind = "relu"
 
-    def value(self, xp, x, out, attrs):
-        return xp.maximum(x, 0, out=out)
+    def forward(self, node, ctx, inputs, params):
+        (x,) = inputs
+        # A zero row, not the scalar 0: numpy's broadcast scalar misses the vectorised loop.
+        out = ctx.xp.maximum(x, ctx.filled(0, x.shape[1]), out=ctx.buffer(node.name, "out", x.shape))
+        return out, out
 
     def slope(self, xp, y, attrs, out):
         # Like PyTorch: slope 0 at x == 0. `y > 0` read back as 0/1 in the parameter dtype.

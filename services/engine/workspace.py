@@ -42,14 +42,25 @@ class Workspace:
         self.xp = xp
         self._buffers: dict[tuple, object] = {}
         self._results: dict[tuple, list] = {}
+        self._filled: dict[tuple, object] = {}
 
     def buffer(self, owner: str, role: str, shape: tuple[int, ...], dtype):
         rows, trailing = shape[0], tuple(shape[1:])
-        key = (owner, role, trailing, self.xp.dtype(dtype))
+        key = (owner, role, trailing, dtype)
         array = self._buffers.get(key)
         if array is None or array.shape[0] < rows:
             array = self._buffers[key] = self.xp.empty((rows, *trailing), dtype=dtype)
         return array if array.shape[0] == rows else array[:rows]
+
+    def filled(self, value: float, length: int, dtype):
+        """A read-only vector of `length` copies of `value`, kept for reuse. Operands for ufuncs
+        and BLAS: `maximum(z, zeros_row)` runs several times faster than `maximum(z, 0)` in numpy
+        (the broadcast scalar misses the vectorised loop), and `ones @ g` sums rows via BLAS."""
+        key = (value, length, self.xp.dtype(dtype))
+        array = self._filled.get(key)
+        if array is None:
+            array = self._filled[key] = self.xp.full((length,), value, dtype=dtype)
+        return array
 
     def result(self, name: str, shape: tuple[int, ...], dtype):
         """An uninitialised array the caller will own (see the module docstring)."""
@@ -67,6 +78,7 @@ class Workspace:
         """Drop every buffer and pooled result (arrays a caller still holds stay valid)."""
         self._buffers.clear()
         self._results.clear()
+        self._filled.clear()
 
     @property
     def nbytes(self) -> int:
