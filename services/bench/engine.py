@@ -159,7 +159,7 @@ def measure_modes(sizes, batch, dtype, repeats) -> dict:
     x = rng.standard_normal((batch, sizes[0])).astype(dtype)
     y = rng.integers(0, sizes[-1], size=batch)
 
-    reverse_s = _median_seconds(lambda: model.loss_and_grad(params, x, y), repeats, 1)
+    (reverse_s,) = _interleaved_medians([lambda: model.loss_and_grad(params, x, y)], repeats, 1)
     started = time.perf_counter()
     forward_grads = _gradient_by_forward_mode(model, params, x, y)
     forward_s = time.perf_counter() - started
@@ -203,17 +203,6 @@ def _interleaved_medians(steps, repeats: int, warmup: int) -> list[float]:
             step()
             samples.append(time.perf_counter() - started)
     return [statistics.median(samples) for samples in times]
-
-
-def _median_seconds(step, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(max(repeats, 1)):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def _parse_models(text: str):

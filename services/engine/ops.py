@@ -175,7 +175,8 @@ class ReLU(Elementwise):
         return xp.greater(y, 0, out=out)
 
     def backward(self, node, ctx, grad_out, saved, params, param_grads, wants):
-        # Hot path of the benchmark models: one pass, `where` keeps grad_out where the output is > 0.
+        # Hot path of the benchmark models: a bool mask times grad_out measures faster than the
+        # generic rule (0/1 written in the float dtype, then multiplied).
         dx = ctx.buffer(node.name, "grad_in", grad_out.shape)
         mask = ctx.xp.greater(saved, 0, out=ctx.buffer(node.name, "mask", grad_out.shape, dtype=bool))
         return [ctx.xp.multiply(grad_out, mask, out=dx)]
