@@ -8,6 +8,7 @@ or its data is wrong (one line on stderr naming the problem, nothing trained); 1
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -52,16 +53,20 @@ def run(args) -> int:
         print(f"gradserve train: {args.job}: {problem}", file=sys.stderr)
         return EXIT_BAD_JOB
 
+    from gradserve import GradserveError as ServiceError
     from gradserve_services.jobs.runner import run_job
     from gradserve_services.jobs.state import CheckpointMismatch
 
+    stdout = sys.stdout
     try:
-        summary = run_job(prepared, resume=args.resume, progress=args.progress)
+        # Only the summary goes to stdout: anything a library prints meanwhile goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            summary = run_job(prepared, resume=args.resume, progress=args.progress)
     except CheckpointMismatch as problem:
         print(f"gradserve train: {args.job}: {problem}", file=sys.stderr)
         return EXIT_BAD_JOB
-    except GradserveError as problem:
+    except (GradserveError, ServiceError) as problem:
         print(f"gradserve train: training failed: {type(problem).__name__}: {problem}", file=sys.stderr)
         return EXIT_FAILED
-    print(json.dumps(summary), flush=True)
+    print(json.dumps(summary), file=stdout, flush=True)
     return EXIT_OK
