@@ -55,7 +55,7 @@ def wire_array(array) -> np.ndarray:
         raise TensorFormatError(
             f"dtype {array.dtype} cannot be sent; use one of {', '.join(DTYPES)}", field=""
         )
-    return np.ascontiguousarray(array, dtype=wire_dtype)
+    return np.asarray(array, dtype=wire_dtype, order="C")  # keeps 0-d arrays 0-d
 
 
 def encode_tensor(array, *, include_data: bool = True) -> tensor_pb2.Tensor:
