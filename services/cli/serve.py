@@ -54,11 +54,12 @@ def run(args: argparse.Namespace) -> int:
         with open(args.tls_cert, "rb") as cert, open(args.tls_key, "rb") as key:
             tls = (cert.read(), key.read())
 
+    executor = RayExecutor(address=args.ray_address, num_workers=args.workers)
+    # Installed after Ray starts: ray.init sets its own SIGTERM handler, which would kill the
+    # driver (and in-flight calls) instead of draining.
     stop_requested = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop_requested.set())
-
-    executor = RayExecutor(address=args.ray_address, num_workers=args.workers)
     try:
         gateway, port = create_server(
             executor, host=args.host, port=args.port, max_concurrent_calls=args.max_concurrent_calls,
