@@ -1,0 +1,144 @@
+"""A real, separate Ray cluster for tests: `ray start --head` (plus extra `ray start --address`
+nodes), each in its own process group so it can be stopped by pid, bounded in time.
+
+Ray advertises this machine's interface address even when asked for 127.0.0.1, so callers connect
+with the address `ray start` prints (`RayCluster.address`), never a guessed one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["RayCluster", "RayNode", "start_cluster", "running_cluster", "free_port"]
+
+RAY_BIN = str(Path(sys.executable).with_name("ray"))
+START_TIMEOUT_S = 120
+STOP_GRACE_S = 5.0
+ADDRESS_PATTERN = re.compile(r"ray start --address='([^']+)'")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class RayNode:
+    """One `ray start` invocation: its processes share the process group `pgid`."""
+
+    pgid: int
+    log_path: Path
+
+    def kill(self, grace_s: float = STOP_GRACE_S) -> None:
+        """SIGTERM the whole group, then SIGKILL what is left (gcs_server and raylet may ignore
+        SIGTERM for a while). Safe to call twice."""
+        for signum, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 2.0)):
+            try:
+                os.killpg(self.pgid, signum)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                if not _group_alive(self.pgid):
+                    return
+                time.sleep(0.1)
+
+
+@dataclass
+class RayCluster:
+    """`env` holds what a process needs to join or drive this cluster (its auth token): pass it to
+    every subprocess (`gradserve serve --ray-address`, extra nodes)."""
+
+    address: str
+    temp_dir: Path
+    env: dict[str, str]
+    nodes: list[RayNode] = field(default_factory=list)
+
+    def add_node(self, num_cpus: int = 1) -> RayNode:
+        node = _ray_start(["--address", self.address], num_cpus, self.temp_dir, self.env, f"node{len(self.nodes)}")
+        self.nodes.append(node)
+        return node
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            node.kill()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def start_cluster(num_cpus: int = 2, object_store_bytes: int = 300_000_000) -> RayCluster:
+    # Ray's unix socket paths must stay short: keep the temp dir directly under /tmp.
+    temp_dir = Path(tempfile.mkdtemp(prefix="gsray", dir="/tmp"))
+    head_args = [
+        "--head", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
+        "--include-dashboard=false", "--object-store-memory", str(object_store_bytes),
+        "--temp-dir", str(temp_dir),
+    ]
+    # Ray's token authentication, with a token of our own that every node and driver is given.
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
+    head = _ray_start(head_args, num_cpus, temp_dir, env, "head")
+    cluster = RayCluster(address="", temp_dir=temp_dir, env=env, nodes=[head])
+    match = ADDRESS_PATTERN.search(head.log_path.read_text())
+    if not match:
+        cluster.stop()
+        raise RuntimeError(f"`ray start --head` printed no address:\n{head.log_path.read_text()[-3000:]}")
+    cluster.address = match.group(1)
+    return cluster
+
+
+@contextmanager
+def running_cluster(num_cpus: int = 2, extra_nodes: int = 0):
+    cluster = start_cluster(num_cpus)
+    try:
+        for _ in range(extra_nodes):
+            cluster.add_node()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _ray_start(args: list[str], num_cpus: int, temp_dir: Path, env: dict[str, str], name: str) -> RayNode:
+    log_path = temp_dir / f"ray-start-{name}.log"
+    with open(log_path, "wb") as log:
+        starter = subprocess.Popen(
+            [RAY_BIN, "start", *args, "--num-cpus", str(num_cpus), "--disable-usage-stats"],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True,
+        )
+    node = RayNode(pgid=starter.pid, log_path=log_path)
+    try:
+        code = starter.wait(timeout=START_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        node.kill()
+        raise RuntimeError(f"`ray start {name}` did not finish in {START_TIMEOUT_S} s")
+    if code != 0:
+        node.kill()
+        raise RuntimeError(f"`ray start {name}` exited {code}:\n{log_path.read_text()[-3000:]}")
+    return node
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while any non-zombie process is left in the group."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the parenthesised command: state is [0], pgrp is [2].
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
