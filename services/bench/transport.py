@@ -1,0 +1,194 @@
+"""Transport throughput of the gRPC API against a bare gRPC bytes stream (the ceiling).
+
+Cases: ComputeGradients on a 784-1024-1024-10 MLP (7.45 MB of parameters in, 7.45 MB of gradients
+out; the executor's own compute time is subtracted), and pushing (CreateSession) and pulling
+(PullParameters) a 100M-parameter float32 model. The ceiling is a servicer defined here that moves
+raw 1 MiB `bytes` messages with no protobuf at all, measured in the same run, in the same process
+layout (client and server in this process), for the same byte counts and directions.
+Each number is the best of `--repeats` runs: the machine is shared, and the best run is the one
+least disturbed by other work.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent import futures
+
+import grpc
+import numpy as np
+
+__all__ = ["add_arguments", "run"]
+
+MIB = 1 << 20
+BARE_SERVICE = "gradserve.bench.BareBytes"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--repeats", type=int, default=3, help="runs per case; the best is reported")
+    parser.add_argument("--big-parameters", type=int, default=100_000_000,
+                        help="parameters of the push/pull model (float32)")
+    parser.add_argument("--batch", type=int, default=64, help="rows of the ComputeGradients batch")
+
+
+def run(args) -> int:
+    from gradserve import Client, mlp
+    from gradserve_services.cluster import LocalExecutor
+    from gradserve_services.gateway import create_server
+
+    executor = LocalExecutor(num_workers=1)
+    gateway, port = create_server(executor, max_concurrent_calls=8)
+    bare_server, bare_port = _start_bare_server()
+    target = f"127.0.0.1:{port}"
+    try:
+        with Client(target, timeout=600, retries=0) as client, _BareClient(f"127.0.0.1:{bare_port}") as bare:
+            for line in (
+                _compute_gradients_case(client, bare, executor, mlp(784, [1024, 1024], 10), args),
+                *_model_cases(client, bare, executor, args),
+            ):
+                print(json.dumps(line), flush=True)
+    finally:
+        gateway.stop(grace=1)
+        bare_server.stop(grace=1).wait()
+        executor.shutdown()
+    return 0
+
+
+# ----- cases --------------------------------------------------------------------------------------
+
+def _compute_gradients_case(client, bare, executor, spec, args) -> dict:
+    from gradserve_services.engine import Model
+
+    params = Model(spec).init_parameters(seed=0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.batch, 784)).astype(np.float32)
+    y = (np.arange(args.batch) % 10).astype(np.int64)
+    bytes_in = sum(p.nbytes for p in params.values()) + x.nbytes + y.nbytes
+    bytes_out = sum(p.nbytes for p in params.values())
+    transfer, compute = [], []
+    for _ in range(args.repeats):
+        started = time.perf_counter()
+        result = client.compute_gradients(spec, params, x, y)
+        elapsed = time.perf_counter() - started
+        compute_s = result.timings_ms["total"] / 1e3
+        transfer.append(elapsed - compute_s)
+        compute.append(compute_s)
+    best = int(np.argmin(transfer))
+    ceiling = _best(lambda: bare.upload(bytes_in) + bare.download(bytes_out), args.repeats)
+    line = _line("compute_gradients_784-1024-1024-10", bytes_in + bytes_out, transfer[best], ceiling)
+    line["compute_seconds"] = round(compute[best], 6)
+    return line
+
+
+def _model_cases(client, bare, executor, args) -> list[dict]:
+    from gradserve_services.cluster import TrainerConfig
+    from gradserve_services.engine import Model
+
+    features = int(round(args.big_parameters ** 0.5))
+    spec = {"input_features": features, "nodes": [
+        {"name": "dense", "op": "dense", "inputs": ["input"], "units": features, "bias": False}],
+        "output": "dense", "loss": "mse"}
+    params = {"dense.weight": np.random.default_rng(0).standard_normal((features, features), dtype=np.float32)}
+    nbytes = params["dense.weight"].nbytes
+
+    # The service validates and copies pushed parameters into a trainer: measured here in process
+    # and subtracted, so the push number is the transport alone.
+    def server_side_work() -> float:
+        started = time.perf_counter()
+        Model(spec).validate_parameters(params)
+        executor.create_trainer(TrainerConfig(spec, num_workers=1), params).close()
+        return time.perf_counter() - started
+
+    server_s = min(server_side_work() for _ in range(args.repeats))
+    push_times, sessions = [], []
+    for _ in range(args.repeats):
+        started = time.perf_counter()
+        sessions.append(client.create_session(spec, params, num_workers=1))
+        push_times.append(time.perf_counter() - started - server_s)
+        if len(sessions) > 1:
+            client.close_session(sessions.pop(0))
+    pull_times = []
+    for _ in range(args.repeats):
+        started = time.perf_counter()
+        client.pull_parameters(sessions[-1])
+        pull_times.append(time.perf_counter() - started)
+    client.close_session(sessions[-1])
+    label = f"{features * features / 1e6:.0f}M_float32"
+    push = _line(f"push_{label}", nbytes, min(push_times), _best(lambda: bare.upload(nbytes), args.repeats))
+    push["server_seconds_subtracted"] = round(server_s, 6)
+    pull = _line(f"pull_{label}", nbytes, min(pull_times), _best(lambda: bare.download(nbytes), args.repeats))
+    return [push, pull]
+
+
+def _line(case: str, nbytes: int, seconds: float, ceiling_seconds: float) -> dict:
+    rate = nbytes / seconds / 1e9
+    ceiling = nbytes / ceiling_seconds / 1e9
+    return {"case": case, "bytes": nbytes, "seconds": round(seconds, 6), "gb_per_s": round(rate, 4),
+            "ceiling_gb_per_s": round(ceiling, 4), "fraction_of_ceiling": round(rate / ceiling, 4)}
+
+
+def _best(measure, repeats: int) -> float:
+    return min(measure() for _ in range(repeats))
+
+
+# ----- the ceiling: raw bytes, 1 MiB per message, no protobuf ------------------------------------
+
+def _start_bare_server():
+    from gradserve.client import CHANNEL_OPTIONS
+
+    def upload(chunks, context):
+        return sum(len(chunk) for chunk in chunks).to_bytes(8, "little")
+
+    payload = bytes(MIB)
+
+    def download(request, context):
+        remaining = int.from_bytes(request, "little")
+        while remaining > 0:
+            piece = payload if remaining >= MIB else payload[:remaining]
+            remaining -= len(piece)
+            yield piece
+
+    handler = grpc.method_handlers_generic_handler(BARE_SERVICE, {
+        "Upload": grpc.stream_unary_rpc_method_handler(upload),
+        "Download": grpc.unary_stream_rpc_method_handler(download),
+    })
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=CHANNEL_OPTIONS)
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+class _BareClient:
+    def __init__(self, target: str):
+        from gradserve.client import CHANNEL_OPTIONS
+
+        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._upload = self._channel.stream_unary(f"/{BARE_SERVICE}/Upload")
+        self._download = self._channel.unary_stream(f"/{BARE_SERVICE}/Download")
+
+    def upload(self, nbytes: int) -> float:
+        """Seconds to send `nbytes` (slices of an array, as the SDK sends tensors)."""
+        source = memoryview(np.zeros(nbytes, np.uint8))
+        started = time.perf_counter()
+        chunks = (source[offset: offset + MIB].tobytes() for offset in range(0, nbytes, MIB))
+        received = int.from_bytes(self._upload(chunks, timeout=600), "little")
+        assert received == nbytes
+        return time.perf_counter() - started
+
+    def download(self, nbytes: int) -> float:
+        """Seconds to receive `nbytes` into a preallocated buffer (as the SDK reassembles)."""
+        target = np.empty(nbytes, np.uint8)
+        started = time.perf_counter()
+        offset = 0
+        for chunk in self._download(nbytes.to_bytes(8, "little"), timeout=600):
+            target[offset: offset + len(chunk)] = np.frombuffer(chunk, np.uint8)
+            offset += len(chunk)
+        assert offset == nbytes
+        return time.perf_counter() - started
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self._channel.close()
