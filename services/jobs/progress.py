@@ -6,6 +6,7 @@ line, and a log file full of carriage returns helps nobody.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -28,7 +29,7 @@ class EpochProgress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=done_steps, desc=f"epoch {epoch + 1}/{epochs}",
-                            unit="step", file=stream, leave=True, dynamic_ncols=True)
+                            unit="step", file=stream, leave=True, **_screen(stream))
 
     def advance(self, samples: int, loss: float) -> None:
         self.samples += samples
@@ -43,3 +44,13 @@ class EpochProgress:
             if summary:
                 self.bar.set_postfix_str(f"{self.postfix} {summary}".strip(), refresh=False)
             self.bar.close()
+
+
+def _screen(stream) -> dict:
+    """The terminal's size for tqdm. Pseudo-terminals that report 0x0 (some CI runners, `script`)
+    get 100x24: with 0 rows tqdm hides the bar as if it were scrolled off the screen."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        size = os.terminal_size((0, 0))
+    return {"ncols": size.columns if size.columns > 0 else 100, "nrows": size.lines if size.lines > 0 else 24}

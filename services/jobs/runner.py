@@ -48,6 +48,8 @@ def run_job(prepared: PreparedJob, *, resume: bool = False, progress: bool | Non
     started = time.perf_counter()
     store = CheckpointStore(job.checkpoint.dir) if job.checkpoint.dir is not None else None
     record = store.latest(prepared.fingerprint()) if (resume and store is not None) else None
+    if store is not None and not resume:
+        store.clear()
     if resume and record is None:
         print(f"gradserve train: no checkpoint in {job.checkpoint.dir}; starting at step 0", file=log)
     first_step = record.step if record is not None else 0
@@ -82,7 +84,7 @@ def run_job(prepared: PreparedJob, *, resume: bool = False, progress: bool | Non
     }
     if "accuracy" in final and prepared.dataset.task == "classification":
         summary["test_accuracy"] = final["accuracy"]
-    summary["samples_per_s"] = loop.samples / loop.step_seconds if loop.step_seconds > 0 else 0.0
+    summary["samples_per_s"] = round(loop.samples / loop.step_seconds, 1) if loop.step_seconds > 0 else 0.0
     summary["wall_s"] = round(time.perf_counter() - started, 3)
     return summary
 

@@ -105,6 +105,15 @@ class CheckpointStore:
             return record
         return None
 
+    def clear(self) -> None:
+        """Delete this store's checkpoints (a fresh run supersedes them: a later --resume must not
+        pick up an older run's higher-numbered step). Other files in the folder are left alone."""
+        if not self.folder.is_dir():
+            return
+        for path in self.folder.iterdir():
+            if re.match(r"^step-\d{8,}\.(json|npz)$", path.name):
+                path.unlink(missing_ok=True)
+
     def _records(self) -> list[tuple[int, Path]]:
         if not self.folder.is_dir():
             return []
