@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -27,7 +28,8 @@ def register(subparsers) -> None:
     auth.add_argument("--no-auth", action="store_true", help="accept every caller (local use only)")
     parser.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key)")
     parser.add_argument("--tls-key", help="PEM private key (with --tls-cert)")
-    parser.add_argument("--checkpoint-dir", help="where session checkpoints are written")
+    parser.add_argument("--checkpoint-dir", default=os.environ.get("GRADSERVE_CHECKPOINT_DIR"),
+                        help="where session checkpoints are written (default: $GRADSERVE_CHECKPOINT_DIR)")
     parser.add_argument("--max-concurrent-calls", type=int, default=64)
     parser.add_argument("--grace-s", type=float, default=30.0, help="time in-flight calls get on SIGTERM")
     parser.set_defaults(func=run)
