@@ -34,11 +34,12 @@ class PreparedJob:
         return self.job.train.epochs * self.order.steps_per_epoch
 
     def fingerprint(self) -> str:
-        """What a checkpoint must agree with to be resumed: the same model, data and batch order.
-        Epochs may differ (a resumed job may train longer); the learning-rate schedule is part of the
-        optimizer state restored from the checkpoint."""
+        """What a checkpoint must agree with to be resumed: the same model, data, batch order and
+        optimizer. Epochs may differ (a resumed job may train longer) unless a schedule's length
+        was derived from them: the restored session keeps the schedule it was saved with."""
         identity = {
             "spec": self.spec,
+            "optimizer": self.optimizer,
             "data": [self.dataset.source, len(self.split.x_train), len(self.split.x_test)],
             "test_fraction": self.job.dataset.test_fraction,
             "batch_size": self.order.batch_size,

@@ -98,7 +98,7 @@ class CheckpointStore:
                 continue
             if record.fingerprint != fingerprint:
                 raise CheckpointMismatch(
-                    f"{path} was written by a different job (model, data, batch size or seed differ); "
+                    f"{path} was written by a different job (model, data, batch size, seed or optimizer differ); "
                     "use another checkpoint.dir or drop --resume",
                     field="checkpoint.dir",
                 )
