@@ -5,18 +5,19 @@ from __future__ import annotations
 import collections
 import itertools
 import time
+import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 
-from gradserve.v1 import model_pb2, service_pb2, service_pb2_grpc
+from gradserve.v1 import model_pb2, service_pb2
 
 from .codec import TensorFormatError
 from .errors import GradserveError, InvalidArgument, Unavailable, from_rpc_error
 from .spec import SpecFormatError, optimizer_to_proto, spec_to_proto
-from .transfer import DEFAULT_MAX_REQUEST_BYTES, MAX_MESSAGE_BYTES, OutgoingTensors, read_messages
+from .transfer import DEFAULT_MAX_REQUEST_BYTES, MAX_MESSAGE_BYTES, OutgoingTensors, read_messages, rpc_codecs
 
 __all__ = ["Client", "Gradients", "StepResult", "SessionInfo", "Checkpoint", "CHANNEL_OPTIONS"]
 
@@ -93,7 +94,7 @@ class Client:
             roots = None if tls is True else tls
             credentials = grpc.ssl_channel_credentials(root_certificates=roots)
             self._channel = grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
-        self._stub = service_pb2_grpc.GradserveStub(self._channel)
+        self._stub = _stub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout
         self.retries = retries
@@ -136,7 +137,7 @@ class Client:
         wrap = service_pb2.ComputeGradientsRequest
 
         def attempt(deadline_s: float) -> Gradients:
-            requests = itertools.chain([wrap(header=header)], outgoing.chunks(wrap))
+            requests = itertools.chain([wrap(header=header)], outgoing.chunks())
             responses = self._stub.ComputeGradients(requests, timeout=deadline_s, metadata=self._metadata)
             result, arrays = _single(responses)
             gradients = {name[len(GRADIENTS):]: value for name, value in arrays.items()}
@@ -189,7 +190,7 @@ class Client:
         wrap = service_pb2.CreateSessionRequest
         requests = itertools.chain(
             [wrap(header=service_pb2.CreateSessionHeader(config=config, tensors=outgoing.entries))],
-            outgoing.chunks(wrap),
+            outgoing.chunks(),
         )
         # Not retried: after UNAVAILABLE the first attempt may have created a session already.
         try:
@@ -308,6 +309,22 @@ class Client:
         return self._claim_step_id(session_id, step_id), x, y
 
 
+def _stub(channel: grpc.Channel) -> types.SimpleNamespace:
+    """The service's methods on `channel`, like the generated stub but with chunk messages framed
+    by hand (transfer.rpc_codecs): the bytes of a large tensor are copied once on each side."""
+    kinds = {
+        (False, False): channel.unary_unary,
+        (False, True): channel.unary_stream,
+        (True, False): channel.stream_unary,
+        (True, True): channel.stream_stream,
+    }
+    return types.SimpleNamespace(**{
+        name: kinds[rpc.request_streaming, rpc.response_streaming](
+            rpc.path, request_serializer=rpc.request_serializer, response_deserializer=rpc.response_deserializer)
+        for name, rpc in rpc_codecs(service_pb2.DESCRIPTOR.services_by_name["Gradserve"]).items()
+    })
+
+
 def _record(steps: Iterator[tuple], unanswered: collections.deque) -> Iterator[tuple]:
     for step in steps:
         unanswered.append(step)
@@ -339,7 +356,7 @@ def _step_messages(session_id: str, step_id: int, x, y) -> list:
     outgoing = _outgoing({"batch.x": x, "batch.y": y})
     header = service_pb2.StepHeader(session_id=session_id, step_id=step_id, tensors=outgoing.entries)
     wrap = service_pb2.StepRequest
-    return [wrap(header=header), *outgoing.chunks(wrap)]
+    return [wrap(header=header), *outgoing.chunks()]
 
 
 def _step_result(reply: service_pb2.StepResponse) -> StepResult:

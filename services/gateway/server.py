@@ -10,8 +10,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gradserve.client import CHANNEL_OPTIONS
-from gradserve.transfer import DEFAULT_MAX_REQUEST_BYTES
-from gradserve.v1 import service_pb2, service_pb2_grpc
+from gradserve.transfer import DEFAULT_MAX_REQUEST_BYTES, rpc_codecs
+from gradserve.v1 import service_pb2
 
 from .auth import AuthInterceptor, Authenticator
 from .observe import MetricsInterceptor
@@ -22,7 +22,8 @@ __all__ = ["GatewayServer", "create_server", "SERVICE_NAME"]
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["Gradserve"].full_name
+SERVICE = service_pb2.DESCRIPTOR.services_by_name["Gradserve"]
+SERVICE_NAME = SERVICE.full_name
 
 
 class GatewayServer:
@@ -74,9 +75,7 @@ def create_server(
         maximum_concurrent_rpcs=max_concurrent_calls,
     )
     registry = SessionRegistry(executor, checkpoint_dir=checkpoint_dir, limits=limits)
-    service_pb2_grpc.add_GradserveServicer_to_server(
-        GradserveServicer(executor, registry, authenticator, max_request_bytes), server
-    )
+    _add_servicer(GradserveServicer(executor, registry, authenticator, max_request_bytes), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -95,3 +94,24 @@ def create_server(
     log.info("gateway listening on %s:%d (auth %s, tls %s)", host, bound_port,
              "on" if authenticator.enabled else "off", "on" if tls else "off")
     return GatewayServer(server, health_servicer, registry), bound_port
+
+
+def _add_servicer(servicer: GradserveServicer, server: grpc.Server) -> None:
+    """What the generated add_GradserveServicer_to_server does, but with the (de)serializers of
+    transfer.rpc_codecs: chunk messages framed by hand, one copy of their bytes per side."""
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers = {
+        name: kinds[rpc.request_streaming, rpc.response_streaming](
+            getattr(servicer, name),
+            request_deserializer=rpc.request_deserializer,
+            response_serializer=rpc.response_serializer,
+        )
+        for name, rpc in rpc_codecs(SERVICE).items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)

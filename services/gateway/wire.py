@@ -69,11 +69,12 @@ def group(arrays: Mapping[str, np.ndarray], prefixes: tuple[str, ...], exact: tu
 
 
 def send(header, arrays: Mapping[str, np.ndarray], wrap: Callable[..., object]) -> Iterator:
-    """The reply stream: `wrap(header=header)` carrying the descriptors, then the chunks."""
+    """The reply stream: `wrap(header=header)` carrying the descriptors, then the chunks (as
+    `Chunk` views, which the method's PartCodec frames; see server.py)."""
     outgoing = OutgoingTensors(arrays)
     header.tensors.extend(outgoing.entries)
     yield wrap(header=header)
-    yield from outgoing.chunks(wrap)
+    yield from outgoing.chunks()
 
 
 def trainer_config(config: service_pb2.SessionConfig, *, default_workers: int) -> TrainerConfig:
