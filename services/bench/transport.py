@@ -8,7 +8,10 @@ layout (client and server in this process), for the same byte counts and directi
 transfer (and like the SDK), its sender slices the bytes out of an array and its receiver copies
 them into a preallocated buffer: one copy each side, no more.
 Each number is the best of `--repeats` runs: the machine is shared, and the best run is the one
-least disturbed by other work.
+least disturbed by other work. Every run of a case is followed by a run of its ceiling, so load
+that comes and goes falls on both alike. Work the service does besides transport (compute for
+ComputeGradients; validating and copying parameters into a trainer for a push; snapshotting them
+for a pull) is measured and subtracted, and reported in the line.
 """
 
 from __future__ import annotations
@@ -67,16 +70,17 @@ def _compute_gradients_case(client, bare, executor, spec, args) -> dict:
     y = (np.arange(args.batch) % 10).astype(np.int64)
     bytes_in = sum(p.nbytes for p in params.values()) + x.nbytes + y.nbytes
     bytes_out = sum(p.nbytes for p in params.values())
-    transfer, compute = [], []
-    for _ in range(args.repeats):
+    transfer, compute, bare_seconds = [], [], []
+    for _ in range(args.repeats):  # interleaved with the ceiling, so both see the same load
         started = time.perf_counter()
         result = client.compute_gradients(spec, params, x, y)
         elapsed = time.perf_counter() - started
         compute_s = result.timings_ms["total"] / 1e3
         transfer.append(elapsed - compute_s)
         compute.append(compute_s)
+        bare_seconds.append(bare.upload(bytes_in) + bare.download(bytes_out))
     best = int(np.argmin(transfer))
-    ceiling = _best(lambda: bare.upload(bytes_in) + bare.download(bytes_out), args.repeats)
+    ceiling = min(bare_seconds)
     line = _line("compute_gradients_784-1024-1024-10", bytes_in + bytes_out, transfer[best], ceiling)
     line["compute_seconds"] = round(compute[best], 6)
     return line
@@ -93,33 +97,49 @@ def _model_cases(client, bare, executor, args) -> list[dict]:
     params = {"dense.weight": np.random.default_rng(0).standard_normal((features, features), dtype=np.float32)}
     nbytes = params["dense.weight"].nbytes
 
-    # The service validates and copies pushed parameters into a trainer: measured here in process
-    # and subtracted, so the push number is the transport alone.
-    def server_side_work() -> float:
+    # Work the service does besides moving bytes, measured here in process and subtracted so the
+    # numbers are the transport alone: a push validates the parameters and copies them into a
+    # trainer; a pull snapshots the trainer's parameters (a copy the caller owns).
+    def push_server_work() -> float:
         started = time.perf_counter()
         Model(spec).validate_parameters(params)
         executor.create_trainer(TrainerConfig(spec, num_workers=1), params).close()
         return time.perf_counter() - started
 
-    server_s = min(server_side_work() for _ in range(args.repeats))
-    push_times, sessions = [], []
-    for _ in range(args.repeats):
+    trainer = executor.create_trainer(TrainerConfig(spec, num_workers=1), params)
+
+    def pull_server_work() -> float:
+        started = time.perf_counter()
+        trainer.parameters()
+        return time.perf_counter() - started
+
+    push_server, push_times, bare_up, sessions = [], [], [], []
+    for _ in range(args.repeats):  # each run next to its ceiling run, so both see the same load
+        push_server.append(push_server_work())
         started = time.perf_counter()
         sessions.append(client.create_session(spec, params, num_workers=1))
-        push_times.append(time.perf_counter() - started - server_s)
+        push_times.append(time.perf_counter() - started)
+        bare_up.append(bare.upload(nbytes))
         if len(sessions) > 1:
             client.close_session(sessions.pop(0))
-    pull_times = []
+    pull_server, pull_times, bare_down = [], [], []
     for _ in range(args.repeats):
+        pull_server.append(pull_server_work())
         started = time.perf_counter()
         client.pull_parameters(sessions[-1])
         pull_times.append(time.perf_counter() - started)
+        bare_down.append(bare.download(nbytes))
     client.close_session(sessions[-1])
+    trainer.close()
     label = f"{features * features / 1e6:.0f}M_float32"
-    push = _line(f"push_{label}", nbytes, min(push_times), _best(lambda: bare.upload(nbytes), args.repeats))
-    push["server_seconds_subtracted"] = round(server_s, 6)
-    pull = _line(f"pull_{label}", nbytes, min(pull_times), _best(lambda: bare.download(nbytes), args.repeats))
-    return [push, pull]
+    lines = []
+    for case, times, server, ceiling in (("push", push_times, push_server, bare_up),
+                                         ("pull", pull_times, pull_server, bare_down)):
+        server_s = min(server)
+        line = _line(f"{case}_{label}", nbytes, min(times) - server_s, min(ceiling))
+        line["server_seconds_subtracted"] = round(server_s, 6)
+        lines.append(line)
+    return lines
 
 
 def _line(case: str, nbytes: int, seconds: float, ceiling_seconds: float) -> dict:
@@ -127,10 +147,6 @@ def _line(case: str, nbytes: int, seconds: float, ceiling_seconds: float) -> dic
     ceiling = nbytes / ceiling_seconds / 1e9
     return {"case": case, "bytes": nbytes, "seconds": round(seconds, 6), "gb_per_s": round(rate, 4),
             "ceiling_gb_per_s": round(ceiling, 4), "fraction_of_ceiling": round(rate / ceiling, 4)}
-
-
-def _best(measure, repeats: int) -> float:
-    return min(measure() for _ in range(repeats))
 
 
 # ----- the ceiling: raw bytes, 1 MiB per message, no protobuf ------------------------------------
