@@ -64,8 +64,7 @@ class Chunk(NamedTuple):
         return wrap(chunk=tensor_pb2.TensorChunk(index=self.index, offset=self.offset, data=bytes(self.data)))
 
     def ByteSize(self) -> int:  # noqa: N802 - the protobuf message method, for byte counters
-        head, _ = _chunk_frame_head(self)
-        return len(head) + len(self.data)
+        return len(_chunk_frame_head(self)) + len(self.data)
 
 
 class OutgoingTensors:
@@ -241,9 +240,9 @@ def _read_varint(raw: bytes, pos: int) -> tuple[int, int]:
             raise ValueError("varint longer than 10 bytes")
 
 
-def _chunk_frame_head(chunk: Chunk) -> tuple[bytes, int]:
-    """(frame bytes before the data, data length). Field order and omitted zero fields are those
-    of protobuf's own serializer, which is what makes the frames byte-identical to it."""
+def _chunk_frame_head(chunk: Chunk) -> bytes:
+    """The frame's bytes before the data. Field order and omitted zero fields are those of
+    protobuf's own serializer, which is what makes the frames byte-identical to it."""
     fields = bytearray()
     if chunk.index:
         fields += _varint(_INDEX_KEY) + _varint(chunk.index)
@@ -252,14 +251,13 @@ def _chunk_frame_head(chunk: Chunk) -> tuple[bytes, int]:
     size = len(chunk.data)
     if size:
         fields += _varint(_DATA_KEY) + _varint(size)
-    return _varint(_PART_CHUNK_KEY) + _varint(len(fields) + size) + bytes(fields), size
+    return _varint(_PART_CHUNK_KEY) + _varint(len(fields) + size) + bytes(fields)
 
 
 def encode_chunk_frame(chunk: Chunk) -> bytes:
     """The wire bytes of `wrap(chunk=TensorChunk(index, offset, data))` for any `part` message
     type, equal to protobuf's SerializeToString; the data is copied once, into the result."""
-    head, _ = _chunk_frame_head(chunk)
-    return b"".join((head, chunk.data))
+    return b"".join((_chunk_frame_head(chunk), chunk.data))
 
 
 def decode_chunk_frame(raw: bytes) -> Chunk | None:
