@@ -11,36 +11,31 @@ import json
 import os
 import tempfile
 import zipfile
-from typing import Mapping
+from contextlib import contextmanager
+from typing import BinaryIO, Iterator, Mapping
 
 import numpy as np
 
 from gradserve_services.errors import InvalidArgument, NotFound
 
-__all__ = ["save_checkpoint", "load_checkpoint"]
+__all__ = ["save_checkpoint", "load_checkpoint", "atomic_file"]
 
 META_MEMBER = "meta.json"
 ARRAY_SUFFIX = ".npy"
 
 
-def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], meta: Mapping) -> None:
-    """Write `arrays` and `meta` to `path` atomically: readers see the old file or the new one."""
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Open a binary file that appears at `path` only once the block succeeds: written to a temporary
+    file in the same directory, fsynced, renamed over `path`, then the directory fsynced so the rename
+    survives a crash too. On failure the temporary file is removed and `path` is untouched."""
     path = os.fspath(path)
-    meta_json = json.dumps(meta, sort_keys=True)  # fails early (TypeError) on non-JSON meta
     directory = os.path.dirname(os.path.abspath(path))
-    descriptor, temporary = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=directory)
+    os.makedirs(directory, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(descriptor, "wb") as handle:
-            with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED,
-                                 allowZip64=True) as archive:
-                for name, value in arrays.items():
-                    _check_name(name)
-                    value = np.asarray(value)
-                    if value.dtype.hasobject:
-                        raise InvalidArgument("object arrays cannot be checkpointed", name)
-                    with archive.open(name + ARRAY_SUFFIX, "w", force_zip64=True) as member:
-                        np.lib.format.write_array(member, value, allow_pickle=False)
-                archive.writestr(META_MEMBER, meta_json)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
@@ -49,6 +44,22 @@ def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], m
             os.unlink(temporary)
         raise
     _fsync_directory(directory)
+
+
+def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], meta: Mapping) -> None:
+    """Write `arrays` and `meta` to `path` atomically: readers see the old file or the new one."""
+    path = os.fspath(path)
+    meta_json = json.dumps(meta, sort_keys=True)  # fails early (TypeError) on non-JSON meta
+    with atomic_file(path) as handle:
+        with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for name, value in arrays.items():
+                _check_name(name)
+                value = np.asarray(value)
+                if value.dtype.hasobject:
+                    raise InvalidArgument("object arrays cannot be checkpointed", name)
+                with archive.open(name + ARRAY_SUFFIX, "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, value, allow_pickle=False)
+            archive.writestr(META_MEMBER, meta_json)
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:

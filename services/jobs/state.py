@@ -21,10 +21,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from gradserve_services.checkpoint import atomic_file
 from gradserve_services.errors import InvalidArgument
 
 __all__ = ["CheckpointMismatch", "JobRecord", "CheckpointStore", "RECORD_FORMAT"]
@@ -135,15 +135,5 @@ class CheckpointStore:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    with atomic_file(path) as handle:
+        handle.write(data)
