@@ -75,6 +75,9 @@ def create_server(
         maximum_concurrent_rpcs=max_concurrent_calls,
     )
     registry = SessionRegistry(executor, checkpoint_dir=checkpoint_dir, limits=limits)
+    recovered = registry.recover()  # sessions of an earlier gateway on the same checkpoint dir
+    if recovered:
+        log.info("recovered %d sessions from %s", recovered, checkpoint_dir)
     _add_servicer(GradserveServicer(executor, registry, authenticator, max_request_bytes), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -19,7 +19,7 @@ from gradserve_services.errors import DeadlineExceeded, GradserveError, InvalidA
 
 from . import wire
 from .auth import Authenticator
-from .sessions import SessionRegistry
+from .sessions import SessionRegistry, activation_features, check_activations
 from .status import abort_internal, abort_with
 
 __all__ = ["GradserveServicer"]
@@ -85,9 +85,12 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
         header, arrays = wire.read_one(request_iterator, self._max_bytes)
         tensors = wire.group(arrays, (wire.PARAMETERS, wire.TANGENT), exact=wire.BATCH)
         _require(tensors, wire.BATCH)
+        spec = spec_from_proto(header.model)
+        check_activations(activation_features(spec), tensors["batch.x"], header.micro_batch_size,
+                          self._sessions.limits.activation_elements_per_call)
         _check_deadline(context)
         result = self._executor.compute_gradients(
-            spec_from_proto(header.model),
+            spec,
             tensors[wire.PARAMETERS],
             tensors["batch.x"],
             tensors["batch.y"],

@@ -2,11 +2,23 @@
 
 A session id is `secrets.token_urlsafe` (unguessable); a session is visible to its owner only: any
 other identity gets NotFound, exactly as for an id that never existed, so ids cannot be probed.
+
+Recovery. With a checkpoint directory, every session folder holds a manifest (`session.json`: owner,
+creation time, checkpoint policy, the checkpoint the session's state is based on, closed or not),
+rewritten atomically whenever that changes. A gateway started on the same directory brings back
+every open session from its manifest's checkpoint (`recover`), owner and step log included, so a
+retried step id gets its recorded answer. A session that checkpoints every N steps also keeps the
+batches of the steps since its last checkpoint (at most N) in memory: when a parameter-server actor
+dies, the session is restored from that checkpoint and those steps are replayed with their own step
+ids before the failed call runs again, so no update is lost and none is applied twice.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
+import math
 import os
 import re
 import secrets
@@ -17,21 +29,29 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from gradserve_services import metrics
-from gradserve_services.checkpoint import load_checkpoint, save_checkpoint
+from gradserve_services.checkpoint import atomic_file, load_checkpoint, save_checkpoint
 from gradserve_services.cluster import StepResult, TrainerConfig
 from gradserve_services.engine import Model
+from gradserve_services.engine.spec import parse_spec
 from gradserve_services.errors import (
     DeadlineExceeded,
     FailedPrecondition,
+    GradserveError,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unavailable,
 )
 
-__all__ = ["Session", "SessionRegistry", "SessionLimits"]
+__all__ = ["Session", "SessionRegistry", "SessionLimits", "activation_features", "check_activations"]
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = re.compile(r"^v\d{12}\.npz$")
+SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{32}$")  # secrets.token_urlsafe(24)
+MANIFEST = "session.json"
 STEP_TIME_SMOOTHING = 0.3  # weight of the newest step in the running step-time estimate
+LOST_SERVER_FIELD = "parameter_server"  # the field of the cluster's Unavailable for a lost server
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +59,12 @@ class SessionLimits:
     sessions_per_owner: int = 16
     workers_per_session: int = 16
     ps_shards_per_session: int = 16
+    # Parameters (plus as much optimizer state) a session may hold, in bytes; a CreateSession that
+    # initialises from a seed would otherwise allocate whatever size a spec declares.
+    parameter_bytes_per_session: int = 2 << 30
+    # Activations one call may hold at once: rows (or micro-batch rows) x the features of every
+    # node. A batch small on the wire can otherwise ask for any amount of memory through wide layers.
+    activation_elements_per_call: int = 1 << 28
 
 
 @dataclasses.dataclass(eq=False)
@@ -53,6 +79,14 @@ class Session:
     steps: int = 0  # steps handled, duplicates excluded
     step_seconds: float = 0.0  # running estimate of one step's wall time
     closed: bool = False
+    # The checkpoint the session's state builds on (last saved or restored) and the steps applied
+    # since, (step_id, x, y) in order: what a lost parameter server is rebuilt from.
+    base_checkpoint: str | None = None
+    replay: list = dataclasses.field(default_factory=list)
+    features_per_row: int = 0  # activation elements per batch row (see check_activations)
+
+    def __post_init__(self):
+        self.features_per_row = activation_features(self.config.spec)
 
     @property
     def version(self) -> int:
@@ -84,16 +118,72 @@ class SessionRegistry:
         if params:
             model.validate_parameters(params)
         else:
+            self._check_parameter_bytes(model, init_dtype or "float32")
             params = model.init_parameters(seed=init_seed, dtype=init_dtype or "float32")
         trainer = self._executor.create_trainer(config, params)
         session = Session(secrets.token_urlsafe(24), owner, trainer, config, checkpoint_every_steps, time.time())
+        try:
+            if checkpoint_every_steps:
+                self._save(session)  # version 0: a lost parameter server can be rebuilt from step 1 on
+            self._add(session)
+        except BaseException:
+            trainer.close()
+            raise
+        return session
+
+    def _add(self, session: Session) -> None:
         with self._lock:
-            if self._owned_count(owner) >= self.limits.sessions_per_owner:
-                trainer.close()
+            if self._owned_count(session.owner) >= self.limits.sessions_per_owner:
                 raise ResourceExhausted(f"at most {self.limits.sessions_per_owner} sessions per caller", "sessions")
             self._sessions[session.session_id] = session
             metrics.set_active_sessions(len(self._sessions))
-        return session
+
+    def recover(self) -> int:
+        """Bring back every open session found in the checkpoint directory (a gateway restart);
+        returns how many. A session that cannot be restored is logged and left on disk."""
+        if self._checkpoint_dir is None or not os.path.isdir(self._checkpoint_dir):
+            return 0
+        recovered = 0
+        for session_id in sorted(os.listdir(self._checkpoint_dir)):
+            if not SESSION_ID.match(session_id):
+                continue
+            try:
+                recovered += self._recover_one(session_id)
+            except (GradserveError, OSError, ValueError, KeyError, TypeError) as error:
+                log.warning("session %s not recovered: %s", session_id, error)
+        return recovered
+
+    def _recover_one(self, session_id: str) -> int:
+        directory = os.path.join(self._checkpoint_dir, session_id)
+        manifest = _read_manifest(directory)
+        if manifest is None or manifest.get("closed") or not manifest.get("checkpoint"):
+            return 0
+        name = manifest["checkpoint"]
+        if not CHECKPOINT_NAME.match(name) or manifest.get("session_id") != session_id:
+            raise InvalidArgument("manifest names no checkpoint of this session", MANIFEST)
+        with self._lock:
+            if session_id in self._sessions:
+                return 0
+        arrays, meta = load_checkpoint(os.path.join(directory, name))
+        saved = meta["session"]
+        config = TrainerConfig(spec=saved["spec"], optimizer=saved["optimizer"], **saved["config"]).validated()
+        model = Model(config.spec)
+        params = {name: arrays[f"param/{name}"] for name in model.parameter_shapes()}
+        trainer = self._executor.create_trainer(config, params)
+        try:
+            trainer.restore(arrays, meta)
+            session = Session(session_id, manifest["owner"], trainer, config,
+                              int(manifest.get("checkpoint_every_steps", 0)),
+                              float(manifest.get("created_unix_s", time.time())),
+                              steps=int(meta.get("steps_run", 0)), base_checkpoint=name)
+            with self._lock:  # owners' limits were checked when the sessions were created
+                self._sessions[session_id] = session
+                metrics.set_active_sessions(len(self._sessions))
+        except BaseException:
+            trainer.close()
+            raise
+        log.info("recovered session %s of %s at version %d", session_id, session.owner, session.version)
+        return 1
 
     def get(self, owner: str, session_id: str) -> Session:
         with self._lock:
@@ -117,13 +207,15 @@ class SessionRegistry:
             session.closed = True
             version = session.version
             session.trainer.close()
+            session.replay.clear()
+            self._write_manifest(session)  # a closed session does not come back after a restart
         return version
 
     def close_all(self) -> None:
         with self._lock:
             sessions, self._sessions = list(self._sessions.values()), {}
             metrics.set_active_sessions(0)
-        for session in sessions:
+        for session in sessions:  # a shutdown, not a close: their manifests stay open for `recover`
             with session.lock:
                 session.closed = True
                 session.trainer.close()
@@ -136,6 +228,8 @@ class SessionRegistry:
         applied after its caller gave up on it."""
         if step_id < 1:
             raise InvalidArgument("step ids start at 1", "step_id")
+        check_activations(session.features_per_row, x, session.config.micro_batch_size,
+                          self.limits.activation_elements_per_call)
         with session.lock:
             self._check_open(session)
             remaining = seconds_left()
@@ -145,7 +239,7 @@ class SessionRegistry:
                     "deadline",
                 )
             started = time.perf_counter()
-            result = session.trainer.step(step_id, x, y)
+            result = self._recovering(session, lambda: session.trainer.step(step_id, x, y))
             elapsed = time.perf_counter() - started
             record_step_metrics(result, elapsed)
             if not result.duplicate:
@@ -153,19 +247,21 @@ class SessionRegistry:
                 session.step_seconds = elapsed if session.steps == 1 else (
                     STEP_TIME_SMOOTHING * elapsed + (1 - STEP_TIME_SMOOTHING) * session.step_seconds)
                 every = session.checkpoint_every_steps
-                if every and result.applied and session.steps % every == 0:
-                    self._save(session)
+                if every:
+                    session.replay.append((step_id, x, y))
+                    if result.applied and session.steps % every == 0:
+                        self._save(session)
         return result
 
     def parameters(self, session: Session) -> tuple[int, dict[str, np.ndarray]]:
         with session.lock:
             self._check_open(session)
-            return session.trainer.parameters()
+            return self._recovering(session, session.trainer.parameters)
 
     def save_checkpoint(self, session: Session) -> tuple[str, int]:
         with session.lock:
             self._check_open(session)
-            return self._save(session)
+            return self._recovering(session, lambda: self._save(session))
 
     def restore_checkpoint(self, session: Session, name: str) -> tuple[str, int]:
         directory = self._session_dir(session)
@@ -182,6 +278,9 @@ class SessionRegistry:
             self._check_open(session)
             session.trainer.restore(arrays, meta)  # validates before changing anything
             session.steps = int(meta.get("steps_run", session.steps))
+            session.base_checkpoint = name
+            session.replay.clear()
+            self._write_manifest(session)
             return name, session.version
 
     # ----- helpers ------------------------------------------------------------------------------
@@ -199,7 +298,53 @@ class SessionRegistry:
         os.makedirs(directory, exist_ok=True)
         name = f"v{int(meta['version']):012d}.npz"
         save_checkpoint(os.path.join(directory, name), arrays, meta)
+        session.base_checkpoint = name
+        session.replay.clear()
+        self._write_manifest(session)
         return name, int(meta["version"])
+
+    def _write_manifest(self, session: Session) -> None:
+        """The session's manifest, replaced atomically (only where the session has a folder)."""
+        if self._checkpoint_dir is None:
+            return
+        directory = self._session_dir(session)
+        if not os.path.isdir(directory):
+            return
+        manifest = {"session_id": session.session_id, "owner": session.owner,
+                    "created_unix_s": session.created_unix_s,
+                    "checkpoint_every_steps": session.checkpoint_every_steps,
+                    "checkpoint": session.base_checkpoint, "closed": session.closed}
+        with atomic_file(os.path.join(directory, MANIFEST)) as handle:
+            handle.write(json.dumps(manifest, sort_keys=True).encode())
+
+    def _recovering(self, session: Session, operation: Callable):
+        """Run `operation` (with the session's lock held); if a parameter server was lost, rebuild
+        the session from its base checkpoint plus the steps since, then run it once more."""
+        try:
+            return operation()
+        except Unavailable as error:
+            if error.field != LOST_SERVER_FIELD:
+                raise
+            if session.base_checkpoint is None or not session.checkpoint_every_steps:
+                # Without a checkpoint policy the steps since the last checkpoint were not kept:
+                # restoring alone would silently drop them. The caller decides (RestoreCheckpoint).
+                raise Unavailable(f"{error.message}; this session keeps no automatic checkpoints "
+                                  "(checkpoint_every_steps): restore one of its checkpoints and resend "
+                                  "the steps after it", LOST_SERVER_FIELD) from None
+        log.warning("session %s lost a parameter server; restoring %s and replaying %d steps",
+                    session.session_id, session.base_checkpoint, len(session.replay))
+        arrays, meta = load_checkpoint(os.path.join(self._session_dir(session), session.base_checkpoint))
+        session.trainer.restore(arrays, meta)  # starts replacement servers for the lost ones
+        for step_id, x, y in session.replay:
+            session.trainer.step(step_id, x, y)  # the same ids and inputs: the same updates, once
+        return operation()
+
+    def _check_parameter_bytes(self, model: Model, dtype: str) -> None:
+        itemsize = 8 if dtype == "float64" else 4
+        total = sum(math.prod(shape) for shape in model.parameter_shapes().values()) * itemsize
+        if total > self.limits.parameter_bytes_per_session:
+            raise ResourceExhausted(f"the model has {total} bytes of parameters; at most "
+                                    f"{self.limits.parameter_bytes_per_session} per session", "config.model")
 
     def _session_dir(self, session: Session) -> str:
         if self._checkpoint_dir is None:
@@ -228,6 +373,33 @@ class SessionRegistry:
     def _check_open(session: Session) -> None:
         if session.closed:
             raise NotFound(f"session {session.session_id!r} was closed", "session_id")
+
+
+def activation_features(spec) -> int:
+    """Activation elements one batch row makes: the input's and every node's features."""
+    graph = parse_spec(spec)  # SpecError names the node
+    return graph.input_features + sum(graph.widths[node.name] for node in graph.nodes)
+
+
+def check_activations(per_row: int, x, micro_batch_size, limit: int) -> None:
+    """ResourceExhausted if one pass over `x` would hold more than `limit` activation elements
+    (`per_row` from `activation_features`). An x that is not 2-D is left to the engine to reject."""
+    rows = x.shape[0] if getattr(x, "ndim", 0) == 2 else 0
+    if micro_batch_size:
+        rows = min(rows, int(micro_batch_size))
+    if rows * per_row > limit:
+        raise ResourceExhausted(f"{rows} rows x {per_row} features per row of activations exceed the "
+                                f"{limit} elements one call may hold; send smaller batches or set "
+                                "micro_batch_size", "batch.x")
+
+
+def _read_manifest(directory: str) -> dict | None:
+    try:
+        with open(os.path.join(directory, MANIFEST), encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except FileNotFoundError:
+        return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def record_step_metrics(result: StepResult, elapsed_s: float) -> None:

@@ -1,0 +1,165 @@
+"""What every fault case shares: the seeded training run, the audit of the server's own records,
+and finding the real processes of Ray actors.
+
+The audit reads what the service itself recorded, never what the client believes: a checkpoint of
+the session holds the parameter server's apply log (one report per update key, with the version it
+produced) and the final version. In sync mode each applied step bumps the version by exactly one,
+so `updates_lost` (steps with no applied record) and `updates_applied_twice` (versions beyond the
+distinct steps applied) are both read off that log.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import gradserve
+from gradserve import mlp
+from gradserve_services.checkpoint import load_checkpoint
+
+__all__ = [
+    "SPEC", "STEPS", "OPTIMIZER", "TOKEN", "batch", "train", "Audit", "audit", "actor_pids",
+    "wait_for_proctitle", "kill_pid", "assert_same_parameters",
+]
+
+# Large enough that a worker's shard takes a few hundred ms (a window to kill it mid-step), small
+# enough that a run of STEPS steps takes a couple of seconds. float64: equality is exact.
+SPEC = mlp(32, [256, 256], 8)
+ROWS = 4096
+STEPS = 8
+OPTIMIZER = {"name": "adam", "lr": 0.01}  # optimizer state must survive every fault too
+SEED = 11
+TOKEN = "faults-token-7c1d0e5b93a2"
+_MIXING = np.random.default_rng(99).standard_normal((32, 8))
+
+
+def batch(step_id: int):
+    rng = np.random.default_rng(1000 + step_id)
+    x = rng.standard_normal((ROWS, SPEC["input_features"]))
+    return x, np.argmax(x @ _MIXING, axis=1).astype(np.int64)
+
+
+def new_session(client: gradserve.Client, *, num_workers: int = 2, checkpoint_every_steps: int = 0) -> str:
+    return client.create_session(SPEC, optimizer=OPTIMIZER, seed=SEED, dtype="float64",
+                                 num_workers=num_workers, checkpoint_every_steps=checkpoint_every_steps)
+
+
+def train(client: gradserve.Client, session: str, *, fault_at: int | None = None, fault=None,
+          first: int = 1, last: int = STEPS) -> dict[int, gradserve.StepResult]:
+    """Steps first..last, one batch each, step id = step number. At `fault_at` the step runs in a
+    thread while `fault()` strikes; the step must still complete (the SDK retries UNAVAILABLE with
+    the same step id)."""
+    results = {}
+    for step_id in range(first, last + 1):
+        x, y = batch(step_id)
+        if step_id != fault_at:
+            results[step_id] = client.step(session, x, y, step_id=step_id)
+            continue
+        outcome: dict = {}
+
+        def run_step():
+            try:
+                outcome["result"] = client.step(session, x, y, step_id=step_id)
+            except BaseException as error:  # noqa: BLE001 - re-raised in the test thread
+                outcome["error"] = error
+
+        runner = threading.Thread(target=run_step)
+        runner.start()
+        fault()
+        runner.join(timeout=300)
+        assert not runner.is_alive(), f"step {step_id} did not finish after the fault"
+        if "error" in outcome:
+            raise outcome["error"]
+        results[step_id] = outcome["result"]
+    return results
+
+
+@dataclass
+class Audit:
+    version: int
+    updates_lost: int
+    updates_applied_twice: int
+    applied_versions: dict[int, int]  # step id -> version its update produced
+    parameters: dict[str, np.ndarray]
+
+
+def audit(client: gradserve.Client, session: str, checkpoint_dir: Path, steps: int = STEPS) -> Audit:
+    """The session's own records, from a checkpoint the service writes now."""
+    saved = client.save_checkpoint(session)
+    arrays, meta = load_checkpoint(checkpoint_dir / session / saved.name)
+    server_log = meta["table"]["log"]  # the parameter server's apply log (ps_shards=1)
+    applied = {int(key): report["version"] for key, report in server_log.items() if report["applied"]}
+    lost = sum(1 for step_id in range(1, steps + 1) if step_id not in applied)
+    twice = meta["version"] - len(applied)
+    parameters = {key[len("param/"):]: value for key, value in arrays.items() if key.startswith("param/")}
+    return Audit(meta["version"], lost, twice, applied, parameters)
+
+
+def assert_exactly_once(result: Audit, steps: int = STEPS) -> None:
+    assert result.updates_lost == 0
+    assert result.updates_applied_twice == 0
+    assert result.version == steps
+    # sync mode: step n's update produced version n, whatever happened in between
+    assert result.applied_versions == {step_id: step_id for step_id in range(1, steps + 1)}
+
+
+def assert_same_parameters(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+# ----- real processes ----------------------------------------------------------------------------
+
+def _proc_entries():
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            yield int(entry)
+
+
+def proctitle(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def session_id_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[3])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def actor_pids(actor_class: str, ray_sid: int) -> list[int]:
+    """Pids of the live Ray actor processes of `actor_class` started by the `ray start` whose
+    process-session id is `ray_sid` (a raylet's workers stay in its session)."""
+    return sorted(pid for pid in _proc_entries()
+                  if proctitle(pid).startswith(f"ray::{actor_class}") and session_id_of(pid) == ray_sid)
+
+
+def wait_for_proctitle(pids: list[int], fragment: str, timeout_s: float = 60.0) -> int:
+    """The first of `pids` whose title contains `fragment` (Ray titles an actor process
+    `ray::Class.method` while the method runs): how a test knows a step is in flight there."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for pid in pids:
+            if fragment in proctitle(pid):
+                return pid
+        time.sleep(0.002)
+    raise AssertionError(f"none of {pids} showed {fragment!r} within {timeout_s} s")
+
+
+def kill_pid(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and proctitle(pid):
+        time.sleep(0.02)

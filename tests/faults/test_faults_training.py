@@ -1,0 +1,263 @@
+"""Faults during training, with real processes only: a separate Ray cluster (`ray start`), the
+gateway as a `gradserve serve --ray-address` process, the SDK over real gRPC.
+
+Every case runs the same seeded sync training run (Adam, float64, 8 steps) with its fault, and
+compares with the same run without it: the final parameters are bitwise equal, and the service's
+own apply log shows no update lost and none applied twice.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import gradserve
+
+from tests.support.ray_cluster import start_cluster
+from tests.support.serve_process import start_serve
+from tests.support.tcp_proxy import CuttingProxy
+
+from .helpers import (
+    STEPS,
+    TOKEN,
+    actor_pids,
+    assert_exactly_once,
+    assert_same_parameters,
+    audit,
+    batch,
+    kill_pid,
+    new_session,
+    session_id_of,
+    train,
+    wait_for_proctitle,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+OTHER_TOKEN = "faults-other-token-41e9a7c2"
+
+
+class Gateway:
+    """The gateway process; `restart` kills it and starts a new one on the same port and folders."""
+
+    def __init__(self, cluster, work_dir: Path):
+        self.cluster = cluster
+        self.checkpoint_dir = work_dir / "checkpoints"
+        self.tokens = work_dir / "tokens"
+        self.tokens.write_text(f"trainer:{TOKEN}\nother:{OTHER_TOKEN}\n")
+        self.log_path = work_dir / "serve.log"
+        self.server = self._start(port=0)
+
+    def _start(self, port: int):
+        return start_serve(self.log_path, [
+            "--ray-address", self.cluster.address, "--workers", "2", "--auth-tokens-file", str(self.tokens),
+            "--checkpoint-dir", str(self.checkpoint_dir), "--grace-s", "5",
+        ], env=self.cluster.env, port=port)
+
+    @property
+    def target(self) -> str:
+        return self.server.target
+
+    def client(self, target: str | None = None, **options) -> gradserve.Client:
+        return gradserve.Client(target or self.target, token=TOKEN, timeout=120, **options)
+
+    def restart_after_kill(self) -> None:
+        port = self.server.serving["port"]
+        self.server.kill()
+        self.server = self._start(port=port)
+
+    def metric(self, name: str) -> float:
+        """Sum of a counter's samples on the current gateway's exporter."""
+        url = f"http://127.0.0.1:{self.server.serving['metrics_port']}/metrics"
+        body = urllib.request.urlopen(url, timeout=10).read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+                   if line.startswith(name) and not line.startswith("#"))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    cluster = start_cluster(num_cpus=2)  # exactly the gateway's two pool workers fit on the head
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def head_sid(cluster):
+    return cluster.nodes[0].pgid  # `ray start` leads its session; its raylet's workers stay in it
+
+
+@pytest.fixture(scope="module")
+def gateway(cluster, tmp_path_factory):
+    gateway = Gateway(cluster, tmp_path_factory.mktemp("faults"))
+    try:
+        yield gateway
+    finally:
+        gateway.server.stop()
+
+
+@pytest.fixture(scope="module")
+def fault_free(gateway):
+    """The run without any fault (2 workers), audited like the others."""
+    with gateway.client() as client:
+        session = new_session(client)
+        train(client, session)
+        result = audit(client, session, gateway.checkpoint_dir)
+        client.close_session(session)
+    assert_exactly_once(result)
+    return result
+
+
+def test_worker_process_sigkilled_mid_step(gateway, fault_free, head_sid):
+    failures_before = gateway.metric("gradserve_worker_failures_total")
+    with gateway.client() as client:
+        session = new_session(client)
+        workers = actor_pids("GradientWorker", head_sid)
+        assert len(workers) == 2, workers
+        killed = []
+
+        def kill_a_computing_worker():
+            pid = wait_for_proctitle(workers, "GradientWorker.compute")
+            kill_pid(pid)
+            killed.append(pid)
+
+        results = train(client, session, fault_at=4, fault=kill_a_computing_worker)
+        assert not results[4].duplicate and results[4].version == 4
+        result = audit(client, session, gateway.checkpoint_dir)
+        client.close_session(session)
+    assert killed and killed[0] not in actor_pids("GradientWorker", head_sid)
+    assert gateway.metric("gradserve_worker_failures_total") > failures_before  # the fault was real
+    assert_exactly_once(result)
+    assert_same_parameters(result.parameters, fault_free.parameters)
+
+
+def test_parameter_server_killed_session_restores_from_checkpoint(gateway, fault_free, head_sid):
+    with gateway.client() as client:
+        # Checkpoints after steps 3 and 6: the kill in step 5 restores version 3 and replays step 4.
+        session = new_session(client, checkpoint_every_steps=3)
+        servers = actor_pids("ParameterServer", head_sid)
+        assert len(servers) == 1, servers
+        workers = actor_pids("GradientWorker", head_sid)
+
+        def kill_the_server_mid_step():
+            wait_for_proctitle(workers, "GradientWorker.compute")
+            kill_pid(servers[0])
+
+        results = train(client, session, fault_at=5, fault=kill_the_server_mid_step)
+        # the session went on at the right step: step 5 made version 5, then 6, 7, 8
+        assert [results[s].version for s in range(1, STEPS + 1)] == list(range(1, STEPS + 1))
+        assert not any(r.duplicate for r in results.values())
+        result = audit(client, session, gateway.checkpoint_dir)
+        client.close_session(session)
+    replacement = actor_pids("ParameterServer", head_sid)
+    assert replacement and servers[0] not in replacement
+    assert_exactly_once(result)
+    assert_same_parameters(result.parameters, fault_free.parameters)
+
+
+def test_connection_dropped_mid_call_then_retried(gateway, fault_free):
+    with CuttingProxy(gateway.server.serving["port"]) as proxy, \
+            gateway.client(proxy.address, retries=5, retry_backoff_s=0.1) as client:
+        session = new_session(client)
+        train(client, session, last=3)
+        # Cut after the server applied step 4, before its answer reaches the client: the SDK's retry
+        # (same step id) gets the recorded result, and nothing is applied again.
+        proxy.cut_before_response()
+        x, y = batch(4)
+        fourth = client.step(session, x, y, step_id=4)
+        assert proxy.cuts == 1
+        assert fourth.duplicate and fourth.version == 4 and not fourth.applied
+        train(client, session, first=5, last=5)
+        # Cut in the middle of step 6's request (its batch is 1 MiB): the server never saw a whole
+        # step, so the retry is the first time it is applied.
+        proxy.cut_after_request_bytes(300_000)
+        x, y = batch(6)
+        sixth = client.step(session, x, y, step_id=6)
+        assert proxy.cuts == 2
+        assert not sixth.duplicate and sixth.version == 6
+        train(client, session, first=7)
+        result = audit(client, session, gateway.checkpoint_dir)
+        client.close_session(session)
+    assert_exactly_once(result)
+    assert_same_parameters(result.parameters, fault_free.parameters)
+
+
+def test_gateway_process_killed_and_restarted(gateway, fault_free, head_sid):
+    # Generous retries: the SDK keeps retrying UNAVAILABLE with the same step id while the new
+    # gateway starts on the same port.
+    with gateway.client(retries=10, retry_backoff_s=0.5) as client:
+        session = new_session(client, checkpoint_every_steps=1)
+        before = train(client, session, last=4)
+        workers = actor_pids("GradientWorker", head_sid)
+        old_gateway = gateway.server.pid
+
+        def kill_gateway_mid_step_and_restart():
+            wait_for_proctitle(workers, "GradientWorker.compute")
+            gateway.restart_after_kill()
+
+        after = train(client, session, first=5, fault_at=5, fault=kill_gateway_mid_step_and_restart)
+        assert gateway.server.pid != old_gateway
+        # the session came back with its owner, version and step log
+        listed = {info.session_id: info for info in client.list_sessions()}
+        assert listed[session].version == STEPS
+        # a client retrying a step the old gateway answered gets the recorded result
+        x, y = batch(4)
+        again = client.step(session, x, y, step_id=4)
+        assert again.duplicate and (again.version, again.loss) == (before[4].version, before[4].loss)
+        x, y = batch(5)
+        again = client.step(session, x, y, step_id=5)
+        assert again.duplicate and (again.version, again.loss) == (after[5].version, after[5].loss)
+        with gradserve.Client(gateway.target, token=OTHER_TOKEN, retries=0) as other:
+            with pytest.raises(gradserve.NotFound):
+                other.pull_parameters(session)
+        result = audit(client, session, gateway.checkpoint_dir)
+        client.close_session(session)
+    assert_exactly_once(result)
+    assert_same_parameters(result.parameters, fault_free.parameters)
+
+
+def test_ray_node_removed_mid_step(gateway, cluster):
+    # Two more nodes. The head is full with the gateway's two pool workers, so a 4-worker session's
+    # other two workers must start on the new nodes; whichever node hosts one is removed, and the
+    # other has room for its replacement.
+    nodes = [cluster.add_node(num_cpus=2), cluster.add_node(num_cpus=2)]
+    with gateway.client() as client:
+        fault_free_session = new_session(client, num_workers=4)
+        train(client, fault_free_session)
+        fault_free = audit(client, fault_free_session, gateway.checkpoint_dir)
+        client.close_session(fault_free_session)
+        assert_exactly_once(fault_free)
+
+        session = new_session(client, num_workers=4)
+        train(client, session, last=1)  # all four workers up
+        hosting = [(node, actor_pids("GradientWorker", node.pgid)) for node in nodes]
+        node, node_workers = next((n, pids) for n, pids in hosting if pids)
+        removed = []
+
+        def remove_node_mid_step():
+            wait_for_proctitle(node_workers, "GradientWorker.compute")
+            # every process of that node, by pid: raylet, its agents and its workers
+            pids = [pid for pid in _all_pids() if session_id_of(pid) == node.pgid]
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            removed.extend(pids)
+
+        train(client, session, first=2, fault_at=4, fault=remove_node_mid_step)
+        result = audit(client, session, gateway.checkpoint_dir)
+        client.close_session(session)
+    assert removed and not any(session_id_of(pid) == node.pgid for pid in _all_pids())
+    assert_exactly_once(result)
+    assert_same_parameters(result.parameters, fault_free.parameters)
+
+
+def _all_pids():
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
