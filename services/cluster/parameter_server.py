@@ -125,14 +125,17 @@ class ParameterServer:
     def drop_table(self, table_id: str) -> None:
         self.tables.pop(table_id, None)
 
-    def squared_norm(self, table_id: str, parts: list, grad_scale: float) -> float:
-        return self._table(table_id).squared_norm(parts, grad_scale)
+    # Gradient parts come last, as separate arguments: Ray resolves top-level references only, so
+    # the workers' gradients reach this method straight from the object store.
 
-    def apply(self, table_id: str, key: str, parts: list, count: int, computed_on: int,
-              norm: float | None = None):
+    def squared_norm(self, table_id: str, grad_scale: float, *parts) -> float:
+        return self._table(table_id).squared_norm(list(parts), grad_scale)
+
+    def apply(self, table_id: str, key: str, count: int, computed_on: int, norm: float | None,
+              *parts):
         """`(snapshot, report)`: Ray stores the snapshot as its own object for the workers."""
         table = self._table(table_id)
-        report = table.apply(key, parts, count, computed_on, norm)
+        report = table.apply(key, list(parts), count, computed_on, norm)
         return table.snapshot(), report
 
     def snapshot(self, table_id: str):

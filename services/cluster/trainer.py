@@ -183,9 +183,8 @@ class Trainer:
         servers = self._backend.servers(len(self._partition))
         norm = self._clipping_norm(servers, [[call.parts[k] for call in calls]
                                              for k in range(len(servers))], total)
-        outputs = [self._backend.submit(server, "apply", self._table, key,
-                                        [call.parts[k] for call in calls], total, computed_on, norm,
-                                        num_returns=2)
+        outputs = [self._backend.submit(server, "apply", self._table, key, total, computed_on, norm,
+                                        *[call.parts[k] for call in calls], num_returns=2)
                    for k, server in enumerate(servers)]
         reports = self._get_from_servers([output[1] for output in outputs])
         self._snapshots = [output[0] for output in outputs]
@@ -216,8 +215,8 @@ class Trainer:
             count = shard_stats["count"]
             groups = [[part] for part in call.parts]
             norm = self._clipping_norm(servers, groups, count)
-            outputs = [self._backend.submit(server, "apply", self._table, f"{key}/{index}",
-                                            [call.parts[k]], count, shard_stats["version"], norm,
+            outputs = [self._backend.submit(server, "apply", self._table, f"{key}/{index}", count,
+                                            shard_stats["version"], norm, call.parts[k],
                                             num_returns=2)
                        for k, server in enumerate(servers)]
             self._snapshots = [output[0] for output in outputs]
@@ -295,7 +294,7 @@ class Trainer:
         if self.config.optimizer.clip_norm is None or len(servers) == 1:
             return None
         squares = self._get_from_servers([
-            self._backend.submit(server, "squared_norm", self._table, parts, 1.0 / count)[0]
+            self._backend.submit(server, "squared_norm", self._table, 1.0 / count, *parts)[0]
             for server, parts in zip(servers, part_groups)])
         return math.sqrt(sum(squares))
 

@@ -65,6 +65,7 @@ class GradientWorker:
         bytes_sent, fetch_ms, compute_ms, encode_ms, pid.
         """
         started = time.perf_counter()
+        started_at = time.time()
         version, params = self._parameters(task["table"], params_box)
         fetched = time.perf_counter()
         model = self._model(task["spec"])
@@ -94,7 +95,8 @@ class GradientWorker:
             encoded = time.perf_counter()
         stats.update(bytes_raw=bytes_raw, bytes_sent=bytes_sent,
                      fetch_ms=(fetched - started) * 1e3, compute_ms=(computed - fetched) * 1e3,
-                     encode_ms=(encoded - computed) * 1e3)
+                     encode_ms=(encoded - computed) * 1e3, started_at=started_at,
+                     finished_at=started_at + (encoded - started))
         return (*parts, stats)
 
     def _model(self, spec) -> Model:

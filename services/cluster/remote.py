@@ -1,0 +1,137 @@
+"""The one place `ray.remote` is applied: `GradientWorker` and `ParameterServer` become actors here,
+and `RayBackend` manages their pools for the coordinator."""
+
+from __future__ import annotations
+
+import threading
+
+import ray
+from ray import exceptions as ray_errors
+
+from gradserve_services.errors import Unavailable
+
+from .parameter_server import ParameterServer
+from .worker import GradientWorker
+
+__all__ = ["RayBackend", "RemoteWorker", "RemoteServer"]
+
+RemoteWorker = ray.remote(GradientWorker)
+RemoteServer = ray.remote(ParameterServer)
+
+# How long new actors may take to start (process spawn, imports) before the cluster is "too small".
+START_TIMEOUT_S = 120.0
+_LOST_ERRORS = (ray_errors.RayActorError, ray_errors.WorkerCrashedError,
+                ray_errors.ObjectLostError, ray_errors.NodeDiedError)
+
+
+def _worker_options() -> dict:
+    # A worker is one core: it reserves one CPU and runs one BLAS thread. The worker limits its
+    # threads with threadpoolctl; without it, the environment does.
+    options = {"num_cpus": 1, "max_restarts": 0, "max_task_retries": 0,
+               "scheduling_strategy": "SPREAD"}
+    try:
+        import threadpoolctl  # noqa: F401
+    except ImportError:
+        options["runtime_env"] = {"env_vars": {name: "1" for name in (
+            "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}}
+    return options
+
+
+def _server_options() -> dict:
+    # Parameter servers reserve no CPU: in sync mode they work while the workers wait.
+    return {"num_cpus": 0, "max_restarts": 0, "max_task_retries": 0}
+
+
+class RayBackend:
+    def __init__(self):
+        self._lock = threading.RLock()
+        self._workers: list = []
+        self._servers: list = []
+        self._reserved: dict[str, int] = {}
+
+    def put(self, value):
+        return ray.put(value)
+
+    def submit(self, handle, method: str, *args, num_returns: int = 1) -> list:
+        futures = getattr(handle, method).options(num_returns=num_returns).remote(*args)
+        return list(futures) if num_returns > 1 else [futures]
+
+    def get(self, futures):
+        return ray.get(futures)
+
+    def wait_one(self, futures) -> int:
+        ready, _ = ray.wait(list(futures), num_returns=1)
+        return list(futures).index(ready[0])
+
+    def workers(self, count: int) -> list:
+        with self._lock:
+            self._grow(self._workers, count, RemoteWorker, _worker_options())
+            return list(self._workers[:count])
+
+    def reserve_workers(self, owner: str, count: int) -> None:
+        with self._lock:
+            self._reserved[owner] = count
+            self._grow(self._workers, count, RemoteWorker, _worker_options())
+
+    def release_workers(self, owner: str) -> None:
+        with self._lock:
+            self._reserved.pop(owner, None)
+            needed = max(self._reserved.values(), default=0)
+            while len(self._workers) > needed:
+                _kill(self._workers.pop())
+
+    def servers(self, count: int) -> list:
+        with self._lock:
+            self._grow(self._servers, count, RemoteServer, _server_options())
+            return list(self._servers[:count])
+
+    def replace_worker(self, position: int, lost):
+        return self._replace(self._workers, position, lost, RemoteWorker, _worker_options())
+
+    def replace_server(self, position: int, lost):
+        return self._replace(self._servers, position, lost, RemoteServer, _server_options())
+
+    def is_lost(self, error: BaseException) -> bool:
+        return isinstance(error, _LOST_ERRORS)
+
+    def cause(self, error: BaseException) -> BaseException:
+        cause = getattr(error, "cause", None) if isinstance(error, ray_errors.RayTaskError) else None
+        return cause if isinstance(cause, BaseException) else error
+
+    def shutdown(self) -> None:
+        with self._lock:
+            for handle in self._workers + self._servers:
+                _kill(handle)
+            self._workers, self._servers, self._reserved = [], [], {}
+
+    def _grow(self, pool: list, count: int, actor_class, options: dict) -> None:
+        """Start actors up to `count` and wait until they run, so a cluster too small for them
+        fails here, with a clear error, rather than hanging a step."""
+        started = [actor_class.options(**options).remote() for _ in range(count - len(pool))]
+        if not started:
+            return
+        try:
+            ray.get([handle.pid.remote() for handle in started], timeout=START_TIMEOUT_S)
+        except ray_errors.GetTimeoutError:
+            for handle in started:
+                _kill(handle)
+            raise Unavailable(f"could not start {len(started)} more actors within "
+                              f"{START_TIMEOUT_S:.0f}s; the cluster has {ray.cluster_resources()}",
+                              "workers") from None
+        pool.extend(started)
+
+    def _replace(self, pool: list, position: int, lost, actor_class, options: dict):
+        # Not waited for: the coordinator re-runs the lost shard on a live worker meanwhile, and
+        # calls queued on the new actor run once it has started.
+        with self._lock:
+            if position < len(pool) and pool[position] is lost:
+                _kill(lost)
+                pool[position] = actor_class.options(**options).remote()
+            return pool[position]
+
+
+def _kill(handle) -> None:
+    try:
+        ray.kill(handle, no_restart=True)
+    except Exception:  # noqa: BLE001 - already gone is fine
+        pass
