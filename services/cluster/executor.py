@@ -37,12 +37,14 @@ class Executor:
         backend.reserve_workers("__executor__", num_workers)
 
     def compute_gradients(self, spec, params: Mapping[str, np.ndarray], x, y, *,
-                          micro_batch_size=None, tangent=None, seed: int = 0) -> dict:
+                          micro_batch_size=None, tangent=None, seed: int = 0,
+                          num_workers: int | None = None) -> dict:
         """Mean loss and mean gradient (or, with `tangent`, the directional derivative of the mean
         loss) of one batch, sharded over the executor's workers.
 
         Returns `{"loss", "grads" (None with a tangent), "jvp" (None without), "count", "timings"}`;
         timings in ms: broadcast, compute, gather, reduce, total, and retries / worker_failures.
+        `num_workers` overrides the executor's shard count for this call.
         """
         started = time.perf_counter()
         model = self._model(spec)
@@ -57,7 +59,7 @@ class Executor:
         put = time.perf_counter()
         task_base = {"spec": spec, "table": ONE_OFF_TABLE, "partition": [list(params)],
                      "micro_batch_size": micro_batch_size, "seed": seed}
-        shards = split_rows(x.shape[0], self.num_workers)
+        shards = split_rows(x.shape[0], num_workers or self.num_workers)
         calls = [dict(task_base, start=start, stop=stop) for start, stop in shards]
         stats, parts, failures = self._run_shards(calls, box, x_ref, y_ref, tangent_box)
         gathered = time.perf_counter()
