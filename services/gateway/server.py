@@ -13,6 +13,7 @@ from gradserve.client import CHANNEL_OPTIONS
 from gradserve.transfer import DEFAULT_MAX_REQUEST_BYTES, rpc_codecs
 from gradserve.v1 import service_pb2
 
+from . import wire
 from .auth import AuthInterceptor, Authenticator
 from .observe import MetricsInterceptor
 from .servicer import GradserveServicer
@@ -111,7 +112,9 @@ def _add_servicer(servicer: GradserveServicer, server: grpc.Server) -> None:
     handlers = {
         name: kinds[rpc.request_streaming, rpc.response_streaming](
             getattr(servicer, name),
-            request_deserializer=rpc.request_deserializer,
+            # undecodable bytes reach the servicer as a marker: INVALID_ARGUMENT, not gRPC's INTERNAL
+            request_deserializer=wire.tolerant(rpc.request_deserializer,
+                                               SERVICE.methods_by_name[name].input_type.name),
             response_serializer=rpc.response_serializer,
         )
         for name, rpc in rpc_codecs(SERVICE).items()

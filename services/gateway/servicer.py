@@ -35,7 +35,7 @@ def _answering_errors(method):
         @functools.wraps(method)
         def streaming(self, request, context):
             try:
-                yield from method(self, request, context)
+                yield from method(self, wire.decoded(request), context)
             except GradserveError as error:
                 abort_with(context, error)
             except Exception as error:  # noqa: BLE001 - the one catch-all, logged
@@ -47,7 +47,7 @@ def _answering_errors(method):
     @functools.wraps(method)
     def unary(self, request, context):
         try:
-            return method(self, request, context)
+            return method(self, wire.decoded(request), context)
         except GradserveError as error:
             abort_with(context, error)
         except Exception as error:  # noqa: BLE001 - the one catch-all, logged

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = re.compile(r"^v\d{12}\.npz$")
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{32}$")  # secrets.token_urlsafe(24)
 MANIFEST = "session.json"
+INIT_DTYPES = ("", "float32", "float64")  # "" is float32
 STEP_TIME_SMOOTHING = 0.3  # weight of the newest step in the running step-time estimate
 LOST_SERVER_FIELD = "parameter_server"  # the field of the cluster's Unavailable for a lost server
 
@@ -112,6 +113,8 @@ class SessionRegistry:
     def create(self, owner: str, config: TrainerConfig, params: Mapping[str, np.ndarray] | None,
                *, init_seed: int, init_dtype: str, checkpoint_every_steps: int) -> Session:
         """Validate everything, then start the trainer. Nothing is created if anything is wrong."""
+        if init_dtype not in INIT_DTYPES:  # exactly the names service.proto documents
+            raise InvalidArgument(f"must be float32 or float64, got {init_dtype!r}", "config.init.dtype")
         config = config.validated()  # optimizer parsed; errors name `config.X` / `optimizer.X`
         self._check_limits(owner, config, checkpoint_every_steps)
         model = Model(config.spec)  # SpecError names the node

@@ -24,12 +24,56 @@ __all__ = [
     "group",
     "send",
     "trainer_config",
+    "UndecodableRequest",
+    "tolerant",
+    "decoded",
 ]
 
 PARAMETERS = "parameters."
 GRADIENTS = "gradients."
 TANGENT = "tangent."
 BATCH = ("batch.x", "batch.y")
+
+
+class UndecodableRequest:
+    """Stands in for a request message whose bytes do not parse. gRPC answers INTERNAL when a
+    deserializer raises; a client's garbage is INVALID_ARGUMENT, so the servicer raises that when
+    it meets one of these (see `decoded`)."""
+
+    def __init__(self, message_name: str, size: int, reason: str):
+        self.message_name, self.size, self.reason = message_name, size, reason
+
+    def ByteSize(self) -> int:  # noqa: N802 - read by the metrics interceptor like a message's
+        return self.size
+
+    def error(self) -> InvalidArgument:
+        return InvalidArgument(f"not a valid {self.message_name} message: {self.reason}", "request")
+
+
+def tolerant(deserialize: Callable[[bytes], object], message_name: str) -> Callable[[bytes], object]:
+    """`deserialize`, but undecodable bytes give an UndecodableRequest instead of an exception."""
+    def deserialize_or_mark(raw: bytes):
+        try:
+            return deserialize(raw)
+        except Exception as bad:  # noqa: BLE001 - protobuf's DecodeError and whatever its parser raises
+            return UndecodableRequest(message_name, len(raw), str(bad) or type(bad).__name__)
+    return deserialize_or_mark
+
+
+def decoded(request):
+    """The request (or request stream) with UndecodableRequest turned into InvalidArgument."""
+    if isinstance(request, UndecodableRequest):
+        raise request.error()
+    if hasattr(request, "ByteSize"):  # a single message
+        return request
+    return _decoded_stream(request)
+
+
+def _decoded_stream(requests: Iterator) -> Iterator:
+    for message in requests:
+        if isinstance(message, UndecodableRequest):
+            raise message.error()
+        yield message
 
 
 def read_one(requests: Iterator, max_bytes: int) -> tuple[object, dict[str, np.ndarray]]:
