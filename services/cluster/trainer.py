@@ -176,23 +176,44 @@ class Trainer:
         x_ref, y_ref = self._backend.put(x), self._backend.put(y)
         clock.mark("put")
         calls = self._dispatch_all(x.shape[0], x_ref, y_ref)
+        servers = self._backend.servers(len(self._partition))
+        total = x.shape[0]
+        needs_norm_first = self.config.optimizer.clip_norm is not None and len(servers) > 1
+        # The apply is submitted before the workers finish, with their gradient references as
+        # arguments: the servers start the moment the last gradient exists, without a round trip
+        # through this process. If a worker is lost, that apply fails on its missing argument
+        # without running, and is submitted again below after the shard is re-run.
+        early = None if needs_norm_first else self._submit_apply(servers, key, calls, total, None)
         stats, failures = self._gather(calls, x_ref, y_ref)
         clock.mark("gathered")
-        total = sum(s["count"] for s in stats)
-        computed_on = stats[0]["version"]
-        servers = self._backend.servers(len(self._partition))
-        norm = self._clipping_norm(servers, [[call.parts[k] for call in calls]
-                                             for k in range(len(servers))], total)
-        outputs = [self._backend.submit(server, "apply", self._table, key, total, computed_on, norm,
-                                        *[call.parts[k] for call in calls], num_returns=2)
-                   for k, server in enumerate(servers)]
+        norm = None
+        if early is not None and failures[1] == 0:
+            outputs = early
+        else:
+            if early is not None:
+                self._discard([output[1] for output in early])
+            norm = self._clipping_norm(servers, [[call.parts[k] for call in calls]
+                                                 for k in range(len(servers))], total)
+            outputs = self._submit_apply(servers, key, calls, total, norm)
         reports = self._get_from_servers([output[1] for output in outputs])
         self._snapshots = [output[0] for output in outputs]
         clock.mark("applied")
         if norm is None:
             norm = math.sqrt(sum(report["grad_norm"] ** 2 for report in reports))
-        first = reports[0]
-        return self._result(stats, [first], clock, failures, grad_norm=norm)
+        return self._result(stats, [reports[0]], clock, failures, grad_norm=norm)
+
+    def _submit_apply(self, servers, key, calls, total, norm):
+        return [self._backend.submit(server, "apply", self._table, key, total, self._version, norm,
+                                     *[call.parts[k] for call in calls], num_returns=2)
+                for k, server in enumerate(servers)]
+
+    def _discard(self, futures) -> None:
+        """Read failed futures so their errors count as handled."""
+        for future in futures:
+            try:
+                self._backend.get(future)
+            except Exception:  # noqa: BLE001 - expected: the call lost an argument
+                pass
 
     def _step_on_arrival(self, key: str, x, y) -> StepResult:
         """async / bounded: each shard's gradient goes to the servers the moment it arrives."""
