@@ -7,6 +7,7 @@ import threading
 
 import ray
 from ray import exceptions as ray_errors
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from gradserve_services.errors import Unavailable
 
@@ -38,8 +39,12 @@ def _worker_options() -> dict:
 
 
 def _server_options() -> dict:
-    # Parameter servers reserve no CPU: in sync mode they work while the workers wait.
-    return {"num_cpus": 0, "max_restarts": 0, "max_task_retries": 0}
+    # Parameter servers reserve no CPU: in sync mode they work while the workers wait. They run on
+    # the coordinator's own node, so they share its fate: the loss of any other node costs only
+    # workers, whose shards are re-run, never the parameters. (A driver always has a local node,
+    # and a zero-CPU actor always fits on it; soft affinity was seen placing them elsewhere.)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return {"num_cpus": 0, "max_restarts": 0, "max_task_retries": 0, "scheduling_strategy": here}
 
 
 class RayBackend:

@@ -293,6 +293,10 @@ class Trainer:
         is one (it is warm), else on another pool member, else on the replacement."""
         if not self._backend.is_lost(error):
             raise self._backend.cause(error) from None
+        # A shard also fails when the parameters it reads are gone with their server: that is no
+        # worker's fault, and re-running cannot help. Unavailable(parameter_server) if so.
+        self._get_from_servers([self._backend.submit(server, "pid")[0]
+                                for server in self._backend.servers(len(self._partition))])
         attempts = call.task.get("attempt", 0) + 1
         if attempts >= MAX_SHARD_ATTEMPTS:
             raise Unavailable(f"shard {call.task['start']}:{call.task['stop']} lost its worker "

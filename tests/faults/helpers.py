@@ -146,16 +146,23 @@ def actor_pids(actor_class: str, ray_sid: int) -> list[int]:
                   if proctitle(pid).startswith(f"ray::{actor_class}") and session_id_of(pid) == ray_sid)
 
 
-def wait_for_proctitle(pids: list[int], fragment: str, timeout_s: float = 60.0) -> int:
-    """The first of `pids` whose title contains `fragment` (Ray titles an actor process
-    `ray::Class.method` while the method runs): how a test knows a step is in flight there."""
+def wait_for_proctitle(pids, fragment: str, timeout_s: float = 60.0) -> int:
+    """The first process whose title contains `fragment` (Ray titles an actor process
+    `ray::Class.method` while the method runs): how a test knows a step is in flight there.
+    `pids` is a list, or a callable listing the candidates afresh on every poll (an actor pool
+    that may still be changing: actors of a closed session exiting, new ones starting)."""
+    listing = pids if callable(pids) else (lambda: pids)
     deadline = time.monotonic() + timeout_s
+    candidates, listed_at = listing(), time.monotonic()
     while time.monotonic() < deadline:
-        for pid in pids:
+        for pid in candidates:
             if fragment in proctitle(pid):
                 return pid
         time.sleep(0.002)
-    raise AssertionError(f"none of {pids} showed {fragment!r} within {timeout_s} s")
+        # a listing scans /proc: refreshed now and then, titles polled in between
+        if callable(pids) and time.monotonic() - listed_at > 0.05:
+            candidates, listed_at = listing(), time.monotonic()
+    raise AssertionError(f"none of {candidates} showed {fragment!r} within {timeout_s} s")
 
 
 def kill_pid(pid: int) -> None:
