@@ -17,6 +17,10 @@ __all__ = ["Backend"]
 
 
 class Backend(Protocol):
+    # `(folder, token)` of the shared-memory area for actors on the coordinator's machine, or None
+    # (see shared.py).
+    shared_area: tuple[str, str] | None
+
     def put(self, value) -> Any:
         """A future holding `value`, shared by every call that receives it."""
 

@@ -23,6 +23,8 @@ class _Done:
 
 
 class LocalBackend:
+    shared_area = None  # one process: snapshots and gradients are shared already
+
     def __init__(self, num_workers: int = 1):
         # Workers in the caller's process must not change its BLAS thread count.
         self._workers = [GradientWorker(limit_threads=False) for _ in range(num_workers)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import uuid
 from typing import Mapping
 
 import numpy as np
@@ -20,6 +21,7 @@ from gradserve_services.errors import NotFound
 from gradserve_services.optim import Optimizer, global_norm
 
 from .compression import decode
+from .shared import Attachments, BlockRef, allocate_block, area_visible, remove_block
 
 __all__ = ["ParameterTable", "ParameterServer", "StalenessRule"]
 
@@ -44,9 +46,15 @@ class StalenessRule:
 
 class ParameterTable:
     def __init__(self, params: Mapping[str, np.ndarray], optimizer_config,
-                 rule: StalenessRule | None = None):
-        # Own writable, contiguous copies: the optimizer updates them in place.
-        self.params = {name: np.array(value, copy=True, order="C") for name, value in params.items()}
+                 rule: StalenessRule | None = None, allocate=None):
+        # Own writable, contiguous copies: the optimizer updates them in place. `allocate` maps
+        # `{name: (dtype, shape)}` to writable arrays (shared-memory views) to hold them instead.
+        if allocate is None:
+            self.params = {name: np.array(value, copy=True, order="C") for name, value in params.items()}
+        else:
+            self.params = allocate({name: (value.dtype, value.shape) for name, value in params.items()})
+            for name, value in params.items():
+                np.copyto(self.params[name], value)
         self.optimizer = Optimizer(optimizer_config, self.params)
         self.rule = rule or StalenessRule(bound=0)
         self.version = 0
@@ -90,11 +98,12 @@ class ParameterTable:
         return arrays, meta
 
     @classmethod
-    def from_state(cls, arrays: Mapping[str, np.ndarray], meta: Mapping, names) -> "ParameterTable":
+    def from_state(cls, arrays: Mapping[str, np.ndarray], meta: Mapping, names,
+                   allocate=None) -> "ParameterTable":
         """The table for parameters `names` out of a (possibly merged) `state()`."""
         params = {name: arrays[f"param/{name}"] for name in names}
         rule = StalenessRule(**meta["rule"])
-        table = cls(params, meta["optimizer"]["config"], rule)
+        table = cls(params, meta["optimizer"]["config"], rule, allocate)
         prefix = "optim/"
         optimizer_arrays = {key[len(prefix):]: value for key, value in arrays.items()
                             if key.startswith(prefix) and key[len(prefix):].split("/")[0] in params}
@@ -105,38 +114,76 @@ class ParameterTable:
 
 
 class ParameterServer:
-    """Hosts `ParameterTable`s by table id (one per trainer); the Ray actor class."""
+    """Hosts `ParameterTable`s by table id (one per trainer); the Ray actor class.
+
+    A table created with a shared `area` (`(folder, token)`, sync mode only) keeps its parameters in
+    a shared-memory block: what it publishes for the workers is then `(version, BlockRef)`, a few
+    bytes, instead of a copy of every parameter; and gradient parts may arrive as blocks too."""
 
     def __init__(self):
         self.tables: dict[str, ParameterTable] = {}
+        self._blocks: dict[str, BlockRef] = {}  # table id -> its parameter block
+        self._attached = Attachments()
 
     def pid(self) -> int:
         return os.getpid()
 
-    def create_table(self, table_id: str, params: Mapping, optimizer_config, rule: dict):
-        """Create (or replace) a table; returns its `(version, params)` snapshot for the workers."""
-        self.tables[table_id] = ParameterTable(params, optimizer_config, StalenessRule(**rule))
-        return self.tables[table_id].snapshot()
+    def create_table(self, table_id: str, params: Mapping, optimizer_config, rule: dict, area=None):
+        """Create (or replace) a table; returns what the workers read its parameters from."""
+        self.tables[table_id] = ParameterTable(params, optimizer_config, StalenessRule(**rule),
+                                               self._allocator(table_id, area))
+        return self.published(table_id)
 
-    def load_table(self, table_id: str, arrays: Mapping, meta: Mapping, names):
-        self.tables[table_id] = ParameterTable.from_state(arrays, meta, names)
-        return self.tables[table_id].snapshot()
+    def load_table(self, table_id: str, arrays: Mapping, meta: Mapping, names, area=None):
+        self.tables[table_id] = ParameterTable.from_state(arrays, meta, names,
+                                                          self._allocator(table_id, area))
+        return self.published(table_id)
 
     def drop_table(self, table_id: str) -> None:
         self.tables.pop(table_id, None)
+        block = self._blocks.pop(table_id, None)
+        if block is not None:
+            remove_block(block)
+        self._attached.forget(table_id)
+
+    def published(self, table_id: str):
+        """`(version, params)`, or `(version, BlockRef)` for a table in shared memory."""
+        table = self._table(table_id)
+        block = self._blocks.get(table_id)
+        return (table.version, block) if block is not None else table.snapshot()
+
+    def _allocator(self, table_id: str, area):
+        old = self._blocks.pop(table_id, None)
+        if old is not None:
+            remove_block(old)
+        if area is None or not area_visible(*area):  # not on the coordinator's machine
+            return None
+        folder, token = area
+
+        def allocate(arrays):
+            ref, views = allocate_block(folder, token, f"{table_id}-params-{uuid.uuid4().hex[:8]}", arrays)
+            self._blocks[table_id] = ref
+            return views
+
+        return allocate
 
     # Gradient parts come last, as separate arguments: Ray resolves top-level references only, so
     # the workers' gradients reach this method straight from the object store.
 
     def squared_norm(self, table_id: str, grad_scale: float, *parts) -> float:
-        return self._table(table_id).squared_norm(list(parts), grad_scale)
+        return self._table(table_id).squared_norm(self._dense(parts), grad_scale)
 
     def apply(self, table_id: str, key: str, count: int, computed_on: int, norm: float | None,
               *parts):
-        """`(snapshot, report)`: Ray stores the snapshot as its own object for the workers."""
+        """`(published, report)`: Ray stores the first as its own object for the workers."""
         table = self._table(table_id)
-        report = table.apply(key, list(parts), count, computed_on, norm)
-        return table.snapshot(), report
+        report = table.apply(key, self._dense(parts), count, computed_on, norm)
+        return self.published(table_id), report
+
+    def _dense(self, parts) -> list:
+        """Parts that arrived as shared blocks become dense parts (views into the blocks)."""
+        return [{"kind": "dense", "grads": self._attached.arrays(part["block"])}
+                if part["kind"] == "shared" else part for part in parts]
 
     def snapshot(self, table_id: str):
         return self._table(table_id).snapshot()

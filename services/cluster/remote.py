@@ -12,6 +12,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from gradserve_services.errors import Unavailable
 
 from .parameter_server import ParameterServer
+from .shared import SharedArea
 from .worker import GradientWorker
 
 __all__ = ["RayBackend", "RemoteWorker", "RemoteServer"]
@@ -53,6 +54,9 @@ class RayBackend:
         self._workers: list = []
         self._servers: list = []
         self._reserved: dict[str, int] = {}
+        # The fast lane for actors on this machine (parameter servers always are: see below).
+        self._area = SharedArea.create()
+        self.shared_area = None if self._area is None else (self._area.path, self._area.token)
 
     def put(self, value):
         return ray.put(value)
@@ -108,6 +112,8 @@ class RayBackend:
             for handle in self._workers + self._servers:
                 _kill(handle)
             self._workers, self._servers, self._reserved = [], [], {}
+            if self._area is not None:
+                self._area.remove()
 
     def _grow(self, pool: list, count: int, actor_class, options: dict) -> None:
         """Start actors up to `count` and wait until they run, so a cluster too small for them

@@ -66,11 +66,14 @@ class Trainer:
         self._version = 0
         self._closed = False
         self._num_workers = self.config.num_workers
+        # Sync steps may share memory with workers on this machine (see shared.py); the on-arrival
+        # modes apply while other shards still read the parameters, so they never do.
+        self._area = backend.shared_area if self.config.consistency == "sync" else None
         backend.reserve_workers(self._table, self._num_workers)
         servers = backend.servers(len(self._partition))
         self._snapshots = [
             backend.submit(server, "create_table", self._table, {n: params[n] for n in names},
-                           self.config.optimizer.to_dict(), self._rule())[0]
+                           self.config.optimizer.to_dict(), self._rule(), self._area)[0]
             for server, names in zip(servers, self._partition)
         ]
         self._get_from_servers(self._snapshots)
@@ -98,7 +101,12 @@ class Trainer:
         """`(version, params)`: copies the caller owns, in model order."""
         with self._lock:
             self._check_open()
-            snapshots = self._get_from_servers(self._snapshots)
+            if self._area is None:
+                snapshots = self._get_from_servers(self._snapshots)
+            else:  # the published blocks change in place: ask for copies
+                snapshots = self._get_from_servers(
+                    [self._backend.submit(server, "snapshot", self._table)[0]
+                     for server in self._backend.servers(len(self._partition))])
         merged = {}
         for _, shard_params in snapshots:
             merged.update(shard_params)
@@ -262,7 +270,9 @@ class Trainer:
             task = {"spec": self.config.spec, "table": self._table, "start": start, "stop": stop,
                     "partition": self._partition, "micro_batch_size": self.config.micro_batch_size,
                     "seed": seed, "compression": self.config.compression,
-                    "topk_fraction": self.config.topk_fraction}
+                    "topk_fraction": self.config.topk_fraction, "slot": position}
+            if self._area is not None and self.config.compression == "none":
+                task.update(area=self._area, servers=self._backend.servers(len(self._partition)))
             calls.append(self._dispatch(position, task, x_ref, y_ref))
         return calls
 
@@ -336,7 +346,7 @@ class Trainer:
         server = self._backend.servers(position + 1)[position]
         for _ in range(2):
             future = self._backend.submit(server, "load_table", self._table, arrays, table_meta,
-                                          names)[0]
+                                          names, self._area)[0]
             try:
                 self._backend.get(future)
                 return future

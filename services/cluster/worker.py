@@ -17,12 +17,14 @@ from collections import OrderedDict
 from gradserve_services.engine import Model
 
 from .compression import ErrorFeedback, encode
+from .shared import Attachments, BlockRef, area_visible, remove_block, visible, write_block
 
 __all__ = ["GradientWorker", "limit_blas_threads", "spec_key"]
 
 # Bounded caches: a worker serves every session of an executor.
 MAX_CACHED_MODELS = 8
 MAX_CACHED_TABLES = 16
+MAX_GRADIENT_BLOCKS = 64
 
 
 def limit_blas_threads() -> bool:
@@ -48,6 +50,9 @@ class GradientWorker:
         self._models: OrderedDict[str, Model] = OrderedDict()
         self._params: OrderedDict[str, tuple] = OrderedDict()  # table -> (box ids, version, params)
         self._feedback: dict[str, ErrorFeedback] = {}
+        self._attached = Attachments()  # parameter blocks of servers on this machine
+        self._grad_blocks: OrderedDict[str, tuple] = OrderedDict()  # name -> (BlockRef, views)
+        self._areas_seen: dict[str, bool] = {}
 
     def pid(self) -> int:
         return os.getpid()
@@ -56,6 +61,9 @@ class GradientWorker:
         """Drop what this worker keeps for a closed trainer (parameters, top-k residuals)."""
         self._params.pop(table, None)
         self._feedback.pop(table, None)
+        self._attached.forget(table)
+        for name in [name for name in self._grad_blocks if name.startswith(table)]:
+            remove_block(self._grad_blocks.pop(name)[0])
 
     def compute(self, task: dict, params_box: list, x, y, tangent_box=None):
         """Gradient sum (or JVP) of rows `task["start"]:task["stop"]` of the batch.
@@ -66,7 +74,7 @@ class GradientWorker:
         """
         started = time.perf_counter()
         started_at = time.time()
-        version, params = self._parameters(task["table"], params_box)
+        version, params = self._parameters(task["table"], params_box, task.get("servers"))
         fetched = time.perf_counter()
         model = self._model(task["spec"])
         start, stop = task["start"], task["stop"]
@@ -87,10 +95,15 @@ class GradientWorker:
             computed = time.perf_counter()
             feedback = self._feedback.setdefault(task["table"], ErrorFeedback()) \
                 if task.get("compression") == "topk" else None
+            shared = self._sees(task.get("area"))
             for index, names in enumerate(task["partition"]):
-                parts[index], raw, sent = encode(
-                    result.grad_sum, names, result.count, task.get("compression", "none"),
-                    feedback=feedback, topk_fraction=task.get("topk_fraction", 0.01))
+                if shared:  # the server reads the sum where this worker wrote it
+                    parts[index] = self._shared_part(task, index, {n: result.grad_sum[n] for n in names})
+                    raw = sent = sum(result.grad_sum[n].nbytes for n in names)
+                else:
+                    parts[index], raw, sent = encode(
+                        result.grad_sum, names, result.count, task.get("compression", "none"),
+                        feedback=feedback, topk_fraction=task.get("topk_fraction", 0.01))
                 bytes_raw, bytes_sent = bytes_raw + raw, bytes_sent + sent
             encoded = time.perf_counter()
         stats.update(bytes_raw=bytes_raw, bytes_sent=bytes_sent,
@@ -109,7 +122,26 @@ class GradientWorker:
         self._models.move_to_end(key)
         return model
 
-    def _parameters(self, table: str, params_box: list):
+    def _sees(self, area) -> bool:
+        """Whether the shared area `(folder, token)` is on this machine (asked once per area)."""
+        if area is None:
+            return False
+        seen = self._areas_seen.get(area[1])
+        if seen is None:
+            seen = self._areas_seen[area[1]] = area_visible(*area)
+        return seen
+
+    def _shared_part(self, task: dict, index: int, grads: dict) -> dict:
+        # One block per (table, shard slot, server shard): a worker re-running another shard in the
+        # same step writes a different block, never one the server may still read.
+        name = f"{task['table']}-grad-{os.getpid()}-{task.get('slot', 0)}-{index}"
+        ref = write_block(task["area"][0], task["area"][1], name, grads, self._grad_blocks)
+        self._grad_blocks.move_to_end(name)
+        while len(self._grad_blocks) > MAX_GRADIENT_BLOCKS:
+            remove_block(self._grad_blocks.popitem(last=False)[1][0])
+        return {"kind": "shared", "block": ref}
+
+    def _parameters(self, table: str, params_box: list, servers=None):
         """The `(version, params)` the box points at, from cache when the box is unchanged."""
         if not params_box or not _is_object_ref(params_box[0]):
             return _resolve(params_box)  # in-process snapshots: nothing to fetch, nothing to cache
@@ -118,23 +150,31 @@ class GradientWorker:
         if cached is not None and cached[0] == box_ids:
             self._params.move_to_end(table)
             return cached[1], cached[2]
-        version, params = _resolve(params_box)
+        version, params = _resolve(params_box, self._attached, servers, table)
         self._params[table] = (box_ids, version, params)
         while len(self._params) > MAX_CACHED_TABLES:
             self._params.popitem(last=False)
         return version, params
 
 
-def _resolve(box: list):
-    """Merge the `(version, params)` snapshots of every parameter-server shard in the box."""
+def _resolve(box: list, attached: Attachments | None = None, servers=None, table=None):
+    """Merge the `(version, params)` snapshots of every parameter-server shard in the box. A shard
+    that published a shared block is read in place where this process sees it, else asked for a
+    copy (`servers`, in sync mode the block holds exactly that version until the next apply)."""
     snapshots = list(box)
     if snapshots and _is_object_ref(snapshots[0]):
         import ray  # only reached inside a Ray worker
 
         snapshots = ray.get(snapshots)
+        far = [index for index, (_, held) in enumerate(snapshots)
+               if isinstance(held, BlockRef) and not visible(held)]
+        if far:
+            copies = ray.get([servers[index].snapshot.remote(table) for index in far])
+            for index, copy in zip(far, copies):
+                snapshots[index] = copy
     params = {}
     for _, shard_params in snapshots:
-        params.update(shard_params)
+        params.update(attached.arrays(shard_params) if isinstance(shard_params, BlockRef) else shard_params)
     return snapshots[0][0], params
 
 

@@ -1,0 +1,183 @@
+"""Shared-memory blocks on the coordinator's machine: the fast lane between workers and parameter
+servers that share it.
+
+Through the object store a sync step copies every gradient into it and the new parameters out of
+the server into it again: about 3 ms per 7.5 MB copy here, on the step's critical path. Processes on
+one machine can instead share files in a tmpfs folder (the *area*, one per executor): a parameter
+server keeps its parameters in a block there and updates them in place; a worker writes its
+gradient sum into a block of its own; the other side maps the block and reads it where it lies.
+Only small descriptors (`BlockRef`) travel through Ray.
+
+This is safe only while nobody writes a block someone else is reading. The coordinator guarantees
+that in sync mode alone: a worker reads parameters only between two applies, and writes a gradient
+block again only after the server has applied the last one (the next step waits for that apply).
+A process that cannot see the area (another machine) falls back to the object store.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import shutil
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+__all__ = ["BlockRef", "SharedArea", "area_visible", "visible", "write_block", "allocate_block", "Attachments",
+           "remove_block"]
+
+ALIGNMENT = 64  # bytes; each array starts on a cache line
+ROOT_CANDIDATES = ("/dev/shm",)
+MARKER = "area"
+
+
+@dataclass(frozen=True)
+class BlockRef:
+    """Where a block lies and what it holds: `layout` is `(name, dtype, shape, offset)` per array.
+    `area` names the folder's marker so a reader can tell whether it sees the same folder."""
+
+    path: str
+    area: str
+    layout: tuple
+
+
+class SharedArea:
+    """A folder in tmpfs for one executor's blocks, removed with it (and, when this process was
+    killed before it could remove it, by the next executor on this machine)."""
+
+    def __init__(self, root: str):
+        self.token = uuid.uuid4().hex
+        self.path = os.path.join(root, f"gradserve-{os.getpid()}-{self.token[:12]}")
+        os.makedirs(self.path, mode=0o700)
+        with open(os.path.join(self.path, MARKER), "w") as handle:
+            handle.write(self.token)
+
+    @classmethod
+    def create(cls) -> "SharedArea | None":
+        """An area in the first usable tmpfs, or None where there is none (no fast lane then)."""
+        if not enabled():
+            return None
+        for root in ROOT_CANDIDATES:
+            if os.path.isdir(root) and os.access(root, os.W_OK):
+                _remove_orphans(root)
+                try:
+                    return cls(root)
+                except OSError:
+                    continue
+        return None
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def enabled() -> bool:
+    """`GRADSERVE_SHARED_MEMORY=off` turns the fast lane off in a process (everything then goes
+    through the object store, as between machines)."""
+    return os.environ.get("GRADSERVE_SHARED_MEMORY", "on").lower() not in ("off", "0", "false", "no")
+
+
+def area_visible(folder: str, token: str) -> bool:
+    """Whether this process sees the area `(folder, token)` (same machine, same tmpfs)."""
+    if not enabled():
+        return False
+    try:
+        with open(os.path.join(folder, MARKER)) as handle:
+            return handle.read() == token
+    except OSError:
+        return False
+
+
+def visible(ref: BlockRef) -> bool:
+    """Whether this process sees the area the block lies in."""
+    return area_visible(os.path.dirname(ref.path), ref.area)
+
+
+def _layout(arrays: Mapping[str, tuple]) -> tuple[tuple, int]:
+    layout, offset = [], 0
+    for name, (dtype, shape) in arrays.items():
+        dtype = np.dtype(dtype)
+        layout.append((name, dtype.str, tuple(int(d) for d in shape), offset))
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        offset += -(-nbytes // ALIGNMENT) * ALIGNMENT
+    return tuple(layout), max(offset, ALIGNMENT)
+
+
+def allocate_block(area_path: str, area_token: str, name: str,
+                   arrays: Mapping[str, tuple]) -> tuple[BlockRef, dict[str, np.ndarray]]:
+    """A new block for arrays `{name: (dtype, shape)}`: its ref and writable views into it."""
+    layout, size = _layout(arrays)
+    path = os.path.join(area_path, name)
+    with open(path, "w+b") as handle:
+        handle.truncate(size)
+        buffer = mmap.mmap(handle.fileno(), size)
+    ref = BlockRef(path, area_token, layout)
+    return ref, _views(buffer, layout, writable=True)
+
+
+def write_block(area_path: str, area_token: str, name: str,
+                arrays: Mapping[str, np.ndarray], cache: dict) -> BlockRef:
+    """Copy `arrays` into the block `name` (kept in `cache` and reused while the layout holds)."""
+    wanted = {key: (value.dtype, value.shape) for key, value in arrays.items()}
+    held = cache.get(name)
+    if held is None or held[0].layout != _layout(wanted)[0]:
+        cache[name] = allocate_block(area_path, area_token, name, wanted)
+    ref, views = cache[name]
+    for key, value in arrays.items():
+        np.copyto(views[key], value, casting="no")
+    return ref
+
+
+def remove_block(ref_or_path) -> None:
+    path = ref_or_path.path if isinstance(ref_or_path, BlockRef) else ref_or_path
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+class Attachments:
+    """Read-only maps of other processes' blocks, by path, the newest few kept."""
+
+    def __init__(self, capacity: int = 64):
+        self.capacity = capacity
+        self._maps: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
+
+    def arrays(self, ref: BlockRef) -> dict[str, np.ndarray]:
+        key = (ref.path, ref.layout)
+        views = self._maps.get(key)
+        if views is None:
+            with open(ref.path, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                buffer = mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_READ)
+            views = self._maps[key] = _views(buffer, ref.layout, writable=False)
+            while len(self._maps) > self.capacity:
+                self._maps.popitem(last=False)
+        self._maps.move_to_end(key)
+        return views
+
+    def forget(self, prefix: str) -> None:
+        for key in [key for key in self._maps if os.path.basename(key[0]).startswith(prefix)]:
+            del self._maps[key]
+
+
+def _views(buffer, layout, *, writable: bool) -> dict[str, np.ndarray]:
+    views = {}
+    for name, dtype, shape, offset in layout:
+        count = int(np.prod(shape, dtype=np.int64))
+        array = np.frombuffer(buffer, dtype=np.dtype(dtype), count=count, offset=offset).reshape(shape)
+        if not writable:
+            array.flags.writeable = False
+        views[name] = array
+    return views
+
+
+def _remove_orphans(root: str) -> None:
+    """Remove areas whose executor process is gone (it was killed before cleaning up)."""
+    for entry in os.listdir(root):
+        parts = entry.split("-")
+        if len(parts) == 3 and parts[0] == "gradserve" and parts[1].isdigit():
+            if not os.path.exists(f"/proc/{parts[1]}"):
+                shutil.rmtree(os.path.join(root, entry), ignore_errors=True)

@@ -1,0 +1,117 @@
+"""The shared-memory lane between workers and parameter servers on one machine, on real Ray actors:
+a server publishes a block instead of a copy, a worker that sees the area writes its gradient into a
+block, a worker that does not (`GRADSERVE_SHARED_MEMORY=off`, as on another machine) reads a copy
+and returns a dense gradient; both give the engine's gradient and the same update. Sync training
+with the lane equals training without it, bit for bit, and an executor leaves no block behind."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import ray
+
+from gradserve_services.cluster import LocalExecutor, RayExecutor, TrainerConfig
+from gradserve_services.cluster.remote import RemoteServer, RemoteWorker
+from gradserve_services.cluster.shared import Attachments, BlockRef, SharedArea
+from gradserve_services.engine import Model
+
+from .helpers import MLP_SPEC, batches
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+OPTIMIZER = {"name": "momentum", "lr": 0.05, "momentum": 0.9}
+RULE = {"bound": 0, "policy": "drop"}
+
+
+@pytest.fixture(scope="module")
+def executor():
+    started = RayExecutor(num_workers=2, num_cpus=4, object_store_memory=256 * 1024 * 1024)
+    yield started
+    started.shutdown()
+
+
+def test_near_and_far_workers_feed_one_shared_server(executor):
+    area = SharedArea.create()
+    assert area is not None, "this machine has a tmpfs at /dev/shm"
+    model = Model(MLP_SPEC)
+    params = model.init_parameters(seed=3, dtype="float64")
+    (x, y), = batches(1, rows=96, seed=5)
+    server = RemoteServer.remote()
+    near = RemoteWorker.remote()
+    far = RemoteWorker.options(runtime_env={"env_vars": {"GRADSERVE_SHARED_MEMORY": "off"}}).remote()
+    try:
+        published = server.create_table.remote("t", params, OPTIMIZER, RULE, (area.path, area.token))
+        version, block = ray.get(published)
+        assert version == 0 and isinstance(block, BlockRef) and os.path.exists(block.path)
+        x_ref, y_ref = ray.put(x), ray.put(y)
+        task = {"spec": MLP_SPEC, "table": "t", "partition": [list(params)], "area": (area.path, area.token),
+                "servers": [server]}
+        outputs = {name: worker.compute.options(num_returns=2).remote(
+                       dict(task, start=start, stop=stop, slot=slot), [published], x_ref, y_ref)
+                   for name, worker, start, stop, slot in (("near", near, 0, 40, 0), ("far", far, 40, 96, 1))}
+        parts = {name: ray.get(part) for name, (part, _) in outputs.items()}
+        assert parts["near"]["kind"] == "shared" and parts["far"]["kind"] == "dense"
+
+        near_grad = Attachments().arrays(parts["near"]["block"])  # the block holds the sum
+        for name, (start, stop) in (("near", (0, 40)), ("far", (40, 96))):
+            got = near_grad if name == "near" else parts["far"]["grads"]
+            expected = model.loss_and_grad_sum(params, x[start:stop], y[start:stop], seed=0,
+                                               sample_offset=start).grad_sum
+            for key, value in expected.items():
+                np.testing.assert_array_equal(got[key], value, err_msg=f"{name} {key}")
+
+        new_published, report = server.apply.options(num_returns=2).remote(
+            "t", "step-1", 96, 0, None, outputs["near"][0], outputs["far"][0])
+        assert ray.get(report)["version"] == 1
+        _, applied = ray.get(server.snapshot.remote("t"))
+    finally:
+        for handle in (server, near, far):
+            ray.kill(handle)
+        area.remove()
+
+    reference = LocalExecutor(num_workers=2)
+    trainer = reference.create_trainer(TrainerConfig(MLP_SPEC, OPTIMIZER, num_workers=2), params)
+    trainer.step("step-1", x, y)
+    _, expected_params = trainer.parameters()
+    reference.shutdown()
+    for name, value in expected_params.items():
+        np.testing.assert_allclose(applied[name], value, rtol=1e-12, atol=1e-15, err_msg=name)
+
+
+def test_sync_training_with_the_lane_equals_without(executor, monkeypatch):
+    params = Model(MLP_SPEC).init_parameters(seed=0, dtype="float64")
+    data = batches(5, rows=90, seed=2)
+    config = TrainerConfig(MLP_SPEC, {"name": "adam", "lr": 0.01}, num_workers=3)
+    assert executor._backend.shared_area is not None
+
+    def train():
+        trainer = executor.create_trainer(config, params)
+        try:
+            for step, (x, y) in enumerate(data):
+                trainer.step(step, x, y)
+            return trainer.parameters()
+        finally:
+            trainer.close()
+
+    version, shared = train()
+    monkeypatch.setattr(executor._backend, "shared_area", None)  # this trainer: the object store only
+    plain_version, plain = train()
+    assert version == plain_version == len(data)
+    for name in plain:
+        np.testing.assert_array_equal(shared[name], plain[name], err_msg=name)
+
+
+def test_executor_removes_its_area():
+    started = RayExecutor(num_workers=1, num_cpus=2, object_store_memory=128 * 1024 * 1024)
+    folder = started._backend.shared_area[0]
+    trainer = started.create_trainer(TrainerConfig(MLP_SPEC, OPTIMIZER, num_workers=1),
+                                     Model(MLP_SPEC).init_parameters(seed=0, dtype="float64"))
+    (x, y), = batches(1, rows=16, seed=1)
+    trainer.step(1, x, y)
+    assert any("params" in name for name in os.listdir(folder))
+    assert any("grad" in name for name in os.listdir(folder))
+    trainer.close()
+    started.shutdown()
+    assert not os.path.exists(folder)
