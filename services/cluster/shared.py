@@ -119,11 +119,15 @@ def allocate_block(area_path: str, area_token: str, name: str,
 
 def write_block(area_path: str, area_token: str, name: str,
                 arrays: Mapping[str, np.ndarray], cache: dict) -> BlockRef:
-    """Copy `arrays` into the block `name` (kept in `cache` and reused while the layout holds)."""
+    """Copy `arrays` into the block kept in `cache` under `name`, reused while the layout holds.
+    A new layout gets a new file (a new path): readers may still map the old one, which stays
+    valid for them, and a path never changes what it holds."""
     wanted = {key: (value.dtype, value.shape) for key, value in arrays.items()}
     held = cache.get(name)
     if held is None or held[0].layout != _layout(wanted)[0]:
-        cache[name] = allocate_block(area_path, area_token, name, wanted)
+        if held is not None:
+            remove_block(held[0])
+        cache[name] = allocate_block(area_path, area_token, f"{name}-{uuid.uuid4().hex[:8]}", wanted)
     ref, views = cache[name]
     for key, value in arrays.items():
         np.copyto(views[key], value, casting="no")

@@ -26,7 +26,9 @@ from gradserve_services.errors import FailedPrecondition, InvalidArgument, Unava
 
 from .backend import Backend
 from .config import StepResult, TrainerConfig
+from .shared import remove_block, write_block
 from .sharding import partition_parameters, split_rows
+from .worker import AreaNotVisible
 
 __all__ = ["Trainer", "step_key"]
 
@@ -69,6 +71,9 @@ class Trainer:
         # Sync steps may share memory with workers on this machine (see shared.py); the on-arrival
         # modes apply while other shards still read the parameters, so they never do.
         self._area = backend.shared_area if self.config.consistency == "sync" else None
+        # Batches go through the area too once every worker of the last step could see it.
+        self._workers_near = False
+        self._batch_blocks: dict = {}
         backend.reserve_workers(self._table, self._num_workers)
         servers = backend.servers(len(self._partition))
         self._snapshots = [
@@ -156,6 +161,7 @@ class Trainer:
             self._check_open()
             self._backend.reserve_workers(self._table, num_workers)
             self._num_workers = num_workers
+            self._workers_near = False
 
     @property
     def num_workers(self) -> int:
@@ -176,12 +182,14 @@ class Trainer:
             for worker in backend.workers(self._num_workers):
                 backend.submit(worker, "forget", self._table)
             backend.release_workers(self._table)
+            for ref, _ in self._batch_blocks.values():
+                remove_block(ref)
 
     # ----- steps ---------------------------------------------------------------------------------
 
     def _step_sync(self, key: str, x, y) -> StepResult:
         clock = _Clock()
-        x_ref, y_ref = self._backend.put(x), self._backend.put(y)
+        x_ref, y_ref = self._batch_refs(x, y)
         clock.mark("put")
         calls = self._dispatch_all(x.shape[0], x_ref, y_ref)
         servers = self._backend.servers(len(self._partition))
@@ -192,8 +200,10 @@ class Trainer:
         # through this process. If a worker is lost, that apply fails on its missing argument
         # without running, and is submitted again below after the shard is re-run.
         early = None if needs_norm_first else self._submit_apply(servers, key, calls, total, None)
-        stats, failures = self._gather(calls, x_ref, y_ref)
+        stats, failures = self._gather(calls, x, y, x_ref, y_ref)
         clock.mark("gathered")
+        self._workers_near = self._area is not None and failures == [0, 0] and \
+            all(s.get("sees_area") for s in stats)
         norm = None
         if early is not None and failures[1] == 0:
             outputs = early
@@ -209,6 +219,14 @@ class Trainer:
         if norm is None:
             norm = math.sqrt(sum(report["grad_norm"] ** 2 for report in reports))
         return self._result(stats, [reports[0]], clock, failures, grad_norm=norm)
+
+    def _batch_refs(self, x, y):
+        """`(x_ref, y_ref)`: one shared block holding both (y_ref None) while every worker is near,
+        else two object-store entries."""
+        if self._area is None or not self._workers_near:
+            return self._backend.put(x), self._backend.put(y)
+        folder, token = self._area
+        return write_block(folder, token, f"{self._table}-batch", {"x": x, "y": y}, self._batch_blocks), None
 
     def _submit_apply(self, servers, key, calls, total, norm):
         return [self._backend.submit(server, "apply", self._table, key, total, self._version, norm,
@@ -272,7 +290,9 @@ class Trainer:
                     "seed": seed, "compression": self.config.compression,
                     "topk_fraction": self.config.topk_fraction, "slot": position}
             if self._area is not None and self.config.compression == "none":
-                task.update(area=self._area, servers=self._backend.servers(len(self._partition)))
+                task["area"] = self._area
+                if not self._workers_near:  # a worker that cannot see the area asks them for copies
+                    task["servers"] = self._backend.servers(len(self._partition))
             calls.append(self._dispatch(position, task, x_ref, y_ref))
         return calls
 
@@ -282,7 +302,7 @@ class Trainer:
                                        num_returns=len(self._partition) + 1)
         return _ShardCall(position, task, futures[:-1], futures[-1])
 
-    def _gather(self, calls: list[_ShardCall], x_ref, y_ref):
+    def _gather(self, calls: list[_ShardCall], x, y, x_ref, y_ref):
         """Every shard's stats, re-running shards whose worker was lost. Returns (stats, failures)
         with failures = [workers lost, shards re-run]."""
         stats = [None] * len(calls)
@@ -294,6 +314,13 @@ class Trainer:
                 try:
                     stats[index] = self._backend.get(call.stats)
                 except Exception as error:  # noqa: BLE001 - classified by the backend
+                    if y_ref is None:  # re-runs may land anywhere: they get the batch by store
+                        x_ref, y_ref = self._backend.put(x), self._backend.put(y)
+                    if "area" in call.task:  # ... and the servers, to ask for parameter copies
+                        call.task = {**call.task, "servers": self._backend.servers(len(self._partition))}
+                    if isinstance(self._backend.cause(error), AreaNotVisible):
+                        calls[index] = self._dispatch(call.position, call.task, x_ref, y_ref)
+                        continue
                     healthy = [c.position for c, s in zip(calls, stats) if s is not None]
                     calls[index] = self._rerun(call, error, healthy, x_ref, y_ref, failures)
         return stats, failures

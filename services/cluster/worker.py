@@ -19,12 +19,17 @@ from gradserve_services.engine import Model
 from .compression import ErrorFeedback, encode
 from .shared import Attachments, BlockRef, area_visible, remove_block, visible, write_block
 
-__all__ = ["GradientWorker", "limit_blas_threads", "spec_key"]
+__all__ = ["GradientWorker", "AreaNotVisible", "limit_blas_threads", "spec_key"]
 
 # Bounded caches: a worker serves every session of an executor.
 MAX_CACHED_MODELS = 8
 MAX_CACHED_TABLES = 16
 MAX_GRADIENT_BLOCKS = 64
+
+
+class AreaNotVisible(RuntimeError):
+    """A batch was sent as a shared block to a worker on another machine; the coordinator sends
+    that shard again through the object store."""
 
 
 def limit_blas_threads() -> bool:
@@ -74,13 +79,19 @@ class GradientWorker:
         """
         started = time.perf_counter()
         started_at = time.time()
+        if isinstance(x, BlockRef):  # the batch, written by the coordinator on this machine
+            if not visible(x):
+                raise AreaNotVisible(f"pid {os.getpid()} cannot see {x.path}")
+            batch = self._attached.arrays(x)
+            x, y = batch["x"], batch["y"]
         version, params = self._parameters(task["table"], params_box, task.get("servers"))
         fetched = time.perf_counter()
         model = self._model(task["spec"])
         start, stop = task["start"], task["stop"]
         options = {"micro_batch_size": task.get("micro_batch_size"), "seed": task.get("seed", 0),
                    "sample_offset": start}
-        stats = {"count": stop - start, "version": version, "pid": os.getpid(), "jvp_sum": None}
+        stats = {"count": stop - start, "version": version, "pid": os.getpid(), "jvp_sum": None,
+                 "sees_area": self._sees(task.get("area"))}
         parts = [None] * len(task["partition"])
         bytes_raw = bytes_sent = 0
         if tangent_box is not None:

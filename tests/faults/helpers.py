@@ -25,7 +25,7 @@ from gradserve_services.checkpoint import load_checkpoint
 
 __all__ = [
     "SPEC", "STEPS", "OPTIMIZER", "TOKEN", "batch", "train", "Audit", "audit", "actor_pids",
-    "wait_for_proctitle", "kill_pid", "assert_same_parameters",
+    "wait_for_proctitle", "when_computing", "kill_pid", "assert_same_parameters",
 ]
 
 # Large enough that a worker's shard takes a few hundred ms (a window to kill it mid-step), small
@@ -52,13 +52,15 @@ def new_session(client: gradserve.Client, *, num_workers: int = 2, checkpoint_ev
 
 def train(client: gradserve.Client, session: str, *, fault_at: int | None = None, fault=None,
           first: int = 1, last: int = STEPS) -> dict[int, gradserve.StepResult]:
-    """Steps first..last, one batch each, step id = step number. At `fault_at` the step runs in a
-    thread while `fault()` strikes; the step must still complete (the SDK retries UNAVAILABLE with
-    the same step id)."""
+    """Steps first..last, one batch each, step id = step number. From `fault_at` on, a step runs in
+    a thread while `fault()` strikes, until it has struck once (a fault that returns False found
+    nothing in flight to strike, e.g. the shards were done before it looked); the step must still
+    complete (the SDK retries UNAVAILABLE with the same step id)."""
     results = {}
+    pending = fault is not None
     for step_id in range(first, last + 1):
         x, y = batch(step_id)
-        if step_id != fault_at:
+        if not pending or fault_at is None or step_id < fault_at:
             results[step_id] = client.step(session, x, y, step_id=step_id)
             continue
         outcome: dict = {}
@@ -71,12 +73,13 @@ def train(client: gradserve.Client, session: str, *, fault_at: int | None = None
 
         runner = threading.Thread(target=run_step)
         runner.start()
-        fault()
+        pending = fault() is False
         runner.join(timeout=300)
         assert not runner.is_alive(), f"step {step_id} did not finish after the fault"
         if "error" in outcome:
             raise outcome["error"]
         results[step_id] = outcome["result"]
+    assert not pending, f"the fault found no step in flight in steps {fault_at}..{last}"
     return results
 
 
@@ -163,6 +166,17 @@ def wait_for_proctitle(pids, fragment: str, timeout_s: float = 60.0) -> int:
         if callable(pids) and time.monotonic() - listed_at > 0.05:
             candidates, listed_at = listing(), time.monotonic()
     raise AssertionError(f"none of {candidates} showed {fragment!r} within {timeout_s} s")
+
+
+def when_computing(pids, action, timeout_s: float = 10.0) -> bool:
+    """Run `action(pid)` as soon as one of `pids` (a list, or a callable listing them afresh)
+    computes a shard; False if none did within `timeout_s` (for `train`: strike at a later step)."""
+    try:
+        pid = wait_for_proctitle(pids, "GradientWorker.compute", timeout_s)
+    except AssertionError:
+        return False
+    action(pid)
+    return True
 
 
 def kill_pid(pid: int) -> None:

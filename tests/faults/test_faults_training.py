@@ -34,7 +34,7 @@ from .helpers import (
     new_session,
     session_id_of,
     train,
-    wait_for_proctitle,
+    when_computing,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -123,9 +123,8 @@ def test_worker_process_sigkilled_mid_step(gateway, fault_free, head_sid):
         killed = []
 
         def kill_a_computing_worker():
-            pid = wait_for_proctitle(workers, "GradientWorker.compute")
-            kill_pid(pid)
-            killed.append(pid)
+            return when_computing(lambda: actor_pids("GradientWorker", head_sid),
+                                  lambda pid: (kill_pid(pid), killed.append(pid)))
 
         results = train(client, session, fault_at=4, fault=kill_a_computing_worker)
         assert not results[4].duplicate and results[4].version == 4
@@ -139,15 +138,15 @@ def test_worker_process_sigkilled_mid_step(gateway, fault_free, head_sid):
 
 def test_parameter_server_killed_session_restores_from_checkpoint(gateway, fault_free, head_sid):
     with gateway.client() as client:
-        # Checkpoints after steps 3 and 6: the kill in step 5 restores version 3 and replays step 4.
+        # Checkpoints after steps 3 and 6: a kill in step 5 restores version 3 and replays step 4
+        # (in step 6, 7 or 8 if step 5 went by too fast to strike).
         session = new_session(client, checkpoint_every_steps=3)
         servers = actor_pids("ParameterServer", head_sid)
         assert len(servers) == 1, servers
-        workers = actor_pids("GradientWorker", head_sid)
 
         def kill_the_server_mid_step():
-            wait_for_proctitle(workers, "GradientWorker.compute")
-            kill_pid(servers[0])
+            return when_computing(lambda: actor_pids("GradientWorker", head_sid),
+                                  lambda _: kill_pid(servers[0]))
 
         results = train(client, session, fault_at=5, fault=kill_the_server_mid_step)
         # the session went on at the right step: step 5 made version 5, then 6, 7, 8
@@ -194,12 +193,11 @@ def test_gateway_process_killed_and_restarted(gateway, fault_free, head_sid):
     with gateway.client(retries=10, retry_backoff_s=0.5) as client:
         session = new_session(client, checkpoint_every_steps=1)
         before = train(client, session, last=4)
-        workers = actor_pids("GradientWorker", head_sid)
         old_gateway = gateway.server.pid
 
         def kill_gateway_mid_step_and_restart():
-            wait_for_proctitle(workers, "GradientWorker.compute")
-            gateway.restart_after_kill()
+            return when_computing(lambda: actor_pids("GradientWorker", head_sid),
+                                  lambda _: gateway.restart_after_kill())
 
         after = train(client, session, first=5, fault_at=5, fault=kill_gateway_mid_step_and_restart)
         assert gateway.server.pid != old_gateway
@@ -241,14 +239,7 @@ def test_ray_node_removed_mid_step(gateway, cluster):
         assert not [pid for node in nodes for pid in actor_pids("ParameterServer", node.pgid)]
         removed = []
 
-        def remove_node_mid_step():
-            # listed afresh while waiting: the closed session's workers may still be exiting
-            try:
-                computing = wait_for_proctitle(
-                    lambda: [pid for node in nodes for pid in actor_pids("GradientWorker", node.pgid)],
-                    "GradientWorker.compute", timeout_s=10.0)
-            except AssertionError:
-                return  # this step's shards were done before one was seen: strike at the next
+        def remove_node(computing: int) -> None:
             node = next(node for node in nodes if session_id_of(computing) == node.pgid)
             removed.append(node)
             # every process of that node, by pid: raylet, its agents and its workers
@@ -258,14 +249,13 @@ def test_ray_node_removed_mid_step(gateway, cluster):
                 except ProcessLookupError:
                     pass
 
-        next_step = 2
-        for fault_at in range(4, STEPS + 1):
-            train(client, session, first=next_step, last=fault_at, fault_at=fault_at, fault=remove_node_mid_step)
-            next_step = fault_at + 1
-            if removed:
-                break
-        if next_step <= STEPS:
-            train(client, session, first=next_step)
+        def remove_node_mid_step():
+            # listed afresh while waiting: the closed session's workers may still be exiting
+            return when_computing(
+                lambda: [pid for node in nodes for pid in actor_pids("GradientWorker", node.pgid)],
+                remove_node)
+
+        train(client, session, first=2, fault_at=4, fault=remove_node_mid_step)
         result = audit(client, session, gateway.checkpoint_dir)
         client.close_session(session)
     assert removed and not any(session_id_of(pid) == removed[0].pgid for pid in _all_pids())
