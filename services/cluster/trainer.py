@@ -319,6 +319,7 @@ class Trainer:
                     if "area" in call.task:  # ... and the servers, to ask for parameter copies
                         call.task = {**call.task, "servers": self._backend.servers(len(self._partition))}
                     if isinstance(self._backend.cause(error), AreaNotVisible):
+                        failures[1] += 1  # a re-run on the same worker, with the batch by store
                         calls[index] = self._dispatch(call.position, call.task, x_ref, y_ref)
                         continue
                     healthy = [c.position for c, s in zip(calls, stats) if s is not None]

@@ -115,3 +115,40 @@ def test_executor_removes_its_area():
     trainer.close()
     started.shutdown()
     assert not os.path.exists(folder)
+
+
+def test_a_far_worker_joining_mid_training_gets_batches_by_store(executor, monkeypatch):
+    """A worker that cannot see the area (a replacement on another machine) gets a batch block it
+    cannot read: its shard is sent again through the object store, and the step's result is the
+    one without the lane."""
+    params = Model(MLP_SPEC).init_parameters(seed=4, dtype="float64")
+    data = batches(4, rows=64, seed=6)
+    config = TrainerConfig(MLP_SPEC, {"name": "sgd", "lr": 0.1}, num_workers=2)
+    backend = executor._backend
+
+    def train(swap_in_far_worker_after: int | None):
+        trainer = executor.create_trainer(config, params)
+        far = None
+        try:
+            for step, (x, y) in enumerate(data):
+                if step == swap_in_far_worker_after:
+                    far = RemoteWorker.options(
+                        num_cpus=1, runtime_env={"env_vars": {"GRADSERVE_SHARED_MEMORY": "off"}}).remote()
+                    ray.get(far.pid.remote())
+                    backend._workers[1], near = far, backend._workers[1]
+                result = trainer.step(step, x, y)
+                if step == swap_in_far_worker_after:
+                    assert result.retries == 1 and result.worker_failures == 0  # sent again, nobody lost
+            return trainer.parameters()
+        finally:
+            trainer.close()
+            if far is not None:
+                backend._workers[1] = near
+                ray.kill(far)
+
+    version, mixed = train(swap_in_far_worker_after=2)
+    monkeypatch.setattr(backend, "shared_area", None)
+    plain_version, plain = train(swap_in_far_worker_after=None)
+    assert version == plain_version == len(data)
+    for name in plain:
+        np.testing.assert_array_equal(mixed[name], plain[name], err_msg=name)
