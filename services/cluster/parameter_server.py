@@ -161,7 +161,10 @@ class ParameterServer:
         folder, token = area
 
         def allocate(arrays):
-            ref, views = allocate_block(folder, token, f"{table_id}-params-{uuid.uuid4().hex[:8]}", arrays)
+            try:
+                ref, views = allocate_block(folder, token, f"{table_id}-params-{uuid.uuid4().hex[:8]}", arrays)
+            except OSError:  # no room in the tmpfs: plain arrays, published by copy
+                return {name: np.empty(shape, dtype) for name, (dtype, shape) in arrays.items()}
             self._blocks[table_id] = ref
             return views
 

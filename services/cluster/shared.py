@@ -16,6 +16,7 @@ A process that cannot see the area (another machine) falls back to the object st
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import shutil
@@ -30,6 +31,7 @@ __all__ = ["BlockRef", "SharedArea", "area_visible", "visible", "write_block", "
            "remove_block"]
 
 ALIGNMENT = 64  # bytes; each array starts on a cache line
+RESERVE_BYTES = 64 << 20  # left free in the tmpfs for everyone else
 ROOT_CANDIDATES = ("/dev/shm",)
 MARKER = "area"
 
@@ -107,8 +109,13 @@ def _layout(arrays: Mapping[str, tuple]) -> tuple[tuple, int]:
 
 def allocate_block(area_path: str, area_token: str, name: str,
                    arrays: Mapping[str, tuple]) -> tuple[BlockRef, dict[str, np.ndarray]]:
-    """A new block for arrays `{name: (dtype, shape)}`: its ref and writable views into it."""
+    """A new block for arrays `{name: (dtype, shape)}`: its ref and writable views into it.
+    OSError where the tmpfs lacks room for it (touching pages of a file beyond that would kill the
+    process with SIGBUS, so the caller falls back to the object store instead)."""
     layout, size = _layout(arrays)
+    space = os.statvfs(area_path)
+    if size + RESERVE_BYTES > space.f_bavail * space.f_frsize:
+        raise OSError(errno.ENOSPC, f"{size} bytes do not fit in {area_path}")
     path = os.path.join(area_path, name)
     with open(path, "w+b") as handle:
         handle.truncate(size)

@@ -226,7 +226,10 @@ class Trainer:
         if self._area is None or not self._workers_near:
             return self._backend.put(x), self._backend.put(y)
         folder, token = self._area
-        return write_block(folder, token, f"{self._table}-batch", {"x": x, "y": y}, self._batch_blocks), None
+        try:
+            return write_block(folder, token, f"{self._table}-batch", {"x": x, "y": y}, self._batch_blocks), None
+        except OSError:  # no room in the tmpfs
+            return self._backend.put(x), self._backend.put(y)
 
     def _submit_apply(self, servers, key, calls, total, norm):
         return [self._backend.submit(server, "apply", self._table, key, total, self._version, norm,

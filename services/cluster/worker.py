@@ -108,8 +108,10 @@ class GradientWorker:
                 if task.get("compression") == "topk" else None
             shared = self._sees(task.get("area"))
             for index, names in enumerate(task["partition"]):
-                if shared:  # the server reads the sum where this worker wrote it
-                    parts[index] = self._shared_part(task, index, {n: result.grad_sum[n] for n in names})
+                part = self._shared_part(task, index, {n: result.grad_sum[n] for n in names}) \
+                    if shared else None  # the server reads the sum where this worker wrote it
+                if part is not None:
+                    parts[index] = part
                     raw = sent = sum(result.grad_sum[n].nbytes for n in names)
                 else:
                     parts[index], raw, sent = encode(
@@ -142,11 +144,14 @@ class GradientWorker:
             seen = self._areas_seen[area[1]] = area_visible(*area)
         return seen
 
-    def _shared_part(self, task: dict, index: int, grads: dict) -> dict:
+    def _shared_part(self, task: dict, index: int, grads: dict) -> dict | None:
         # One block per (table, shard slot, server shard): a worker re-running another shard in the
         # same step writes a different block, never one the server may still read.
         name = f"{task['table']}-grad-{os.getpid()}-{task.get('slot', 0)}-{index}"
-        ref = write_block(task["area"][0], task["area"][1], name, grads, self._grad_blocks)
+        try:
+            ref = write_block(task["area"][0], task["area"][1], name, grads, self._grad_blocks)
+        except OSError:  # no room in the tmpfs: this part goes through the object store
+            return None
         self._grad_blocks.move_to_end(name)
         while len(self._grad_blocks) > MAX_GRADIENT_BLOCKS:
             remove_block(self._grad_blocks.popitem(last=False)[1][0])

@@ -152,3 +152,23 @@ def test_a_far_worker_joining_mid_training_gets_batches_by_store(executor, monke
     assert version == plain_version == len(data)
     for name in plain:
         np.testing.assert_array_equal(mixed[name], plain[name], err_msg=name)
+
+
+def test_no_room_in_the_tmpfs_means_copies(monkeypatch):
+    """Where the tmpfs is too small for a block, the server keeps plain arrays and publishes copies
+    (touching a file's pages beyond the tmpfs would kill the process)."""
+    from gradserve_services.cluster import shared
+    from gradserve_services.cluster.parameter_server import ParameterServer
+
+    area = SharedArea.create()
+    params = Model(MLP_SPEC).init_parameters(seed=0, dtype="float64")
+    try:
+        roomy = ParameterServer().create_table("t", params, OPTIMIZER, RULE, (area.path, area.token))
+        assert isinstance(roomy[1], BlockRef)
+        monkeypatch.setattr(shared, "RESERVE_BYTES", 1 << 62)
+        cramped = ParameterServer().create_table("t", params, OPTIMIZER, RULE, (area.path, area.token))
+        assert not isinstance(cramped[1], BlockRef)
+        for name, value in params.items():
+            np.testing.assert_array_equal(cramped[1][name], value)
+    finally:
+        area.remove()
