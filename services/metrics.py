@@ -59,6 +59,7 @@ PlatformCollector(registry=REGISTRY)
 # A step is split into these phases by the coordinator; only these become label values.
 STEP_PHASES = ("broadcast", "compute", "gather", "apply")
 UPDATE_OUTCOMES = ("applied", "duplicate", "dropped_stale")
+CONSISTENCY_MODES = ("sync", "async", "bounded")  # the `mode` label: a session's consistency
 
 # Steps and RPCs range from a millisecond (a tiny MLP on one worker, a health check) to minutes
 # (a large model over a slow or recovering cluster); roughly 2.5x apart so p50/p99 estimated by
@@ -183,6 +184,15 @@ ACTIVE_SESSIONS = Gauge(
     registry=REGISTRY,
 )
 
+# Every known label value exists from the start, at zero: a rate over a window then sees a job's
+# first steps as an increase, even a job that runs within one scrape interval.
+for _mode in CONSISTENCY_MODES:
+    STEP_DURATION.labels(mode=_mode)
+for _phase in STEP_PHASES:
+    STEP_PHASE_DURATION.labels(phase=_phase)
+for _outcome in UPDATE_OUTCOMES:
+    UPDATES.labels(outcome=_outcome)
+
 # Exposed names (as scraped, counters with `_total`) so tests and the dashboards can be checked
 # against exactly what this module defines.
 METRIC_NAMES = frozenset(
@@ -230,6 +240,16 @@ def stop_metrics_server(port: int) -> None:
     server = _servers.pop(port)
     server.shutdown()
     server.server_close()
+
+
+def declare_rpc_methods(methods: Iterable[str]) -> None:
+    """Create the per-method series of a service's methods at zero (their OK count too), so the
+    first call of each shows as an increase to a rate, not as a series that appeared."""
+    for method in methods:
+        RPCS.labels(method=method, code="OK")
+        RPC_DURATION.labels(method=method)
+        RPC_RECEIVED_BYTES.labels(method=method)
+        RPC_SENT_BYTES.labels(method=method)
 
 
 def record_rpc(

@@ -4,9 +4,7 @@ a `Backend`."""
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import OrderedDict
 from typing import Mapping
 
 import numpy as np
@@ -17,7 +15,7 @@ from gradserve_services.errors import InvalidArgument, Unavailable
 from .config import TrainerConfig
 from .sharding import split_rows
 from .trainer import Trainer
-from .worker import spec_key
+from .worker import ModelCache
 
 __all__ = ["Executor", "LocalExecutor", "RayExecutor"]
 
@@ -31,8 +29,7 @@ class Executor:
             raise InvalidArgument(f"must be an integer >= 1, got {num_workers!r}", "num_workers")
         self.num_workers = num_workers
         self._backend = backend
-        self._models: OrderedDict[str, Model] = OrderedDict()
-        self._models_lock = threading.Lock()
+        self._models = ModelCache(MAX_CACHED_MODELS)
         self._trainers: set[Trainer] = set()
         backend.reserve_workers("__executor__", num_workers)
 
@@ -120,15 +117,7 @@ class Executor:
         self._backend.shutdown()
 
     def _model(self, spec) -> Model:
-        key = spec_key(spec)
-        with self._models_lock:
-            model = self._models.get(key)
-            if model is None:
-                model = self._models[key] = Model(spec)
-                while len(self._models) > MAX_CACHED_MODELS:
-                    self._models.popitem(last=False)
-            self._models.move_to_end(key)
-            return model
+        return self._models.get(spec)
 
     def __enter__(self):
         return self

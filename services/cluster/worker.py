@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections import OrderedDict
 
@@ -19,7 +20,7 @@ from gradserve_services.engine import Model
 from .compression import ErrorFeedback, encode
 from .shared import Attachments, BlockRef, area_visible, remove_block, visible, write_block
 
-__all__ = ["GradientWorker", "AreaNotVisible", "limit_blas_threads", "spec_key"]
+__all__ = ["GradientWorker", "AreaNotVisible", "ModelCache", "limit_blas_threads", "spec_key"]
 
 # Bounded caches: a worker serves every session of an executor.
 MAX_CACHED_MODELS = 8
@@ -48,11 +49,31 @@ def spec_key(spec) -> str:
     return json.dumps(spec, sort_keys=True, separators=(",", ":"))
 
 
+class ModelCache:
+    """`Model`s by spec, the most recently used few kept (validation and topological sort once)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._models: OrderedDict[str, Model] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, spec) -> Model:
+        key = spec_key(spec)
+        with self._lock:
+            model = self._models.get(key)
+            if model is None:
+                model = self._models[key] = Model(spec)
+                while len(self._models) > self.capacity:
+                    self._models.popitem(last=False)
+            self._models.move_to_end(key)
+            return model
+
+
 class GradientWorker:
     def __init__(self, limit_threads: bool = True):
         if limit_threads:
             limit_blas_threads()
-        self._models: OrderedDict[str, Model] = OrderedDict()
+        self._models = ModelCache(MAX_CACHED_MODELS)
         self._params: OrderedDict[str, tuple] = OrderedDict()  # table -> (box ids, version, params)
         self._feedback: dict[str, ErrorFeedback] = {}
         self._attached = Attachments()  # parameter blocks of servers on this machine
@@ -126,14 +147,7 @@ class GradientWorker:
         return (*parts, stats)
 
     def _model(self, spec) -> Model:
-        key = spec_key(spec)
-        model = self._models.get(key)
-        if model is None:
-            model = self._models[key] = Model(spec)
-            while len(self._models) > MAX_CACHED_MODELS:
-                self._models.popitem(last=False)
-        self._models.move_to_end(key)
-        return model
+        return self._models.get(spec)
 
     def _sees(self, area) -> bool:
         """Whether the shared area `(folder, token)` is on this machine (asked once per area)."""

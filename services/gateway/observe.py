@@ -39,24 +39,41 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
 
 class _Call:
-    """Byte counts and clock of one RPC."""
+    """Byte counts and clock of one RPC; as a context manager, records it when the handler ends."""
 
-    def __init__(self, method: str):
+    def __init__(self, method: str, request, request_streaming: bool):
         self.method = method
         self.started = time.perf_counter()
         self.received = 0
         self.sent = 0
+        if request_streaming:
+            self.request = self._count_in(request)
+        else:
+            self.request, self.received = request, _size(request)
 
-    def count_in(self, messages):
+    def _count_in(self, messages):
         for message in messages:
             self.received += _size(message)
             yield message
 
-    def finish(self, context, failed: bool) -> None:
-        code = context.code() if hasattr(context, "code") else None
+    def recording(self, context):
+        return _Recording(self, context)
+
+
+class _Recording:
+    def __init__(self, call: _Call, context):
+        self.call, self.context = call, context
+
+    def __enter__(self):
+        return self.call
+
+    def __exit__(self, exc_type, exc, traceback) -> bool:
+        code = self.context.code() if hasattr(self.context, "code") else None
         if code is None:
-            code = grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
-        metrics.record_rpc(self.method, code.name, time.perf_counter() - self.started, self.received, self.sent)
+            code = grpc.StatusCode.UNKNOWN if exc_type is not None else grpc.StatusCode.OK
+        call = self.call
+        metrics.record_rpc(call.method, code.name, time.perf_counter() - call.started, call.received, call.sent)
+        return False
 
 
 def _size(message) -> int:
@@ -64,35 +81,18 @@ def _size(message) -> int:
 
 
 def _observed(behavior, method: str, request_streaming: bool, response_streaming: bool):
+    # A handler that streams its replies must itself be a generator, hence two wrappers.
     if response_streaming:
         def observed_stream(request, context):
-            call = _Call(method)
-            if request_streaming:
-                request = call.count_in(request)
-            else:
-                call.received = _size(request)
-            failed = True
-            try:
-                for reply in behavior(request, context):
+            with _Call(method, request, request_streaming).recording(context) as call:
+                for reply in behavior(call.request, context):
                     call.sent += _size(reply)
                     yield reply
-                failed = False
-            finally:
-                call.finish(context, failed)
         return observed_stream
 
     def observed_unary(request, context):
-        call = _Call(method)
-        if request_streaming:
-            request = call.count_in(request)
-        else:
-            call.received = _size(request)
-        failed = True
-        try:
-            reply = behavior(request, context)
+        with _Call(method, request, request_streaming).recording(context) as call:
+            reply = behavior(call.request, context)
             call.sent = _size(reply) if reply is not None else 0
-            failed = False
             return reply
-        finally:
-            call.finish(context, failed)
     return observed_unary

@@ -13,6 +13,8 @@ from gradserve.client import CHANNEL_OPTIONS
 from gradserve.transfer import DEFAULT_MAX_REQUEST_BYTES, rpc_codecs
 from gradserve.v1 import service_pb2
 
+from gradserve_services import metrics
+
 from . import wire
 from .auth import AuthInterceptor, Authenticator
 from .observe import MetricsInterceptor
@@ -65,6 +67,7 @@ def create_server(
     `max_concurrent_calls`: calls beyond it are answered RESOURCE_EXHAUSTED by gRPC itself.
     """
     authenticator = Authenticator(auth_tokens)
+    metrics.declare_rpc_methods(m.name for m in service_pb2.DESCRIPTOR.services_by_name["Gradserve"].methods)
     interceptors = [MetricsInterceptor()]
     if authenticator.enabled:
         interceptors.append(AuthInterceptor(authenticator))

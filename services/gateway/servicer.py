@@ -6,6 +6,7 @@ is logged and answered INTERNAL without internals.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -31,30 +32,30 @@ def _answering_errors(method):
     """Map failures of a servicer method (plain or generator) to statuses."""
     name = method.__name__
 
-    if inspect.isgeneratorfunction(method):
+    if inspect.isgeneratorfunction(method):  # a streaming handler must itself be a generator
         @functools.wraps(method)
         def streaming(self, request, context):
-            try:
+            with _statuses(context, name):
                 yield from method(self, wire.decoded(request), context)
-            except GradserveError as error:
-                abort_with(context, error)
-            except Exception as error:  # noqa: BLE001 - the one catch-all, logged
-                if _is_abort(context):
-                    raise
-                abort_internal(context, name, error)
         return streaming
 
     @functools.wraps(method)
     def unary(self, request, context):
-        try:
+        with _statuses(context, name):
             return method(self, wire.decoded(request), context)
-        except GradserveError as error:
-            abort_with(context, error)
-        except Exception as error:  # noqa: BLE001 - the one catch-all, logged
-            if _is_abort(context):
-                raise
-            abort_internal(context, name, error)
     return unary
+
+
+@contextlib.contextmanager
+def _statuses(context, name: str):
+    try:
+        yield
+    except GradserveError as error:
+        abort_with(context, error)
+    except Exception as error:  # noqa: BLE001 - the one catch-all, logged
+        if _is_abort(context):
+            raise
+        abort_internal(context, name, error)
 
 
 def _is_abort(context) -> bool:

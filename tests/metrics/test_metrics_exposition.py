@@ -147,3 +147,10 @@ def test_server_binds_loopback_and_stops():
         metrics.stop_metrics_server(port)
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+def test_mode_label_values_are_the_consistency_modes():
+    from gradserve_services import metrics
+    from gradserve_services.cluster.config import CONSISTENCY_MODES
+
+    assert metrics.CONSISTENCY_MODES == CONSISTENCY_MODES
