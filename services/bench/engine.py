@@ -190,18 +190,27 @@ def _gradient_by_forward_mode(model, params, x, y) -> dict:
     return grads
 
 
+# Pause between turns: PyTorch's OpenMP pool and OpenBLAS's threads keep spinning for a while
+# after their last call, and with 2 threads on 2 cores that steals the next turn's cores (it
+# showed as a GEMM ceiling below what the step itself reached).
+SETTLE_S = 0.3
+
+
 def _interleaved_medians(steps, repeats: int, warmup: int) -> list[float]:
     """Median seconds of each step, taking turns so that load from other processes on the machine
     falls on all of them alike rather than on whichever ran during it."""
     for step in steps:
         for _ in range(warmup):
             step()
+        time.sleep(SETTLE_S)
     times = [[] for _ in steps]
     for _ in range(max(repeats, 1)):
         for step, samples in zip(steps, times):
+            step()  # once untimed: the turn starts with warm caches and awake threads
             started = time.perf_counter()
             step()
             samples.append(time.perf_counter() - started)
+            time.sleep(SETTLE_S)
     return [statistics.median(samples) for samples in times]
 
 
