@@ -292,7 +292,7 @@ class Trainer:
                     "partition": self._partition, "micro_batch_size": self.config.micro_batch_size,
                     "seed": seed, "compression": self.config.compression,
                     "topk_fraction": self.config.topk_fraction, "slot": position}
-            if self._area is not None and self.config.compression == "none":
+            if self._area is not None:
                 task["area"] = self._area
                 if not self._workers_near:  # a worker that cannot see the area asks them for copies
                     task["servers"] = self._backend.servers(len(self._partition))

@@ -127,7 +127,8 @@ class GradientWorker:
             computed = time.perf_counter()
             feedback = self._feedback.setdefault(task["table"], ErrorFeedback()) \
                 if task.get("compression") == "topk" else None
-            shared = self._sees(task.get("area"))
+            # compressed parts are small and are what the server must decode: they travel as is
+            shared = self._sees(task.get("area")) and task.get("compression", "none") == "none"
             for index, names in enumerate(task["partition"]):
                 part = self._shared_part(task, index, {n: result.grad_sum[n] for n in names}) \
                     if shared else None  # the server reads the sum where this worker wrote it

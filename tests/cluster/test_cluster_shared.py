@@ -80,10 +80,11 @@ def test_near_and_far_workers_feed_one_shared_server(executor):
         np.testing.assert_allclose(applied[name], value, rtol=1e-12, atol=1e-15, err_msg=name)
 
 
-def test_sync_training_with_the_lane_equals_without(executor, monkeypatch):
+@pytest.mark.parametrize("compression", ["none", "fp16"])
+def test_sync_training_with_the_lane_equals_without(executor, monkeypatch, compression):
     params = Model(MLP_SPEC).init_parameters(seed=0, dtype="float64")
     data = batches(5, rows=90, seed=2)
-    config = TrainerConfig(MLP_SPEC, {"name": "adam", "lr": 0.01}, num_workers=3)
+    config = TrainerConfig(MLP_SPEC, {"name": "adam", "lr": 0.01}, num_workers=3, compression=compression)
     assert executor._backend.shared_area is not None
 
     def train():
@@ -117,13 +118,14 @@ def test_executor_removes_its_area():
     assert not os.path.exists(folder)
 
 
-def test_a_far_worker_joining_mid_training_gets_batches_by_store(executor, monkeypatch):
+@pytest.mark.parametrize("compression", ["none", "fp16"])
+def test_a_far_worker_joining_mid_training_gets_batches_by_store(executor, monkeypatch, compression):
     """A worker that cannot see the area (a replacement on another machine) gets a batch block it
     cannot read: its shard is sent again through the object store, and the step's result is the
     one without the lane."""
     params = Model(MLP_SPEC).init_parameters(seed=4, dtype="float64")
     data = batches(4, rows=64, seed=6)
-    config = TrainerConfig(MLP_SPEC, {"name": "sgd", "lr": 0.1}, num_workers=2)
+    config = TrainerConfig(MLP_SPEC, {"name": "sgd", "lr": 0.1}, num_workers=2, compression=compression)
     backend = executor._backend
 
     def train(swap_in_far_worker_after: int | None):
