@@ -4,7 +4,8 @@ Per sync step: one `put` for x and one for y, one `compute` call per worker (par
 references to the parameter servers' last returned snapshots, which workers fetch once per version),
 one `get` of the workers' small stats, one `apply` per parameter-server shard that receives the
 workers' gradient references directly, one `get` of the servers' small reports. Gradients and
-parameters never pass through this process.
+parameters never pass through this process. On one machine (shared.py) the batch, the gradients and
+the parameters stay in shared memory and those references are descriptors of a few bytes.
 
 A worker lost mid-step (its process killed, its node gone) is replaced in the pool and its shard is
 re-run on a live worker with the same inputs, so a sync step's result is the fault-free one.
