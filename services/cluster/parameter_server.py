@@ -130,13 +130,29 @@ class ParameterServer:
 
     def create_table(self, table_id: str, params: Mapping, optimizer_config, rule: dict, area=None):
         """Create (or replace) a table; returns what the workers read its parameters from."""
-        self.tables[table_id] = ParameterTable(params, optimizer_config, StalenessRule(**rule),
-                                               self._allocator(table_id, area))
-        return self.published(table_id)
+        return self._install(table_id, area, lambda allocate: ParameterTable(
+            params, optimizer_config, StalenessRule(**rule), allocate))
 
     def load_table(self, table_id: str, arrays: Mapping, meta: Mapping, names, area=None):
-        self.tables[table_id] = ParameterTable.from_state(arrays, meta, names,
-                                                          self._allocator(table_id, area))
+        return self._install(table_id, area, lambda allocate: ParameterTable.from_state(
+            arrays, meta, names, allocate))
+
+    def _install(self, table_id: str, area, build):
+        """Build a table (its parameters in a new block where `area` allows), then replace the old
+        one and its block; if building fails, the old table and block stay as they were."""
+        new_blocks: list[BlockRef] = []
+        try:
+            table = build(self._allocator(table_id, area, new_blocks))
+        except BaseException:
+            for block in new_blocks:
+                remove_block(block)
+            raise
+        old = self._blocks.pop(table_id, None)
+        if old is not None:
+            remove_block(old)
+        if new_blocks:
+            self._blocks[table_id] = new_blocks[0]
+        self.tables[table_id] = table
         return self.published(table_id)
 
     def drop_table(self, table_id: str) -> None:
@@ -152,10 +168,7 @@ class ParameterServer:
         block = self._blocks.get(table_id)
         return (table.version, block) if block is not None else table.snapshot()
 
-    def _allocator(self, table_id: str, area):
-        old = self._blocks.pop(table_id, None)
-        if old is not None:
-            remove_block(old)
+    def _allocator(self, table_id: str, area, new_blocks: list):
         if area is None or not area_visible(*area):  # not on the coordinator's machine
             return None
         folder, token = area
@@ -165,7 +178,7 @@ class ParameterServer:
                 ref, views = allocate_block(folder, token, f"{table_id}-params-{uuid.uuid4().hex[:8]}", arrays)
             except OSError:  # no room in the tmpfs: plain arrays, published by copy
                 return {name: np.empty(shape, dtype) for name, (dtype, shape) in arrays.items()}
-            self._blocks[table_id] = ref
+            new_blocks.append(ref)
             return views
 
         return allocate

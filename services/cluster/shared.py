@@ -17,6 +17,7 @@ A process that cannot see the area (another machine) falls back to the object st
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import shutil
@@ -28,7 +29,7 @@ from typing import Mapping
 import numpy as np
 
 __all__ = ["BlockRef", "SharedArea", "area_visible", "visible", "write_block", "allocate_block", "Attachments",
-           "remove_block"]
+           "remove_block", "remove_prefixed"]
 
 ALIGNMENT = 64  # bytes; each array starts on a cache line
 RESERVE_BYTES = 64 << 20  # left free in the tmpfs for everyone else
@@ -54,8 +55,12 @@ class SharedArea:
         self.token = uuid.uuid4().hex
         self.path = os.path.join(root, f"gradserve-{os.getpid()}-{self.token[:12]}")
         os.makedirs(self.path, mode=0o700)
-        with open(os.path.join(self.path, MARKER), "w") as handle:
-            handle.write(self.token)
+        # The marker stays open and locked while this area lives: a lock anyone can take means its
+        # owner is gone (a pid would not say so across containers sharing the tmpfs).
+        self._marker = open(os.path.join(self.path, MARKER), "w")
+        fcntl.flock(self._marker, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._marker.write(self.token)
+        self._marker.flush()
 
     @classmethod
     def create(cls) -> "SharedArea | None":
@@ -73,6 +78,19 @@ class SharedArea:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+        self._marker.close()
+
+
+def remove_prefixed(folder: str, prefix: str) -> None:
+    """Remove every block in `folder` whose name starts with `prefix` (a closed trainer's blocks,
+    whoever wrote them: a worker killed since could not remove its own)."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(prefix):
+            remove_block(os.path.join(folder, name))
 
 
 def enabled() -> bool:
@@ -118,7 +136,12 @@ def allocate_block(area_path: str, area_token: str, name: str,
         raise OSError(errno.ENOSPC, f"{size} bytes do not fit in {area_path}")
     path = os.path.join(area_path, name)
     with open(path, "w+b") as handle:
-        handle.truncate(size)
+        try:
+            # Reserve the pages now: a sparse file would only fail when written, with SIGBUS.
+            os.posix_fallocate(handle.fileno(), 0, size)
+        except OSError:
+            remove_block(path)
+            raise
         buffer = mmap.mmap(handle.fileno(), size)
     ref = BlockRef(path, area_token, layout)
     return ref, _views(buffer, layout, writable=True)
@@ -133,7 +156,7 @@ def write_block(area_path: str, area_token: str, name: str,
     held = cache.get(name)
     if held is None or held[0].layout != _layout(wanted)[0]:
         if held is not None:
-            remove_block(held[0])
+            remove_block(cache.pop(name)[0])
         cache[name] = allocate_block(area_path, area_token, f"{name}-{uuid.uuid4().hex[:8]}", wanted)
     ref, views = cache[name]
     for key, value in arrays.items():
@@ -186,9 +209,14 @@ def _views(buffer, layout, *, writable: bool) -> dict[str, np.ndarray]:
 
 
 def _remove_orphans(root: str) -> None:
-    """Remove areas whose executor process is gone (it was killed before cleaning up)."""
+    """Remove areas whose executor is gone (killed before cleaning up): their marker's lock is free."""
     for entry in os.listdir(root):
-        parts = entry.split("-")
-        if len(parts) == 3 and parts[0] == "gradserve" and parts[1].isdigit():
-            if not os.path.exists(f"/proc/{parts[1]}"):
-                shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+        if not entry.startswith("gradserve-"):
+            continue
+        folder = os.path.join(root, entry)
+        try:
+            with open(os.path.join(folder, MARKER)) as marker:
+                fcntl.flock(marker, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # locked (alive), unreadable (not ours) or no marker yet (being created)
+            continue
+        shutil.rmtree(folder, ignore_errors=True)

@@ -27,7 +27,7 @@ from gradserve_services.errors import FailedPrecondition, InvalidArgument, Unava
 
 from .backend import Backend
 from .config import StepResult, TrainerConfig
-from .shared import remove_block, write_block
+from .shared import remove_prefixed, write_block
 from .sharding import partition_parameters, split_rows
 from .worker import AreaNotVisible
 
@@ -183,8 +183,8 @@ class Trainer:
             for worker in backend.workers(self._num_workers):
                 backend.submit(worker, "forget", self._table)
             backend.release_workers(self._table)
-            for ref, _ in self._batch_blocks.values():
-                remove_block(ref)
+            if self._area is not None:  # every block of this trainer, whoever wrote it
+                remove_prefixed(self._area[0], f"{self._table}-")
 
     # ----- steps ---------------------------------------------------------------------------------
 

@@ -25,7 +25,6 @@ __all__ = ["GradientWorker", "AreaNotVisible", "ModelCache", "limit_blas_threads
 # Bounded caches: a worker serves every session of an executor.
 MAX_CACHED_MODELS = 8
 MAX_CACHED_TABLES = 16
-MAX_GRADIENT_BLOCKS = 64
 
 
 class AreaNotVisible(RuntimeError):
@@ -77,7 +76,7 @@ class GradientWorker:
         self._params: OrderedDict[str, tuple] = OrderedDict()  # table -> (box ids, version, params)
         self._feedback: dict[str, ErrorFeedback] = {}
         self._attached = Attachments()  # parameter blocks of servers on this machine
-        self._grad_blocks: OrderedDict[str, tuple] = OrderedDict()  # name -> (BlockRef, views)
+        self._grad_blocks: dict[str, tuple] = {}  # name -> (BlockRef, views)
         self._areas_seen: dict[str, bool] = {}
 
     def pid(self) -> int:
@@ -167,9 +166,8 @@ class GradientWorker:
             ref = write_block(task["area"][0], task["area"][1], name, grads, self._grad_blocks)
         except OSError:  # no room in the tmpfs: this part goes through the object store
             return None
-        self._grad_blocks.move_to_end(name)
-        while len(self._grad_blocks) > MAX_GRADIENT_BLOCKS:
-            remove_block(self._grad_blocks.popitem(last=False)[1][0])
+        # Kept until the trainer is closed (`forget`): a block of another trainer may still be
+        # waiting for its server, so none is evicted here. Slots and shards bound their number.
         return {"kind": "shared", "block": ref}
 
     def _parameters(self, table: str, params_box: list, servers=None):
@@ -199,6 +197,8 @@ def _resolve(box: list, attached: Attachments | None = None, servers=None, table
         snapshots = ray.get(snapshots)
         far = [index for index, (_, held) in enumerate(snapshots)
                if isinstance(held, BlockRef) and not visible(held)]
+        if far and servers is None:  # the coordinator thought this worker near: it resends
+            raise AreaNotVisible(f"pid {os.getpid()} cannot see {snapshots[far[0]][1].path}")
         if far:
             copies = ray.get([servers[index].snapshot.remote(table) for index in far])
             for index, copy in zip(far, copies):

@@ -174,3 +174,44 @@ def test_no_room_in_the_tmpfs_means_copies(monkeypatch):
             np.testing.assert_array_equal(cramped[1][name], value)
     finally:
         area.remove()
+
+
+def test_blocks_reserve_their_pages_and_a_failed_reallocation_forgets_the_old_block(monkeypatch):
+    from gradserve_services.cluster import shared
+
+    area = SharedArea.create()
+    try:
+        before = os.statvfs(area.path)
+        ref, _ = shared.allocate_block(area.path, area.token, "reserved", {"a": ("float32", (8 << 20,))})
+        after = os.statvfs(area.path)
+        # reserved at allocation (a sparse file would fail only when written, with SIGBUS)
+        assert (before.f_bavail - after.f_bavail) * after.f_frsize >= 32 << 20
+        shared.remove_block(ref)
+
+        cache: dict = {}
+        first = shared.write_block(area.path, area.token, "batch", {"x": np.ones(4)}, cache)
+        monkeypatch.setattr(shared, "RESERVE_BYTES", 1 << 62)
+        with pytest.raises(OSError):
+            shared.write_block(area.path, area.token, "batch", {"x": np.ones(5)}, cache)
+        monkeypatch.undo()
+        again = shared.write_block(area.path, area.token, "batch", {"x": np.ones(4)}, cache)
+        assert not os.path.exists(first.path) and os.path.exists(again.path) and again.path != first.path
+    finally:
+        area.remove()
+
+
+def test_only_areas_whose_owner_is_gone_are_removed(tmp_path, monkeypatch):
+    from gradserve_services.cluster import shared
+
+    monkeypatch.setattr(shared, "ROOT_CANDIDATES", (str(tmp_path),))
+    alive = SharedArea.create()
+    orphan = tmp_path / "gradserve-999999-0123456789ab"  # its owner was killed: nobody holds the lock
+    orphan.mkdir()
+    (orphan / "area").write_text("token")
+    newcomer = SharedArea.create()
+    try:
+        assert not orphan.exists()
+        assert os.path.isdir(alive.path) and os.path.isdir(newcomer.path)
+    finally:
+        alive.remove()
+        newcomer.remove()
