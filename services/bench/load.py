@@ -31,6 +31,8 @@ import threading
 import time
 from pathlib import Path
 
+from gradserve_services import procfs
+
 __all__ = ["add_arguments", "run"]
 
 SERVE = "import sys; from gradserve_services.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -211,18 +213,8 @@ class _Server:
 
     def rss(self) -> tuple[int, int]:
         """(gateway process RSS, summed RSS of its descendants: the embedded Ray), bytes."""
-        children: dict[int, list[int]] = collections.defaultdict(list)
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                parent = _parent_pid(int(entry))
-                if parent is not None:
-                    children[parent].append(int(entry))
-        descendants, frontier = [], list(children[self.process.pid])
-        while frontier:
-            pid = frontier.pop()
-            descendants.append(pid)
-            frontier.extend(children[pid])
-        return _rss(self.process.pid), sum(_rss(pid) for pid in descendants)
+        return (procfs.rss_bytes(self.process.pid),
+                sum(procfs.rss_bytes(pid) for pid in procfs.descendants(self.process.pid)))
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -246,22 +238,3 @@ class _Server:
             os.killpg(self.process.pid, signum)
         except (ProcessLookupError, PermissionError):
             pass
-
-
-def _parent_pid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return int(handle.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _rss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0

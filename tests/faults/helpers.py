@@ -21,6 +21,7 @@ import numpy as np
 
 import gradserve
 from gradserve import mlp
+from gradserve_services import procfs
 from gradserve_services.checkpoint import load_checkpoint
 
 __all__ = [
@@ -120,33 +121,11 @@ def assert_same_parameters(got: dict[str, np.ndarray], expected: dict[str, np.nd
 
 # ----- real processes ----------------------------------------------------------------------------
 
-def _proc_entries():
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            yield int(entry)
-
-
-def proctitle(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
-def session_id_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return int(handle.read().rsplit(")", 1)[1].split()[3])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def actor_pids(actor_class: str, ray_sid: int) -> list[int]:
     """Pids of the live Ray actor processes of `actor_class` started by the `ray start` whose
     process-session id is `ray_sid` (a raylet's workers stay in its session)."""
-    return sorted(pid for pid in _proc_entries()
-                  if proctitle(pid).startswith(f"ray::{actor_class}") and session_id_of(pid) == ray_sid)
+    return sorted(pid for pid in procfs.pids()
+                  if procfs.cmdline(pid).startswith(f"ray::{actor_class}") and procfs.session_id(pid) == ray_sid)
 
 
 def wait_for_proctitle(pids, fragment: str, timeout_s: float = 60.0) -> int:
@@ -159,7 +138,7 @@ def wait_for_proctitle(pids, fragment: str, timeout_s: float = 60.0) -> int:
     candidates, listed_at = listing(), time.monotonic()
     while time.monotonic() < deadline:
         for pid in candidates:
-            if fragment in proctitle(pid):
+            if fragment in procfs.cmdline(pid):
                 return pid
         time.sleep(0.002)
         # a listing scans /proc: refreshed now and then, titles polled in between
@@ -182,5 +161,5 @@ def when_computing(pids, action, timeout_s: float = 10.0) -> bool:
 def kill_pid(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and proctitle(pid):
+    while time.monotonic() < deadline and procfs.cmdline(pid):
         time.sleep(0.02)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 import gradserve
+from gradserve_services import procfs
 
 from tests.support.ray_cluster import start_cluster
 from tests.support.serve_process import start_serve
@@ -32,7 +32,6 @@ from .helpers import (
     batch,
     kill_pid,
     new_session,
-    session_id_of,
     train,
     when_computing,
 )
@@ -240,10 +239,10 @@ def test_ray_node_removed_mid_step(gateway, cluster):
         removed = []
 
         def remove_node(computing: int) -> None:
-            node = next(node for node in nodes if session_id_of(computing) == node.pgid)
+            node = next(node for node in nodes if procfs.session_id(computing) == node.pgid)
             removed.append(node)
             # every process of that node, by pid: raylet, its agents and its workers
-            for pid in [pid for pid in _all_pids() if session_id_of(pid) == node.pgid]:
+            for pid in [pid for pid in procfs.pids() if procfs.session_id(pid) == node.pgid]:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -258,10 +257,6 @@ def test_ray_node_removed_mid_step(gateway, cluster):
         train(client, session, first=2, fault_at=4, fault=remove_node_mid_step)
         result = audit(client, session, gateway.checkpoint_dir)
         client.close_session(session)
-    assert removed and not any(session_id_of(pid) == removed[0].pgid for pid in _all_pids())
+    assert removed and not any(procfs.session_id(pid) == removed[0].pgid for pid in procfs.pids())
     assert_exactly_once(result)
     assert_same_parameters(result.parameters, fault_free.parameters)
-
-
-def _all_pids():
-    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]

@@ -4,12 +4,13 @@ whose numbers add up, only OK or RESOURCE_EXHAUSTED answers, and no server left 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from gradserve_services import procfs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -23,15 +24,7 @@ FIELDS = {"suite", "clients", "steps_per_client", "rounds", "steps_ok", "steps_e
 def bench_servers() -> list[int]:
     """Pids of `gradserve serve` processes the load suite started (their token file lives in its
     own temporary folder)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                if b"gradserve-load-" in handle.read():
-                    pids.append(int(entry))
-        except (OSError, ValueError):
-            continue
-    return pids
+    return [pid for pid in procfs.pids() if "gradserve-load-" in procfs.cmdline(pid)]
 
 
 def test_bench_load_reports_and_only_ok_or_resource_exhausted():

@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import gradserve
 from gradserve import mlp
+from gradserve_services import procfs
 
 from tests.support.serve_process import serve_process
 
@@ -88,31 +89,6 @@ def _address(raw: str) -> str:
     return f"::ffff:{address.ipv4_mapped}" if address.ipv4_mapped else str(address)
 
 
-def descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(parent, []).append(int(entry))
-    found, frontier = [], [root]
-    while frontier:
-        for child in children.get(frontier.pop(), []):
-            found.append(child)
-            frontier.append(child)
-    return found
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def test_serve_refuses_to_start_without_tokens_unless_told(tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "GRADSERVE_AUTH_TOKENS"}
     for extra_env in ({}, {"GRADSERVE_AUTH_TOKENS": ""}, {"GRADSERVE_AUTH_TOKENS": "alice:short"}):
@@ -161,11 +137,11 @@ def test_env_tokens_tls_loopback_binding_and_no_dashboard(tmp_path):
         # the embedded Ray was started with include_dashboard=False: Ray still runs its dashboard
         # head process, but without the web frontend, and nothing in the server's process tree
         # serves the dashboard port
-        tree = descendants(server.pid)
-        dashboards = [cmdline(pid) for pid in tree if "dashboard/dashboard.py" in cmdline(pid)]
+        tree = procfs.descendants(server.pid)
+        dashboards = [procfs.cmdline(pid) for pid in tree if "dashboard/dashboard.py" in procfs.cmdline(pid)]
         for command in dashboards:
             assert "--disable-frontend" in command or "--minimal" in command, command
         dashboard_ports = {int(m) for command in dashboards for m in re.findall(r"--port=(\d+)", command)} or {8265}
         for pid in [server.pid, *tree]:
             for _, listen_port in sockets.get(pid, []):
-                assert listen_port not in dashboard_ports, (pid, cmdline(pid), listen_port)
+                assert listen_port not in dashboard_ports, (pid, procfs.cmdline(pid), listen_port)

@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gradserve_services import procfs
+
 __all__ = ["RayCluster", "RayNode", "start_cluster", "running_cluster", "free_port"]
 
 RAY_BIN = str(Path(sys.executable).with_name("ray"))
@@ -130,15 +132,8 @@ def _ray_start(args: list[str], num_cpus: int, temp_dir: Path, env: dict[str, st
 
 def _group_alive(pgid: int) -> bool:
     """True while any non-zombie process is left in the group."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # Fields after the parenthesised command: state is [0], pgrp is [2].
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
+    for pid in procfs.pids():
+        fields = procfs.stat_fields(pid)
+        if fields and int(fields[2]) == pgid and fields[0] != "Z":
             return True
     return False

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ServeProcess", "start_serve", "serve_process", "process_rss_bytes"]
+__all__ = ["ServeProcess", "start_serve", "serve_process"]
 
 REPO = Path(__file__).resolve().parents[2]
 GRADSERVE = str(Path(sys.executable).with_name("gradserve"))
@@ -94,15 +94,6 @@ def serve_process(log_path: Path, args: list[str], env: dict | None = None):
         yield server
     finally:
         server.stop()
-
-
-def process_rss_bytes(pid: int) -> int:
-    """Resident set size of one process, from /proc."""
-    with open(f"/proc/{pid}/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise ProcessLookupError(pid)
 
 
 def _signal_group(process: subprocess.Popen, signum: int) -> None:
