@@ -18,6 +18,7 @@ import time
 import numpy
 
 from gradserve_services.engine import Model
+from gradserve_services.bench import significant
 
 __all__ = ["add_arguments", "run", "mlp_spec"]
 
@@ -90,12 +91,12 @@ def measure_step(sizes, batch, threads, dtype, repeats, warmup) -> dict:
         "batch": batch,
         "threads": threads,
         "dtype": dtype,
-        "gradserve_ms": round(gradserve_s * 1e3, 4),
-        "torch_ms": round(torch_s * 1e3, 4),
-        "ratio_vs_torch": round(gradserve_s / torch_s, 4),
-        "achieved_gflops": round(achieved, 3),
-        "gemm_ceiling_gflops": round(ceiling, 3),
-        "fraction_of_ceiling": round(achieved / ceiling, 4),
+        "gradserve_ms": significant(gradserve_s * 1e3),
+        "torch_ms": significant(torch_s * 1e3),
+        "ratio_vs_torch": significant(gradserve_s / torch_s),
+        "achieved_gflops": significant(achieved),
+        "gemm_ceiling_gflops": significant(ceiling),
+        "fraction_of_ceiling": significant(achieved / ceiling),
     }
 
 
