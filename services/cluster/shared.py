@@ -17,16 +17,16 @@ A process that cannot see the area (another machine) falls back to the object st
 from __future__ import annotations
 
 import errno
-import fcntl
 import mmap
 import os
-import shutil
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
+
+from gradserve_services.owned_folder import OwnedFolder, remove_orphans
 
 __all__ = ["BlockRef", "SharedArea", "area_visible", "visible", "write_block", "allocate_block", "Attachments",
            "remove_block", "remove_prefixed"]
@@ -35,6 +35,7 @@ ALIGNMENT = 64  # bytes; each array starts on a cache line
 RESERVE_BYTES = 64 << 20  # left free in the tmpfs for everyone else
 ROOT_CANDIDATES = ("/dev/shm",)
 MARKER = "area"
+AREA_PREFIX = "gradserve-"
 
 
 @dataclass(frozen=True)
@@ -53,14 +54,10 @@ class SharedArea:
 
     def __init__(self, root: str):
         self.token = uuid.uuid4().hex
-        self.path = os.path.join(root, f"gradserve-{os.getpid()}-{self.token[:12]}")
-        os.makedirs(self.path, mode=0o700)
-        # The marker stays open and locked while this area lives: a lock anyone can take means its
-        # owner is gone (a pid would not say so across containers sharing the tmpfs).
-        self._marker = open(os.path.join(self.path, MARKER), "w")
-        fcntl.flock(self._marker, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self._marker.write(self.token)
-        self._marker.flush()
+        # Its marker holds the token (readers compare it) and stays locked while this area lives.
+        self._folder = OwnedFolder(os.path.join(root, f"{AREA_PREFIX}{os.getpid()}-{self.token[:12]}"),
+                                   marker=MARKER, stamp=self.token)
+        self.path = self._folder.path
 
     @classmethod
     def create(cls) -> "SharedArea | None":
@@ -69,7 +66,7 @@ class SharedArea:
             return None
         for root in ROOT_CANDIDATES:
             if os.path.isdir(root) and os.access(root, os.W_OK):
-                _remove_orphans(root)
+                remove_orphans(root, AREA_PREFIX, marker=MARKER)  # areas of executors killed earlier
                 try:
                     return cls(root)
                 except OSError:
@@ -77,8 +74,7 @@ class SharedArea:
         return None
 
     def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-        self._marker.close()
+        self._folder.remove()
 
 
 def remove_prefixed(folder: str, prefix: str) -> None:
@@ -206,17 +202,3 @@ def _views(buffer, layout, *, writable: bool) -> dict[str, np.ndarray]:
             array.flags.writeable = False
         views[name] = array
     return views
-
-
-def _remove_orphans(root: str) -> None:
-    """Remove areas whose executor is gone (killed before cleaning up): their marker's lock is free."""
-    for entry in os.listdir(root):
-        if not entry.startswith("gradserve-"):
-            continue
-        folder = os.path.join(root, entry)
-        try:
-            with open(os.path.join(folder, MARKER)) as marker:
-                fcntl.flock(marker, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # locked (alive), unreadable (not ours) or no marker yet (being created)
-            continue
-        shutil.rmtree(folder, ignore_errors=True)

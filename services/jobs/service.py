@@ -3,6 +3,10 @@
 Without a target the job embeds a service: a gRPC server on 127.0.0.1 (port 0) over a local Ray
 runtime, with its checkpoint directory in a temporary folder, stopped when the job ends. The job
 still reaches it over gRPC like any client: the embedding only decides who starts the process.
+
+A job killed before it could remove that folder (SIGKILL, a lost machine) leaves it behind; the
+folder is owned (see owned_folder.py), so the next embedded service on this machine removes every
+such folder whose job is gone, and never one a live job is using.
 """
 
 from __future__ import annotations
@@ -11,9 +15,12 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from gradserve_services.owned_folder import OwnedFolder, remove_orphans
 
 from .prepare import PreparedJob
 
@@ -21,6 +28,8 @@ __all__ = ["Service", "service_target", "TrainingSession"]
 
 STOP_GRACE_S = 5.0
 SESSION_TIMEOUT_S = 600.0  # per call: a first step includes actor start-up on a busy machine
+SERVICE_FOLDER_PREFIX = "gradserve-job-service-"
+SERVICE_FOLDER_MARKER = "owner"
 
 
 @dataclass(frozen=True)
@@ -43,9 +52,14 @@ def service_target(prepared: PreparedJob, *, log=None):
     from gradserve_services.cluster import RayExecutor
     from gradserve_services.gateway import create_server
 
-    checkpoint_dir = Path(tempfile.mkdtemp(prefix="gradserve-job-service-"))
-    executor = RayExecutor(num_workers=job.train.workers)
+    folder = own_service_folder()
+    checkpoint_dir = Path(folder.path)
     server = None
+    try:
+        executor = RayExecutor(num_workers=job.train.workers)
+    except BaseException:
+        folder.remove()
+        raise
     try:
         server, port = create_server(executor, host="127.0.0.1", port=0, checkpoint_dir=str(checkpoint_dir))
         yield Service(f"127.0.0.1:{port}", None, checkpoint_dir, embedded=True)
@@ -55,7 +69,16 @@ def service_target(prepared: PreparedJob, *, log=None):
                 server.stop(STOP_GRACE_S)
         finally:
             executor.shutdown()
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            folder.remove()
+
+
+def own_service_folder(root: str | None = None) -> OwnedFolder:
+    """A new folder for an embedded service's checkpoints in `root` (the temporary directory),
+    after removing those that killed jobs left there."""
+    root = root or tempfile.gettempdir()
+    remove_orphans(root, SERVICE_FOLDER_PREFIX, marker=SERVICE_FOLDER_MARKER)
+    return OwnedFolder(os.path.join(root, f"{SERVICE_FOLDER_PREFIX}{uuid.uuid4().hex[:16]}"),
+                       marker=SERVICE_FOLDER_MARKER)
 
 
 class TrainingSession:

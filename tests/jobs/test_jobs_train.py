@@ -3,7 +3,9 @@ and the parameter server. Two ways to reach a service are covered: embedded (the
 stops its own) and `--target` (a `gradserve serve` process started here).
 
 The resume tests SIGKILL a job mid-epoch after it has checkpointed, rerun it with `--resume`, and
-require exactly the parameters (bit for bit) and per-epoch metrics of an uninterrupted run.
+require exactly the parameters (bit for bit) and per-epoch metrics of an uninterrupted run. Embedded,
+the killed job also leaves its service's temporary folder behind: the rerun removes it, and the
+rerun's own folder survives a sweep made while it runs.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import pytest
 import yaml
 
 from gradserve_services.checkpoint import load_checkpoint
+from gradserve_services.jobs.service import SERVICE_FOLDER_MARKER, SERVICE_FOLDER_PREFIX
+from gradserve_services.owned_folder import remove_orphans
 
 pytestmark = pytest.mark.integration
 
@@ -56,8 +60,12 @@ def stop_group(process: subprocess.Popen, sig=signal.SIGKILL) -> None:
         pass
 
 
-def train(*args, cwd) -> tuple[int, dict | None, str]:
-    process = start_process([sys.executable, "-c", CLI, "train", *map(str, args)], cwd)
+def train(*args, cwd, env=None) -> tuple[int, dict | None, str]:
+    return finish(start_process([sys.executable, "-c", CLI, "train", *map(str, args)], cwd, env=env))
+
+
+def finish(process: subprocess.Popen) -> tuple[int, dict | None, str]:
+    """Wait for a started job; its exit code, summary line (None on failure) and stderr."""
     try:
         out, err = process.communicate(timeout=JOB_TIMEOUT_S)
     finally:
@@ -134,11 +142,11 @@ def test_embedded_job_trains_digits_and_reports(reference):
     assert "epoch 1/6" not in err  # stderr is a pipe: no progress bar
 
 
-def kill_after_first_checkpoint(job: Path, folder: Path, *extra) -> dict:
+def kill_after_first_checkpoint(job: Path, folder: Path, *extra, env=None) -> dict:
     """Start the job, SIGKILL it as soon as a checkpoint record exists; return that newest record."""
     checkpoints = folder / "checkpoints"
     process = start_process([sys.executable, "-c", CLI, "train", str(job), "--out", str(folder / "out"),
-                             "--checkpoint-dir", str(checkpoints), *extra], folder)
+                             "--checkpoint-dir", str(checkpoints), *extra], folder, env=env)
     try:
         deadline = time.monotonic() + JOB_TIMEOUT_S
         while not list(checkpoints.glob("step-*.json")):
@@ -154,17 +162,55 @@ def kill_after_first_checkpoint(job: Path, folder: Path, *extra) -> dict:
     return json.loads(newest.read_text())
 
 
+def private_temp_dir(folder: Path) -> dict:
+    """The environment of a job whose temporary folders land in `folder/tmp` (so only this test's
+    jobs are seen there); Ray keeps its usual place (its socket paths must stay short)."""
+    (folder / "tmp").mkdir()
+    return {**os.environ, "TMPDIR": str(folder / "tmp"), "RAY_TMPDIR": "/tmp"}
+
+
+def service_folders(env: dict) -> list[Path]:
+    return sorted(Path(env["TMPDIR"]).glob(f"{SERVICE_FOLDER_PREFIX}*"))
+
+
+def wait_for_own_service_folder(process: subprocess.Popen, env: dict, orphans: list[Path]) -> Path:
+    """The folder the running job made for its service (it removed the orphans just before)."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while True:
+        fresh = [path for path in service_folders(env) if path not in orphans]
+        if fresh and (fresh[0] / SERVICE_FOLDER_MARKER).exists():
+            return fresh[0]
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the job made no service folder in time"
+        time.sleep(0.005)
+
+
 @pytest.mark.parametrize("where", ["embedded", "target"])
 def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(where, reference, tmp_path, request):
     extra = ("--target", request.getfixturevalue("served")) if where == "target" else ()
+    env = private_temp_dir(tmp_path)
     job = write_job(tmp_path, RESUME_JOB)
-    record = kill_after_first_checkpoint(job, tmp_path, *extra)
+    record = kill_after_first_checkpoint(job, tmp_path, *extra, env=env)
     assert 0 < record["step"] < RESUME_STEPS
     assert record["position"]["batch_in_epoch"] != 0  # the kill left an epoch half done
+    orphans = service_folders(env)
+    if where == "embedded":  # the killed job's service folder, with its session's checkpoints
+        assert len(orphans) == 1 and [path for path in orphans[0].iterdir() if path.is_dir()], orphans
+    else:
+        assert orphans == []  # a job against a running service makes none
 
-    code, summary, err = train(job, "--out", tmp_path / "out", "--checkpoint-dir", tmp_path / "checkpoints",
-                               "--resume", *extra, cwd=tmp_path)
+    process = start_process([sys.executable, "-c", CLI, "train", str(job), "--out", str(tmp_path / "out"),
+                             "--checkpoint-dir", str(tmp_path / "checkpoints"), "--resume", *extra],
+                            tmp_path, env=env)
+    if where == "embedded":
+        live = wait_for_own_service_folder(process, env, orphans)
+        assert not orphans[0].exists()  # removed by the new job before it made its own
+        # A sweep while the job runs (what any other job starting now does) spares its folder.
+        assert remove_orphans(str(tmp_path / "tmp"), SERVICE_FOLDER_PREFIX, marker=SERVICE_FOLDER_MARKER) == []
+        assert live.exists()
+    code, summary, err = finish(process)
     assert code == 0, err
+    assert service_folders(env) == []  # the finished job removed its own
     assert f"resumed at step {record['step']}" in err
     assert summary["steps"] == RESUME_STEPS
 
