@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-SUITES = ("engine", "transport", "training", "scaling", "load")
+SUITES = ("engine", "transport", "training", "scaling", "load", "soak")
 
 
 def register(subparsers) -> None:
