@@ -322,7 +322,9 @@ def record_step(
 
 
 def set_workers_alive(n: int) -> None:
-    """Set the number of live worker actors (the coordinator reports it after each health check)."""
+    """Set the number of live worker actors: the gateway hands this to `Executor.watch_workers`, so
+    the worker pool reports it when created, grown, shrunk, on a worker lost (one fewer until its
+    replacement runs) and at shutdown (0)."""
     WORKERS_ALIVE.set(n)
 
 

@@ -43,6 +43,10 @@ class Backend(Protocol):
     def release_workers(self, owner: str) -> None:
         """`owner` needs no workers any more; workers beyond every remaining need may stop."""
 
+    def watch_workers(self, on_alive) -> None:
+        """Call `on_alive(number of pool workers running)` now and whenever that number changes:
+        workers started or stopped, a lost one replaced (one fewer until its replacement runs)."""
+
     def servers(self, count: int) -> list:
         """The first `count` parameter-server handles, started if missing."""
 

@@ -104,6 +104,11 @@ class Executor:
                 return stats, [part for part, _ in futures], failures
         raise Unavailable("workers kept failing; giving up on this batch", "workers")
 
+    def watch_workers(self, on_alive) -> None:
+        """`on_alive(n)` now and whenever the number of running workers in the pool changes (the
+        gateway sets its workers-alive gauge so); the cluster package itself records no metrics."""
+        self._backend.watch_workers(on_alive)
+
     def create_trainer(self, config: TrainerConfig, params: Mapping[str, np.ndarray]) -> Trainer:
         trainer = Trainer(self._backend, config, params)
         self._trainers.add(trainer)

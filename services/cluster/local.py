@@ -30,6 +30,7 @@ class LocalBackend:
         self._workers = [GradientWorker(limit_threads=False) for _ in range(num_workers)]
         self._servers: list[ParameterServer] = []
         self._reserved: dict[str, int] = {}
+        self._on_workers_alive = None
 
     def put(self, value):
         return _Done(value)
@@ -54,9 +55,20 @@ class LocalBackend:
         return 0
 
     def workers(self, count: int) -> list:
+        grown = len(self._workers) < count
         while len(self._workers) < count:
             self._workers.append(GradientWorker(limit_threads=False))
+        if grown:
+            self._report_workers()
         return self._workers[:count]
+
+    def watch_workers(self, on_alive) -> None:
+        self._on_workers_alive = on_alive
+        self._report_workers()
+
+    def _report_workers(self) -> None:
+        if self._on_workers_alive is not None:
+            self._on_workers_alive(len(self._workers))
 
     def reserve_workers(self, owner: str, count: int) -> None:
         self._reserved[owner] = count
@@ -84,6 +96,7 @@ class LocalBackend:
 
     def shutdown(self) -> None:
         self._workers, self._servers = [], []
+        self._report_workers()
 
 
 def _resolve(arg):

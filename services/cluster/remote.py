@@ -54,6 +54,8 @@ class RayBackend:
         self._workers: list = []
         self._servers: list = []
         self._reserved: dict[str, int] = {}
+        self._starting: set = set()  # replacement workers not yet running
+        self._on_workers_alive = None
         # The fast lane for actors on this machine (parameter servers always are: see below).
         self._area = SharedArea.create()
         self.shared_area = None if self._area is None else (self._area.path, self._area.token)
@@ -75,19 +77,29 @@ class RayBackend:
     def workers(self, count: int) -> list:
         with self._lock:
             self._grow(self._workers, count, RemoteWorker, _worker_options())
+            self._report_workers()
             return list(self._workers[:count])
 
     def reserve_workers(self, owner: str, count: int) -> None:
         with self._lock:
             self._reserved[owner] = count
             self._grow(self._workers, count, RemoteWorker, _worker_options())
+            self._report_workers()
 
     def release_workers(self, owner: str) -> None:
         with self._lock:
             self._reserved.pop(owner, None)
             needed = max(self._reserved.values(), default=0)
             while len(self._workers) > needed:
-                _kill(self._workers.pop())
+                lost = self._workers.pop()
+                self._starting.discard(lost)
+                _kill(lost)
+            self._report_workers()
+
+    def watch_workers(self, on_alive) -> None:
+        with self._lock:
+            self._on_workers_alive = on_alive
+            self._report_workers()
 
     def servers(self, count: int) -> list:
         with self._lock:
@@ -95,7 +107,16 @@ class RayBackend:
             return list(self._servers[:count])
 
     def replace_worker(self, position: int, lost):
-        return self._replace(self._workers, position, lost, RemoteWorker, _worker_options())
+        with self._lock:
+            handle = self._replace(self._workers, position, lost, RemoteWorker, _worker_options())
+            if handle is not lost and handle not in self._starting:
+                # Alive once it answers; the count shows the loss until then.
+                self._starting.add(handle)
+                self._starting.discard(lost)
+                handle.pid.remote().future().add_done_callback(
+                    lambda answer, handle=handle: self._worker_started(handle, answer))
+            self._report_workers()
+            return handle
 
     def replace_server(self, position: int, lost):
         return self._replace(self._servers, position, lost, RemoteServer, _server_options())
@@ -112,8 +133,24 @@ class RayBackend:
             for handle in self._workers + self._servers:
                 _kill(handle)
             self._workers, self._servers, self._reserved = [], [], {}
+            self._starting.clear()
+            self._report_workers()
             if self._area is not None:
                 self._area.remove()
+
+    def _worker_started(self, handle, answer) -> None:
+        if answer.cancelled() or answer.exception() is not None:
+            return  # it died too: still not alive, and replaced when a call finds it gone
+        with self._lock:
+            if handle in self._starting:
+                self._starting.discard(handle)
+                self._report_workers()
+
+    def _report_workers(self) -> None:
+        """Tell the watcher how many pool workers run: all but replacements still starting. A
+        worker that died is noticed by the first call that reaches it (then it is replaced)."""
+        if self._on_workers_alive is not None:
+            self._on_workers_alive(len(self._workers) - len(self._starting))
 
     def _grow(self, pool: list, count: int, actor_class, options: dict) -> None:
         """Start actors up to `count` and wait until they run, so a cluster too small for them

@@ -9,8 +9,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gradserve.client import CHANNEL_OPTIONS
-from gradserve.transfer import DEFAULT_MAX_REQUEST_BYTES, rpc_codecs
+from gradserve.transfer import DEFAULT_MAX_REQUEST_BYTES, MAX_MESSAGE_BYTES, rpc_codecs
 from gradserve.v1 import service_pb2
 
 from gradserve_services import metrics
@@ -27,6 +26,20 @@ log = logging.getLogger(__name__)
 
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["Gradserve"]
 SERVICE_NAME = SERVICE.full_name
+
+# A message over gRPC's own receive limit is refused by gRPC, which cuts the call off under the
+# servicer: the caller gets RESOURCE_EXHAUSTED, but the servicer only sees a cancelled call and can
+# neither answer nor count it as such. So gRPC's limit sits above the documented MAX_MESSAGE_BYTES
+# and the gateway refuses the messages in between itself (wire.tolerant): answered with a
+# BadRequest naming "request" and counted RESOURCE_EXHAUSTED. Only messages beyond this bound are
+# still cut off by gRPC: the caller gets gRPC's RESOURCE_EXHAUSTED, the count says CANCELLED (or
+# INVALID_ARGUMENT when the servicer saw the stream end first). The bound stays small because
+# every call, health checks without a token included, may make gRPC buffer one such message.
+TRANSPORT_RECEIVE_BYTES = 2 * MAX_MESSAGE_BYTES
+SERVER_OPTIONS = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", TRANSPORT_RECEIVE_BYTES),
+)
 
 
 class GatewayServer:
@@ -75,9 +88,10 @@ def create_server(
         # Streaming calls hold a thread each; one per allowed call, the cap is the limit.
         futures.ThreadPoolExecutor(max_workers=max_concurrent_calls, thread_name_prefix="gateway"),
         interceptors=interceptors,
-        options=CHANNEL_OPTIONS,
+        options=SERVER_OPTIONS,
         maximum_concurrent_rpcs=max_concurrent_calls,
     )
+    executor.watch_workers(metrics.set_workers_alive)
     registry = SessionRegistry(executor, checkpoint_dir=checkpoint_dir, limits=limits)
     recovered = registry.recover()  # sessions of an earlier gateway on the same checkpoint dir
     if recovered:
