@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from gradserve_services.errors import InvalidArgument
+from gradserve_services.errors import FailedPrecondition, InvalidArgument
 
 __all__ = [
     "OPTIMIZER_NAMES",
@@ -27,6 +27,8 @@ __all__ = [
     "Optimizer",
     "learning_rate",
     "global_norm",
+    "check_fits_dtype",
+    "all_finite",
 ]
 
 OPTIMIZER_NAMES = ("sgd", "momentum", "nesterov", "adam", "adamw")
@@ -131,6 +133,17 @@ def _check_number(value, field_name: str, *, low=None, high=None, low_inclusive=
                               field_name)
 
 
+def check_fits_dtype(config: OptimizerConfig, dtype) -> None:
+    """InvalidArgument if a hyperparameter overflows the parameters' dtype: the update arithmetic
+    runs in that dtype, where such a value is infinite and turns every update into inf or NaN."""
+    largest = float(np.finfo(dtype).max)
+    for name, value in (("lr", config.lr), ("eps", config.eps), ("weight_decay", config.weight_decay),
+                        ("schedule.min_lr", config.schedule.min_lr)):
+        if abs(value) > largest:
+            raise InvalidArgument(f"{value:g} overflows {np.dtype(dtype).name} parameters (largest "
+                                  f"{largest:g})", f"optimizer.{name}")
+
+
 def learning_rate(config: OptimizerConfig, update_index: int) -> float:
     """The learning rate of the update with 0-based index `update_index`.
 
@@ -186,6 +199,28 @@ def _sum_block(flats: list[np.ndarray], start: int, stop: int, scratch):
     return out
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What one update uses, fixed before it touches anything (so a dry run sees the same)."""
+
+    lr: float
+    clip_scale: float
+    norm: float | None  # None: computed while updating (no clipping, no norm given)
+    scale: float  # applied to the summed gradient: grad_scale times clip_scale
+    coefficients: dict
+
+
+def all_finite(block: np.ndarray) -> bool:
+    """Whether every element of a 1-D block is finite."""
+    flat = block.reshape(-1)
+    # A finite sum of squares (one BLAS pass) proves it; an infinite one may be an overflow of
+    # large finite values, which min and max (NaN and infinities propagate) settle exactly.
+    with np.errstate(over="ignore", invalid="ignore"):
+        if math.isfinite(float(np.dot(flat, flat))):
+            return True
+    return bool(np.isfinite(flat.min()) and np.isfinite(flat.max()))
+
+
 class Optimizer:
     """Per-parameter optimizer state plus the update rule; updates parameter arrays in place."""
 
@@ -203,28 +238,80 @@ class Optimizer:
 
         `norm` is the global gradient norm when the caller knows it (a sharded parameter server
         computes it across shards); otherwise it is computed here. Returns
-        `{"lr", "grad_norm", "clip_scale"}` for the step's report.
+        `{"lr", "grad_norm", "clip_scale"}` for the step's report. An update that would leave a
+        parameter or its state non-finite raises FailedPrecondition (see `check`) and changes
+        nothing.
         """
+        plan = self._plan(grad_parts, grad_scale, norm)
+        self._check_plan(params, grad_parts, plan)
+        self.update_count += 1
+        squared = self._update_all(params, grad_parts, plan)
+        norm = plan.norm if plan.norm is not None else math.sqrt(squared) * grad_scale
+        return {"lr": plan.lr, "grad_norm": float(norm), "clip_scale": plan.clip_scale}
+
+    def check(self, params: Mapping[str, np.ndarray], grad_parts: Sequence[Mapping[str, np.ndarray]],
+              *, grad_scale: float = 1.0, norm: float | None = None) -> None:
+        """Raise FailedPrecondition if `step` with these arguments would make a gradient, a
+        parameter or its optimizer state non-finite; changes nothing.
+
+        A dry run of the same rules on copies of each block, so its verdict is exactly the
+        update's: a sharded parameter server asks every shard before any applies. It costs about
+        one more pass over the parameters, the price of never having to undo an update."""
+        self._check_plan(params, grad_parts, self._plan(grad_parts, grad_scale, norm))
+
+    def _plan(self, grad_parts, grad_scale: float, norm: float | None) -> "_Plan":
         if not grad_parts:
             raise InvalidArgument("no gradient to apply", "gradients")
         clip_norm = self.config.clip_norm
-        fused_norm = norm is None and clip_norm is None
         if norm is None and clip_norm is not None:
             norm = global_norm(grad_parts, grad_scale)
         clip_scale = 1.0
         if clip_norm is not None and norm + CLIP_EPSILON > 0:
             clip_scale = min(1.0, clip_norm / (norm + CLIP_EPSILON))
         lr = learning_rate(self.config, self.update_count)
-        self.update_count += 1
-        squared = self._update_all(params, grad_parts, grad_scale * clip_scale, lr)
-        if fused_norm:
-            norm = math.sqrt(squared) * grad_scale
-        return {"lr": lr, "grad_norm": float(norm), "clip_scale": clip_scale}
+        # torch's `state["step"]` after its `+= 1`: this update's 1-based index
+        return _Plan(lr, clip_scale, norm, grad_scale * clip_scale,
+                     self._coefficients(lr, self.update_count + 1))
 
-    def _update_all(self, params, grad_parts, scale: float, lr: float) -> float:
+    def _check_plan(self, params, grad_parts, plan: "_Plan") -> None:
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow here is the finding
+            self._dry_run(params, grad_parts, plan)
+
+    def _dry_run(self, params, grad_parts, plan: "_Plan") -> None:
         rule = getattr(self, f"_block_{self.config.name}")
-        coefficients = self._coefficients(lr)
+        copies = None  # block-sized buffers the trial update runs in: parameter, then state slots
+        for name, param, grad, state, scratch in self._blocks(params, grad_parts):
+            if not all_finite(grad):
+                raise FailedPrecondition(
+                    f"the gradient of {name!r} is not finite (the model overflows on this batch); "
+                    "nothing was applied", f"gradients.{name}")
+            if copies is None or copies[0].size < param.size or copies[0].dtype != param.dtype:
+                copies = [np.empty(max(param.size, BLOCK_ELEMENTS), param.dtype)
+                          for _ in range(1 + len(state))]
+            trial = copies[0][:param.size]
+            np.copyto(trial, param)
+            trial_state = {}
+            for copy, (slot, value) in zip(copies[1:], state.items()):
+                trial_state[slot] = copy[:value.size]
+                np.copyto(trial_state[slot], value)
+            rule(trial, grad, trial_state, scratch, plan.scale, plan.coefficients)
+            if not (all_finite(trial) and all(all_finite(value) for value in trial_state.values())):
+                raise FailedPrecondition(
+                    f"this update would make {name!r} non-finite ({self.config.name} at lr "
+                    f"{plan.lr:g}); nothing was applied", f"parameters.{name}")
+
+    def _update_all(self, params, grad_parts, plan: "_Plan") -> float:
+        rule = getattr(self, f"_block_{self.config.name}")
         squared = 0.0
+        for _, param, grad, state, scratch in self._blocks(params, grad_parts):
+            with np.errstate(over="ignore"):  # only the reported norm: huge finite gradients pass
+                squared += float(np.dot(grad, grad))
+            rule(param, grad, state, scratch, plan.scale, plan.coefficients)
+        return squared
+
+    def _blocks(self, params, grad_parts):
+        """`(name, param block, summed gradient block, state blocks, scratch)` over every
+        parameter in cache-sized blocks; the views are of the live arrays."""
         for name, param in params.items():
             flat_param = param.reshape(-1)
             if not np.shares_memory(flat_param, param):
@@ -240,16 +327,13 @@ class Optimizer:
                 grad_block = _sum_block(flat_grads, start, stop, summed)
                 if len(flat_grads) > 1:
                     summed = grad_block
-                squared += float(np.dot(grad_block, grad_block))
-                block_state = {slot: value[start:stop] for slot, value in flat_state.items()}
                 size = grad_block.size
-                rule(flat_param[start:stop], grad_block, block_state,
-                     (scratch[0][:size], scratch[1][:size]), scale, coefficients)
-        return squared
+                yield (name, flat_param[start:stop], grad_block,
+                       {slot: value[start:stop] for slot, value in flat_state.items()},
+                       (scratch[0][:size], scratch[1][:size]))
 
-    def _coefficients(self, lr: float) -> dict:
+    def _coefficients(self, lr: float, step: int) -> dict:
         config = self.config
-        step = self.update_count  # already incremented: torch's `state["step"]` after `+= 1`
         return {
             "lr": lr,
             "bias_correction1": 1.0 - config.beta1 ** step,

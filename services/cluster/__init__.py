@@ -6,6 +6,7 @@ actors. See docs/ARCHITECTURE.md ("Cluster API") for the contract.
 
 from .config import COMPRESSIONS, CONSISTENCY_MODES, STALE_POLICIES, StepResult, TrainerConfig
 from .executor import Executor, LocalExecutor, RayExecutor
+from .steplog import DEFAULT_STEP_WINDOW
 from .trainer import Trainer
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "CONSISTENCY_MODES",
     "STALE_POLICIES",
     "COMPRESSIONS",
+    "DEFAULT_STEP_WINDOW",
 ]

@@ -8,6 +8,8 @@ from typing import Any, Mapping
 from gradserve_services.errors import InvalidArgument
 from gradserve_services.optim import OptimizerConfig
 
+from .steplog import DEFAULT_STEP_WINDOW
+
 __all__ = ["TrainerConfig", "StepResult", "CONSISTENCY_MODES", "STALE_POLICIES", "COMPRESSIONS"]
 
 CONSISTENCY_MODES = ("sync", "async", "bounded")
@@ -20,7 +22,8 @@ class TrainerConfig:
     """`consistency`: "sync" (one update per step from all shards, a barrier), "async" (each shard's
     gradient applied on arrival, whatever its staleness) or "bounded" (applied on arrival only if
     `current_version - computed_on_version <= staleness`, else dropped or down-weighted by
-    `(staleness + 1) / (versions_behind + 1)` per `stale_policy`)."""
+    `(staleness + 1) / (versions_behind + 1)` per `stale_policy`). `step_window`: how many of the
+    most recent step ids keep their recorded results (see steplog.py)."""
 
     spec: Any
     optimizer: Mapping | OptimizerConfig = field(default_factory=lambda: {"name": "sgd", "lr": 0.1})
@@ -33,6 +36,7 @@ class TrainerConfig:
     micro_batch_size: int | None = None
     seed: int = 0
     topk_fraction: float = 0.01
+    step_window: int = DEFAULT_STEP_WINDOW
 
     def validated(self) -> "TrainerConfig":
         """A copy with the optimizer parsed; InvalidArgument names the bad field as `config.X`."""
@@ -43,6 +47,7 @@ class TrainerConfig:
         _integer(self.num_workers, "config.num_workers", low=1)
         _integer(self.ps_shards, "config.ps_shards", low=1)
         _integer(self.seed, "config.seed", low=0)
+        _integer(self.step_window, "config.step_window", low=1)
         if self.micro_batch_size is not None:
             _integer(self.micro_batch_size, "config.micro_batch_size", low=1)
         fraction = self.topk_fraction

@@ -3,8 +3,11 @@
 
 A table owns its parameters (writable, updated in place), its optimizer state and a version that
 counts applied updates. `apply` is exactly-once per update key: a key seen before returns the
-recorded report and changes nothing. The staleness rule lives here too: a gradient computed on
-version v is applied only if `version - v <= bound`; otherwise it is dropped or down-weighted.
+recorded report and changes nothing (the log keeps the keys of a window of recent steps, see
+steplog.py). An update that would make a parameter non-finite is refused whole (FailedPrecondition)
+and changes nothing; `check` gives the same verdict without applying, so a trainer with several
+server shards asks each before any applies. The staleness rule lives here too: a gradient computed
+on version v is applied only if `version - v <= bound`; otherwise it is dropped or down-weighted.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from gradserve_services.optim import Optimizer, global_norm
 
 from .compression import decode
 from .shared import Attachments, BlockRef, allocate_block, area_visible, remove_block
+from .steplog import DEFAULT_STEP_WINDOW, StepLog
 
 __all__ = ["ParameterTable", "ParameterServer", "StalenessRule"]
 
@@ -46,7 +50,8 @@ class StalenessRule:
 
 class ParameterTable:
     def __init__(self, params: Mapping[str, np.ndarray], optimizer_config,
-                 rule: StalenessRule | None = None, allocate=None):
+                 rule: StalenessRule | None = None, allocate=None,
+                 step_window: int = DEFAULT_STEP_WINDOW):
         # Own writable, contiguous copies: the optimizer updates them in place. `allocate` maps
         # `{name: (dtype, shape)}` to writable arrays (shared-memory views) to hold them instead.
         if allocate is None:
@@ -58,7 +63,7 @@ class ParameterTable:
         self.optimizer = Optimizer(optimizer_config, self.params)
         self.rule = rule or StalenessRule(bound=0)
         self.version = 0
-        self.log: dict[str, dict] = {}
+        self.log = StepLog(step_window)
 
     def snapshot(self) -> tuple[int, dict]:
         """`(version, params)`; the live arrays, so copy (or serialize) before the next update."""
@@ -69,10 +74,17 @@ class ParameterTable:
         across shards)."""
         return global_norm([decode(part) for part in parts], grad_scale) ** 2
 
+    def check(self, parts: list, count: int, computed_on: int, norm: float | None = None) -> None:
+        """Raise FailedPrecondition if `apply` of these arguments would be refused as non-finite."""
+        weight = self.rule.weight(self.version - computed_on)
+        if weight > 0.0:
+            self.optimizer.check(self.params, [decode(part) for part in parts],
+                                 grad_scale=weight / count, norm=norm)
+
     def apply(self, key: str, parts: list, count: int, computed_on: int,
               norm: float | None = None) -> dict:
         """Apply `sum(parts) / count` once for `key`; returns the report of what happened."""
-        recorded = self.log.get(key)
+        recorded = self.log.lookup(key)
         if recorded is not None:
             return {**recorded, "duplicate": True}
         started = time.perf_counter()
@@ -86,30 +98,31 @@ class ParameterTable:
             self.version += 1
             report.update(lr=info["lr"], grad_norm=info["grad_norm"])
         report.update(version=self.version, apply_ms=(time.perf_counter() - started) * 1e3)
-        self.log[key] = report
+        self.log.record(key, report)
         return report
 
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
         optimizer_arrays, optimizer_meta = self.optimizer.state_dict()
         arrays = {f"param/{name}": value for name, value in self.params.items()}
         arrays.update({f"optim/{key}": value for key, value in optimizer_arrays.items()})
+        mark, records = self.log.state()
         meta = {"version": self.version, "optimizer": optimizer_meta, "rule": self.rule.to_dict(),
-                "log": self.log}
+                "log": dict(records), "log_mark": mark}
         return arrays, meta
 
     @classmethod
     def from_state(cls, arrays: Mapping[str, np.ndarray], meta: Mapping, names,
-                   allocate=None) -> "ParameterTable":
+                   allocate=None, step_window: int = DEFAULT_STEP_WINDOW) -> "ParameterTable":
         """The table for parameters `names` out of a (possibly merged) `state()`."""
         params = {name: arrays[f"param/{name}"] for name in names}
         rule = StalenessRule(**meta["rule"])
-        table = cls(params, meta["optimizer"]["config"], rule, allocate)
+        table = cls(params, meta["optimizer"]["config"], rule, allocate, step_window)
         prefix = "optim/"
         optimizer_arrays = {key[len(prefix):]: value for key, value in arrays.items()
                             if key.startswith(prefix) and key[len(prefix):].split("/")[0] in params}
         table.optimizer.load_state_dict(optimizer_arrays, meta["optimizer"])
         table.version = int(meta["version"])
-        table.log = {key: dict(report) for key, report in meta.get("log", {}).items()}
+        table.log = StepLog.from_state(meta.get("log_mark"), meta.get("log", {}), step_window)
         return table
 
 
@@ -128,14 +141,16 @@ class ParameterServer:
     def pid(self) -> int:
         return os.getpid()
 
-    def create_table(self, table_id: str, params: Mapping, optimizer_config, rule: dict, area=None):
+    def create_table(self, table_id: str, params: Mapping, optimizer_config, rule: dict, area=None,
+                     step_window: int = DEFAULT_STEP_WINDOW):
         """Create (or replace) a table; returns what the workers read its parameters from."""
         return self._install(table_id, area, lambda allocate: ParameterTable(
-            params, optimizer_config, StalenessRule(**rule), allocate))
+            params, optimizer_config, StalenessRule(**rule), allocate, step_window))
 
-    def load_table(self, table_id: str, arrays: Mapping, meta: Mapping, names, area=None):
+    def load_table(self, table_id: str, arrays: Mapping, meta: Mapping, names, area=None,
+                   step_window: int = DEFAULT_STEP_WINDOW):
         return self._install(table_id, area, lambda allocate: ParameterTable.from_state(
-            arrays, meta, names, allocate))
+            arrays, meta, names, allocate, step_window))
 
     def _install(self, table_id: str, area, build):
         """Build a table (its parameters in a new block where `area` allows), then replace the old
@@ -188,6 +203,10 @@ class ParameterServer:
 
     def squared_norm(self, table_id: str, grad_scale: float, *parts) -> float:
         return self._table(table_id).squared_norm(self._dense(parts), grad_scale)
+
+    def check(self, table_id: str, count: int, computed_on: int, norm: float | None, *parts) -> None:
+        """FailedPrecondition if `apply` of these arguments would be refused (changes nothing)."""
+        self._table(table_id).check(self._dense(parts), count, computed_on, norm)
 
     def apply(self, table_id: str, key: str, count: int, computed_on: int, norm: float | None,
               *parts):

@@ -9,6 +9,11 @@ the parameters stay in shared memory and those references are descriptors of a f
 
 A worker lost mid-step (its process killed, its node gone) is replaced in the pool and its shard is
 re-run on a live worker with the same inputs, so a sync step's result is the fault-free one.
+
+A step whose loss, gradient or update is not finite (an overflow from finite inputs: an absurd
+learning rate, a batch the model cannot take) is refused with FailedPrecondition and applies
+nothing: workers refuse a non-finite loss, each server shard refuses an update that would leave a
+parameter non-finite, and with several shards every shard is asked (`check`) before any applies.
 """
 
 from __future__ import annotations
@@ -24,26 +29,20 @@ import numpy as np
 
 from gradserve_services.engine import Model
 from gradserve_services.errors import FailedPrecondition, InvalidArgument, Unavailable
+from gradserve_services.optim import check_fits_dtype
 
 from .backend import Backend
 from .config import StepResult, TrainerConfig
 from .shared import remove_prefixed, write_block
 from .sharding import partition_parameters, split_rows
+from .steplog import StepLog, step_number, update_key
 from .worker import AreaNotVisible
 
-__all__ = ["Trainer", "step_key"]
+__all__ = ["Trainer"]
 
 # How many times one shard may be re-run after losing its worker before the step gives up.
 MAX_SHARD_ATTEMPTS = 4
 STATE_FORMAT = 1
-
-
-def step_key(step_id) -> str:
-    """Step ids are compared as strings (ints and their decimal strings are the same step)."""
-    if isinstance(step_id, bool) or not isinstance(step_id, (int, str, np.integer)) or step_id == "":
-        raise InvalidArgument(f"step id must be a non-empty string or an integer, got {step_id!r}",
-                              "step_id")
-    return str(step_id)
 
 
 @dataclass
@@ -60,11 +59,12 @@ class Trainer:
         self._backend = backend
         self._model = Model(self.config.spec)
         self._dtype = self._model.validate_parameters(params)
+        check_fits_dtype(self.config.optimizer, self._dtype)
         self._table = uuid.uuid4().hex
         self._partition = partition_parameters(self._model.parameter_shapes(),
                                                self.config.ps_shards)
         self._lock = threading.Lock()  # one step (or state change) at a time per trainer
-        self._log: dict[str, dict] = {}
+        self._log = StepLog(self.config.step_window)  # exactly-once: recent steps' results
         self._steps_run = 0
         self._version = 0
         self._closed = False
@@ -79,7 +79,8 @@ class Trainer:
         servers = backend.servers(len(self._partition))
         self._snapshots = [
             backend.submit(server, "create_table", self._table, {n: params[n] for n in names},
-                           self.config.optimizer.to_dict(), self._rule(), self._area)[0]
+                           self.config.optimizer.to_dict(), self._rule(), self._area,
+                           self.config.step_window)[0]
             for server, names in zip(servers, self._partition)
         ]
         self._get_from_servers(self._snapshots)
@@ -87,18 +88,21 @@ class Trainer:
     # ----- public API ----------------------------------------------------------------------------
 
     def step(self, step_id, x, y) -> StepResult:
-        key = step_key(step_id)
+        """One step, exactly once per step id (an integer >= 0): an id recorded in the step log
+        returns its recorded result with `duplicate=True`; an id at or below the highest one seen
+        minus `config.step_window` is refused (FailedPrecondition), see steplog.py."""
+        step = step_number(step_id)
         with self._lock:
             self._check_open()
-            recorded = self._log.get(key)
+            recorded = self._log.lookup(update_key(step))
             if recorded is not None:
                 return replace(StepResult.from_record(recorded), duplicate=True)
             x, y = self._model.validate_batch(x, y, dtype=self._dtype)
             if self.config.consistency == "sync":
-                result = self._step_sync(key, x, y)
+                result = self._step_sync(step, x, y)
             else:
-                result = self._step_on_arrival(key, x, y)
-            self._log[key] = result.to_record()
+                result = self._step_on_arrival(step, x, y)
+            self._log.record(update_key(step), result.to_record())
             self._steps_run += 1
             self._version = result.version
             return result
@@ -120,17 +124,20 @@ class Trainer:
         return snapshots[0][0], params
 
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
-        """`(arrays, meta)` for a checkpoint: parameters, optimizer state, version, step log."""
+        """`(arrays, meta)` for a checkpoint: parameters, optimizer state, version, and the step
+        log's mark and window (never more than `config.step_window` steps' records)."""
         with self._lock:
             self._check_open()
             servers = self._backend.servers(len(self._partition))
             states = self._get_from_servers(
                 [self._backend.submit(server, "state", self._table)[0] for server in servers])
+            mark, records = self._log.state()
+            meta = {"format": STATE_FORMAT, "version": states[0][1]["version"],
+                    "steps_run": self._steps_run, "step_mark": mark, "step_log": dict(records),
+                    "table": states[0][1]}
         arrays = {}
         for shard_arrays, _ in states:
             arrays.update({key: np.array(value, copy=True) for key, value in shard_arrays.items()})
-        meta = {"format": STATE_FORMAT, "version": states[0][1]["version"],
-                "steps_run": self._steps_run, "step_log": self._log, "table": states[0][1]}
         return arrays, meta
 
     def restore(self, arrays: Mapping[str, np.ndarray], meta: Mapping) -> None:
@@ -153,7 +160,8 @@ class Trainer:
             self._snapshots = snapshots
             self._version = int(meta["version"])
             self._steps_run = int(meta["steps_run"])
-            self._log = {key: dict(record) for key, record in meta["step_log"].items()}
+            self._log = StepLog.from_state(meta.get("step_mark"), meta["step_log"],
+                                           self.config.step_window)
 
     def resize(self, num_workers: int) -> None:
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
@@ -188,20 +196,27 @@ class Trainer:
 
     # ----- steps ---------------------------------------------------------------------------------
 
-    def _step_sync(self, key: str, x, y) -> StepResult:
+    def _step_sync(self, step: int, x, y) -> StepResult:
+        key = update_key(step)
         clock = _Clock()
         x_ref, y_ref = self._batch_refs(x, y)
         clock.mark("put")
         calls = self._dispatch_all(x.shape[0], x_ref, y_ref)
         servers = self._backend.servers(len(self._partition))
         total = x.shape[0]
-        needs_norm_first = self.config.optimizer.clip_norm is not None and len(servers) > 1
-        # The apply is submitted before the workers finish, with their gradient references as
-        # arguments: the servers start the moment the last gradient exists, without a round trip
-        # through this process. If a worker is lost, that apply fails on its missing argument
-        # without running, and is submitted again below after the shard is re-run.
-        early = None if needs_norm_first else self._submit_apply(servers, key, calls, total, None)
-        stats, failures = self._gather(calls, x, y, x_ref, y_ref)
+        # With one server shard the apply is submitted before the workers finish, with their
+        # gradient references as arguments: the server starts the moment the last gradient exists,
+        # without a round trip through this process (and refuses a non-finite update by itself).
+        # If a worker is lost, that apply fails on its missing argument without running, and is
+        # submitted again below after the shard is re-run. Several shards are first asked whether
+        # the update stays finite everywhere (and, with clipping, for their part of the norm).
+        early = self._submit_apply(servers, key, calls, total, None) if len(servers) == 1 else None
+        try:
+            stats, failures = self._gather(calls, x, y, x_ref, y_ref)
+        except BaseException:  # a refused shard (non-finite loss) or workers lost too often
+            if early is not None:
+                self._discard([future for output in early for future in output])
+            raise
         clock.mark("gathered")
         self._workers_near = self._area is not None and failures == [0, 0] and \
             all(s.get("sees_area") for s in stats)
@@ -211,10 +226,15 @@ class Trainer:
         else:
             if early is not None:
                 self._discard([output[1] for output in early])
-            norm = self._clipping_norm(servers, [[call.parts[k] for call in calls]
-                                                 for k in range(len(servers))], total)
+            groups = [[call.parts[k] for call in calls] for k in range(len(servers))]
+            norm = self._clipping_norm(servers, groups, total)
+            self._check_all(servers, groups, total, self._version, norm)
             outputs = self._submit_apply(servers, key, calls, total, norm)
-        reports = self._get_from_servers([output[1] for output in outputs])
+        try:
+            reports = self._get_from_servers([output[1] for output in outputs])
+        except BaseException:  # refused: the last published parameters stay the workers' input
+            self._discard([output[0] for output in outputs])
+            raise
         self._snapshots = [output[0] for output in outputs]
         clock.mark("applied")
         if norm is None:
@@ -245,8 +265,31 @@ class Trainer:
             except Exception:  # noqa: BLE001 - expected: the call lost an argument
                 pass
 
-    def _step_on_arrival(self, key: str, x, y) -> StepResult:
-        """async / bounded: each shard's gradient goes to the servers the moment it arrives."""
+    def _step_on_arrival(self, step: int, x, y) -> StepResult:
+        """async / bounded: each shard's gradient goes to the servers the moment it arrives.
+
+        Each shard's gradient is its own update: one refused (non-finite) fails the step, and the
+        shards applied before and after it stay applied, their keys in the servers' logs, so a
+        retry of the step id applies them no second time."""
+        try:
+            return self._step_each_shard(step, x, y)
+        except BaseException:
+            try:
+                self._republish()
+            except Exception:  # noqa: BLE001 - a lost server: the step's own error says so
+                pass
+            raise
+
+    def _republish(self) -> None:
+        """After a failed on-arrival step: the servers' current parameters and version become the
+        workers' input (some shards' applies may have failed, others succeeded)."""
+        servers = self._backend.servers(len(self._partition))
+        published = [self._backend.submit(server, "published", self._table)[0] for server in servers]
+        versions = [version for version, _ in self._get_from_servers(published)]
+        self._snapshots = published
+        self._version = max(versions)
+
+    def _step_each_shard(self, step: int, x, y) -> StepResult:
         clock = _Clock()
         x_ref, y_ref = self._backend.put(x), self._backend.put(y)
         clock.mark("put")
@@ -266,7 +309,8 @@ class Trainer:
             count = shard_stats["count"]
             groups = [[part] for part in call.parts]
             norm = self._clipping_norm(servers, groups, count)
-            outputs = [self._backend.submit(server, "apply", self._table, f"{key}/{index}", count,
+            self._check_all(servers, groups, count, shard_stats["version"], norm)
+            outputs = [self._backend.submit(server, "apply", self._table, update_key(step, index), count,
                                             shard_stats["version"], norm, call.parts[k],
                                             num_returns=2)
                        for k, server in enumerate(servers)]
@@ -290,6 +334,7 @@ class Trainer:
         calls = []
         for position, (start, stop) in enumerate(shards):
             task = {"spec": self.config.spec, "table": self._table, "start": start, "stop": stop,
+                    "finite_only": True,
                     "partition": self._partition, "micro_batch_size": self.config.micro_batch_size,
                     "seed": seed, "compression": self.config.compression,
                     "topk_fraction": self.config.topk_fraction, "slot": position}
@@ -365,6 +410,15 @@ class Trainer:
             for server, parts in zip(servers, part_groups)])
         return math.sqrt(sum(squares))
 
+    def _check_all(self, servers, part_groups, count, computed_on, norm) -> None:
+        """With several server shards, each is asked whether its part of the update stays finite
+        (FailedPrecondition if not) before any applies, so a refused update changes no shard. One
+        shard decides while applying."""
+        if len(servers) > 1:
+            self._get_from_servers([
+                self._backend.submit(server, "check", self._table, count, computed_on, norm, *parts)[0]
+                for server, parts in zip(servers, part_groups)])
+
     def _get_from_servers(self, futures):
         try:
             return self._backend.get(futures)
@@ -378,7 +432,7 @@ class Trainer:
         server = self._backend.servers(position + 1)[position]
         for _ in range(2):
             future = self._backend.submit(server, "load_table", self._table, arrays, table_meta,
-                                          names, self._area)[0]
+                                          names, self._area, self.config.step_window)[0]
             try:
                 self._backend.get(future)
                 return future

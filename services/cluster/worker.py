@@ -10,12 +10,15 @@ crosses the object store once per worker and is used in place (zero-copy, read-o
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
 from collections import OrderedDict
 
 from gradserve_services.engine import Model
+from gradserve_services.errors import FailedPrecondition
+from gradserve_services.optim import all_finite
 
 from .compression import ErrorFeedback, encode
 from .shared import Attachments, BlockRef, area_visible, remove_block, visible, write_block
@@ -126,6 +129,8 @@ class GradientWorker:
             computed = time.perf_counter()
             feedback = self._feedback.setdefault(task["table"], ErrorFeedback()) \
                 if task.get("compression") == "topk" else None
+            if task.get("finite_only"):
+                _refuse_non_finite(result, start, stop, gradients_too=feedback is not None)
             # compressed parts are small and are what the server must decode: they travel as is
             shared = self._sees(task.get("area")) and task.get("compression", "none") == "none"
             for index, names in enumerate(task["partition"]):
@@ -184,6 +189,20 @@ class GradientWorker:
         while len(self._params) > MAX_CACHED_TABLES:
             self._params.popitem(last=False)
         return version, params
+
+
+def _refuse_non_finite(result, start: int, stop: int, *, gradients_too: bool) -> None:
+    """A training shard whose loss (or gradient) overflowed from finite inputs is refused before
+    anything is applied. Gradients are checked here only where top-k's error feedback would keep a
+    non-finite residual; otherwise the parameter server checks them with the update."""
+    if not math.isfinite(result.loss_sum):
+        raise FailedPrecondition(f"the loss of batch rows {start}:{stop} is {result.loss_sum}, not "
+                                 "finite: the model overflows on this batch; nothing was applied",
+                                 "loss")
+    for name, grad in result.grad_sum.items() if gradients_too else ():
+        if not all_finite(grad):
+            raise FailedPrecondition(f"the gradient of {name!r} is not finite: the model overflows "
+                                     "on this batch; nothing was applied", f"gradients.{name}")
 
 
 def _resolve(box: list, attached: Attachments | None = None, servers=None, table=None):

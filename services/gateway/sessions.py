@@ -30,7 +30,7 @@ import numpy as np
 
 from gradserve_services import metrics
 from gradserve_services.checkpoint import atomic_file, load_checkpoint, save_checkpoint
-from gradserve_services.cluster import StepResult, TrainerConfig
+from gradserve_services.cluster import DEFAULT_STEP_WINDOW, StepResult, TrainerConfig
 from gradserve_services.engine import Model
 from gradserve_services.engine.spec import parse_spec
 from gradserve_services.errors import (
@@ -47,8 +47,9 @@ __all__ = ["Session", "SessionRegistry", "SessionLimits", "activation_features",
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = re.compile(r"^v\d{12}\.npz$")
-SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{32}$")  # secrets.token_urlsafe(24)
+# Used with fullmatch: `$` would accept a trailing newline, and `\d` any Unicode digit.
+CHECKPOINT_NAME = re.compile(r"v[0-9]{12}\.npz")
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{32}")  # secrets.token_urlsafe(24)
 MANIFEST = "session.json"
 INIT_DTYPES = ("", "float32", "float64")  # "" is float32
 STEP_TIME_SMOOTHING = 0.3  # weight of the newest step in the running step-time estimate
@@ -66,6 +67,9 @@ class SessionLimits:
     # Activations one call may hold at once: rows (or micro-batch rows) x the features of every
     # node. A batch small on the wire can otherwise ask for any amount of memory through wide layers.
     activation_elements_per_call: int = 1 << 28
+    # Steps whose results a session keeps to answer retries (and writes into each checkpoint); an
+    # older step id is refused, never applied twice (see cluster/steplog.py).
+    step_window: int = DEFAULT_STEP_WINDOW
 
 
 @dataclasses.dataclass(eq=False)
@@ -115,7 +119,8 @@ class SessionRegistry:
         """Validate everything, then start the trainer. Nothing is created if anything is wrong."""
         if init_dtype not in INIT_DTYPES:  # exactly the names service.proto documents
             raise InvalidArgument(f"must be float32 or float64, got {init_dtype!r}", "config.init.dtype")
-        config = config.validated()  # optimizer parsed; errors name `config.X` / `optimizer.X`
+        # optimizer parsed; errors name `config.X` / `optimizer.X`
+        config = dataclasses.replace(config, step_window=self.limits.step_window).validated()
         self._check_limits(owner, config, checkpoint_every_steps)
         model = Model(config.spec)  # SpecError names the node
         if params:
@@ -148,7 +153,7 @@ class SessionRegistry:
             return 0
         recovered = 0
         for session_id in sorted(os.listdir(self._checkpoint_dir)):
-            if not SESSION_ID.match(session_id):
+            if not SESSION_ID.fullmatch(session_id):
                 continue
             try:
                 recovered += self._recover_one(session_id)
@@ -162,7 +167,7 @@ class SessionRegistry:
         if manifest is None or manifest.get("closed") or not manifest.get("checkpoint"):
             return 0
         name = manifest["checkpoint"]
-        if not CHECKPOINT_NAME.match(name) or manifest.get("session_id") != session_id:
+        if not CHECKPOINT_NAME.fullmatch(name) or manifest.get("session_id") != session_id:
             raise InvalidArgument("manifest names no checkpoint of this session", MANIFEST)
         with self._lock:
             if session_id in self._sessions:
@@ -269,12 +274,12 @@ class SessionRegistry:
     def restore_checkpoint(self, session: Session, name: str) -> tuple[str, int]:
         directory = self._session_dir(session)
         if not name:
-            saved = sorted(n for n in os.listdir(directory) if CHECKPOINT_NAME.match(n)) \
+            saved = sorted(n for n in os.listdir(directory) if CHECKPOINT_NAME.fullmatch(n)) \
                 if os.path.isdir(directory) else []
             if not saved:
                 raise NotFound("this session has no checkpoint yet", "checkpoint")
             name = saved[-1]
-        elif not CHECKPOINT_NAME.match(name):
+        elif not CHECKPOINT_NAME.fullmatch(name):
             raise InvalidArgument("not a checkpoint name SaveCheckpoint returned", "checkpoint")
         arrays, meta = load_checkpoint(os.path.join(directory, name))
         with session.lock:

@@ -58,9 +58,9 @@ def test_repeated_step_id_applies_nothing(params):
     with LocalExecutor() as executor:
         trainer = executor.create_trainer(TrainerConfig(MLP_SPEC), params)
         x, y = classification_data(16)
-        first = trainer.step("s1", x, y)
+        first = trainer.step(1, x, y)
         version, before = trainer.parameters()
-        again = trainer.step("s1", x * 2, y)
+        again = trainer.step("1", x * 2, y)
         assert again.duplicate and not first.duplicate
         assert (again.loss, again.version) == (first.loss, first.version)
         assert trainer.parameters()[0] == version == 1

@@ -63,7 +63,7 @@ def test_near_and_far_workers_feed_one_shared_server(executor):
                 np.testing.assert_array_equal(got[key], value, err_msg=f"{name} {key}")
 
         new_published, report = server.apply.options(num_returns=2).remote(
-            "t", "step-1", 96, 0, None, outputs["near"][0], outputs["far"][0])
+            "t", "1", 96, 0, None, outputs["near"][0], outputs["far"][0])
         assert ray.get(report)["version"] == 1
         _, applied = ray.get(server.snapshot.remote("t"))
     finally:
@@ -73,7 +73,7 @@ def test_near_and_far_workers_feed_one_shared_server(executor):
 
     reference = LocalExecutor(num_workers=2)
     trainer = reference.create_trainer(TrainerConfig(MLP_SPEC, OPTIMIZER, num_workers=2), params)
-    trainer.step("step-1", x, y)
+    trainer.step(1, x, y)
     _, expected_params = trainer.parameters()
     reference.shutdown()
     for name, value in expected_params.items():
