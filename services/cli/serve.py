@@ -10,33 +10,61 @@ import signal
 import sys
 import threading
 
-__all__ = ["register", "run"]
+from .help import HelpFormatter
+
+__all__ = ["register", "run", "RAY_LISTEN_CHOICES"]
+
+# Where an embedded Ray runtime may be reached from: this machine only, or every interface.
+RAY_LISTEN_CHOICES = ("loopback", "all")
 
 log = logging.getLogger("gradserve.serve")
 
 
+SERVE_HELP = """\
+Serve the gRPC API; every step runs on Ray worker actors.
+
+Output: once the server listens, the first line on stdout is one JSON object with the bound ports
+(so --port 0 and --metrics-port 0 can be read back), and nothing else is written to stdout:
+  {"event": "serving", "host": "127.0.0.1", "port": 50051, "metrics_port": 9090}
+Logs go to stderr. Without --ray-address (or RAY_ADDRESS) an embedded Ray runtime starts first
+(a few seconds; one line on stderr says so), listening on 127.0.0.1 only unless --ray-listen all.
+Exit codes: 0 after SIGTERM/SIGINT (health NOT_SERVING, in-flight calls get --grace-s);
+2 bad flags or no auth tokens.
+"""
+
+
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("serve", help="serve the gRPC API; every step runs on Ray workers")
-    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    parser = subparsers.add_parser("serve", help="serve the gRPC API; every step runs on Ray workers",
+                                   description=SERVE_HELP, formatter_class=HelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback: this machine only)")
     parser.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one")
     parser.add_argument("--metrics-port", type=int, default=9090, help="Prometheus port; 0 picks a free one")
     parser.add_argument("--metrics-host", default="127.0.0.1", help="interface for the metrics exporter")
-    parser.add_argument("--ray-address", default=None, help="existing Ray cluster; default: embedded Ray")
-    parser.add_argument("--workers", type=int, default=2, help="default worker actors per session")
+    parser.add_argument("--ray-address", default=None, help="existing Ray cluster (default: $RAY_ADDRESS, else embedded Ray)")
+    parser.add_argument("--ray-listen", choices=RAY_LISTEN_CHOICES, default="loopback",
+                        help="where the embedded Ray runtime listens: loopback (no other machine can reach or "
+                             "join it) or all interfaces (other Ray nodes may join); ignored with --ray-address")
+    parser.add_argument("--workers", type=int, default=2, help="worker actors of a session that asks for none")
     auth = parser.add_mutually_exclusive_group()
     auth.add_argument("--auth-tokens-file", help="IDENTITY:TOKEN lines (default: $GRADSERVE_AUTH_TOKENS)")
     auth.add_argument("--no-auth", action="store_true", help="accept every caller (local use only)")
-    parser.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key)")
+    parser.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key; default: plaintext)")
     parser.add_argument("--tls-key", help="PEM private key (with --tls-cert)")
     parser.add_argument("--checkpoint-dir", default=os.environ.get("GRADSERVE_CHECKPOINT_DIR"),
-                        help="where session checkpoints are written (default: $GRADSERVE_CHECKPOINT_DIR)")
-    parser.add_argument("--max-concurrent-calls", type=int, default=64)
-    parser.add_argument("--grace-s", type=float, default=30.0, help="time in-flight calls get on SIGTERM")
+                        help="where session checkpoints are written (default: $GRADSERVE_CHECKPOINT_DIR, "
+                             "else none are written)")
+    parser.add_argument("--max-concurrent-calls", type=int, default=64,
+                        help="calls served at once; more are answered RESOURCE_EXHAUSTED")
+    parser.add_argument("--grace-s", type=float, default=30.0, help="seconds in-flight calls get on SIGTERM")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    if args.ray_listen == "loopback" and (args.ray_address or os.environ.get("RAY_ADDRESS") or "local") == "local":
+        from gradserve_services.cluster.runtime import confine_embedded_ray_to_loopback
+
+        confine_embedded_ray_to_loopback()  # before anything imports ray
     from gradserve_services import metrics
     from gradserve_services.cluster import RayExecutor
     from gradserve_services.errors import GradserveError

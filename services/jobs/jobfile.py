@@ -4,17 +4,16 @@ Every problem raises `InvalidArgument` whose `field` is the dotted key at fault 
 `optimizer.name`), so the CLI can print one line naming it and exit 2 before any training starts.
 Unknown keys are errors too: a misspelt `epoch:` silently ignored would train the wrong job.
 
+Every key, its default and its meaning: `JOB_FILE_KEYS` (`gradserve train --print-reference` prints
+it; the README's job-file reference is that text). In outline:
+
     seed: 0
-    dataset:   {name: digits | diabetes | npz | csv, path, label, features, x_key, y_key,
-                task, test_fraction: 0.2, standardize: true, standardize_target: true,
-                drop_missing: false}
-    model:     {mlp: {hidden: [128, 64], activation: relu, dropout: 0.0, layernorm: false}
-                | nodes: [...], output: NAME ; loss: softmax_cross_entropy | mse | binary_cross_entropy}
-    optimizer: {name: adam, lr: 0.001, ..., schedule: {name: cosine, warmup_steps: 0, ...}}
-    train:     {epochs: 20, batch_size: 64, workers: 2, consistency: sync, staleness: 0,
-                micro_batch_size: null}
-    checkpoint: {dir: null, every_steps: 100}
-    service:   {target: null, token: null}
+    dataset:    {name, path, label, features, x_key, y_key, task, test_fraction, standardize, ...}
+    model:      {mlp: {hidden, activation, dropout, layernorm} | nodes: [...], output: NAME ; loss}
+    optimizer:  {name, lr, momentum, beta1, beta2, eps, weight_decay, clip_norm, schedule: {...}}
+    train:      {epochs, batch_size, workers, consistency, staleness, micro_batch_size}
+    checkpoint: {dir, every_steps}
+    service:    {target, token}
     out: runs/NAME
 """
 
@@ -42,6 +41,8 @@ __all__ = [
     "TrainConfig",
     "CheckpointConfig",
     "Job",
+    "KeyDoc",
+    "JOB_FILE_KEYS",
     "read_job_file",
     "apply_overrides",
     "parse_job",
@@ -70,6 +71,73 @@ SCHEDULE_KEYS = ("name", "warmup_steps", "step_size", "gamma", "total_steps", "m
 TRAIN_KEYS = ("epochs", "batch_size", "workers", "consistency", "staleness", "micro_batch_size")
 CHECKPOINT_KEYS = ("dir", "every_steps")
 SERVICE_KEYS = ("target", "token")
+
+@dataclass(frozen=True)
+class KeyDoc:
+    key: str  # dotted job-file key
+    meaning: str
+    default: object = None  # the value a job gets when the key is absent (None: null)
+    default_rule: str | None = None  # instead of `default`, when it depends on other keys or the data
+
+
+# The reference of every key above, in file order; a test checks it against the key lists and that
+# each literal default is what parsing gives when the key is left out.
+JOB_FILE_KEYS = (
+    KeyDoc("seed", "seeds the train/test split, the batch order, initial parameters and dropout masks", 0),
+    KeyDoc("dataset.name", "`digits`, `diabetes` (scikit-learn's, bundled), `npz` or `csv`",
+           default_rule="from `dataset.path`'s suffix"),
+    KeyDoc("dataset.path", "the `.npz` / `.csv` file, relative to the job file's folder"),
+    KeyDoc("dataset.label", "csv: the label column (header name)", "label"),
+    KeyDoc("dataset.features", "csv: the feature columns", default_rule="every column but the label"),
+    KeyDoc("dataset.x_key", "npz: the array of features", "x"),
+    KeyDoc("dataset.y_key", "npz: the array of labels or targets", "y"),
+    KeyDoc("dataset.task", "`classification` (integer class labels), `regression` or `binary`",
+           default_rule="from `model.loss`, else the data (integer labels: classification)"),
+    KeyDoc("dataset.test_fraction", "share of rows held out for testing (stratified by class where it can be)", 0.2),
+    KeyDoc("dataset.standardize", "scale features to mean 0, variance 1, fitted on the train split", True),
+    KeyDoc("dataset.standardize_target", "regression: scale targets the same way", True),
+    KeyDoc("dataset.drop_missing", "drop rows with a missing or NaN value instead of refusing the file", False),
+    KeyDoc("model.mlp", "the MLP shorthand (give it, or `nodes` and `output`)",
+           default_rule="none: one of the two forms is required"),
+    KeyDoc("model.mlp.hidden", "hidden layer widths (none: a linear model)", []),
+    KeyDoc("model.mlp.activation", "`relu`, `leaky_relu`, `sigmoid`, `tanh` or `gelu`", "relu"),
+    KeyDoc("model.mlp.dropout", "dropout rate after each hidden layer, in [0, 1)", 0.0),
+    KeyDoc("model.mlp.layernorm", "layer normalisation before each activation", False),
+    KeyDoc("model.input_features", "graph form: the input width", default_rule="the data's feature count"),
+    KeyDoc("model.nodes", "graph form: the nodes (docs/ARCHITECTURE.md, model spec)",
+           default_rule="none: one of the two forms is required"),
+    KeyDoc("model.output", "graph form: the output node's name", default_rule="none: required with `nodes`"),
+    KeyDoc("model.loss", "`softmax_cross_entropy`, `mse` or `binary_cross_entropy`",
+           default_rule="from the task: softmax_cross_entropy, mse, binary_cross_entropy"),
+    KeyDoc("optimizer.name", "`sgd`, `momentum`, `nesterov`, `adam` or `adamw`", "adam"),
+    KeyDoc("optimizer.lr", "learning rate", default_rule="`0.001` for adam and adamw, else `0.1`"),
+    KeyDoc("optimizer.momentum", "momentum, nesterov: momentum factor", 0.9),
+    KeyDoc("optimizer.beta1", "adam, adamw: first-moment decay", 0.9),
+    KeyDoc("optimizer.beta2", "adam, adamw: second-moment decay", 0.999),
+    KeyDoc("optimizer.eps", "adam, adamw: denominator guard", 1e-8),
+    KeyDoc("optimizer.weight_decay", "L2 penalty (adamw: decoupled)", 0.0),
+    KeyDoc("optimizer.clip_norm", "clip the global gradient norm to this (null: no clipping)"),
+    KeyDoc("optimizer.schedule", "a schedule name, or a mapping of the keys below", "constant"),
+    KeyDoc("optimizer.schedule.name", "`constant`, `step` or `cosine`", "constant"),
+    KeyDoc("optimizer.schedule.warmup_steps", "updates whose rate ramps linearly up to `lr`", 0),
+    KeyDoc("optimizer.schedule.step_size", "step: steps between decays", 100),
+    KeyDoc("optimizer.schedule.gamma", "step: decay factor", 0.1),
+    KeyDoc("optimizer.schedule.total_steps", "cosine: steps to reach `min_lr`",
+           default_rule="cosine: the job's steps (epochs x batches per epoch); else `1000`"),
+    KeyDoc("optimizer.schedule.min_lr", "cosine: the final learning rate", 0.0),
+    KeyDoc("train.epochs", "passes over the train split", 10),
+    KeyDoc("train.batch_size", "rows per step, split across the workers", 64),
+    KeyDoc("train.workers", "Ray worker actors, each computing the gradient of its shard", 2),
+    KeyDoc("train.consistency", "`sync` (every step sees the last one's parameters), `async` or `bounded`", "sync"),
+    KeyDoc("train.staleness", "bounded: how many versions a gradient may lag", 0),
+    KeyDoc("train.micro_batch_size", "rows per forward/backward pass within a shard (null: the whole shard)"),
+    KeyDoc("checkpoint.dir", "folder for resumable checkpoints (null: none; `--resume` needs one)"),
+    KeyDoc("checkpoint.every_steps", "steps between checkpoints", 100),
+    KeyDoc("service.target", "host:port of a running `gradserve serve` (null: embed one for the job)"),
+    KeyDoc("service.token", "bearer token for `service.target`"),
+    KeyDoc("out", "folder for metrics.jsonl, metrics.png and parameters.npz",
+           default_rule="`runs/NAME`, NAME the job file's name without `.yaml`"),
+)
 
 # Command-line flag (argparse dest) -> the dotted job-file key it replaces.
 OVERRIDES = {
