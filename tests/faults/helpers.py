@@ -1,5 +1,5 @@
-"""What every fault case shares: the seeded training run, the audit of the server's own records,
-and finding the real processes of Ray actors.
+"""What every fault case shares: the gateway process, the seeded training run, the audit of the
+server's own records, and finding the real processes of Ray actors.
 
 The audit reads what the service itself recorded, never what the client believes: a checkpoint of
 the session holds the parameter server's apply log (one report per update key, with the version it
@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +25,11 @@ from gradserve import mlp
 from gradserve_services import procfs
 from gradserve_services.checkpoint import load_checkpoint
 
+from tests.support.serve_process import start_serve
+
 __all__ = [
-    "SPEC", "STEPS", "OPTIMIZER", "TOKEN", "batch", "train", "Audit", "audit", "actor_pids",
-    "wait_for_proctitle", "when_computing", "kill_pid", "assert_same_parameters",
+    "SPEC", "STEPS", "OPTIMIZER", "TOKEN", "OTHER_TOKEN", "Gateway", "batch", "train", "Audit", "audit",
+    "actor_pids", "wait_for_proctitle", "when_computing", "wait_until", "kill_pid", "assert_same_parameters",
 ]
 
 # Large enough that a worker's shard takes a few hundred ms (a window to kill it mid-step), small
@@ -37,7 +40,45 @@ STEPS = 8
 OPTIMIZER = {"name": "adam", "lr": 0.01}  # optimizer state must survive every fault too
 SEED = 11
 TOKEN = "faults-token-7c1d0e5b93a2"
+OTHER_TOKEN = "faults-other-token-41e9a7c2"
 _MIXING = np.random.default_rng(99).standard_normal((32, 8))
+
+
+class Gateway:
+    """The gateway process; `restart` kills it and starts a new one on the same port and folders."""
+
+    def __init__(self, cluster, work_dir: Path):
+        self.cluster = cluster
+        self.checkpoint_dir = work_dir / "checkpoints"
+        self.tokens = work_dir / "tokens"
+        self.tokens.write_text(f"trainer:{TOKEN}\nother:{OTHER_TOKEN}\n")
+        self.log_path = work_dir / "serve.log"
+        self.server = self._start(port=0)
+
+    def _start(self, port: int):
+        return start_serve(self.log_path, [
+            "--ray-address", self.cluster.address, "--workers", "2", "--auth-tokens-file", str(self.tokens),
+            "--checkpoint-dir", str(self.checkpoint_dir), "--grace-s", "5",
+        ], env=self.cluster.env, port=port)
+
+    @property
+    def target(self) -> str:
+        return self.server.target
+
+    def client(self, target: str | None = None, **options) -> gradserve.Client:
+        return gradserve.Client(target or self.target, token=TOKEN, timeout=120, **options)
+
+    def restart_after_kill(self) -> None:
+        port = self.server.serving["port"]
+        self.server.kill()
+        self.server = self._start(port=port)
+
+    def metric(self, name: str) -> float:
+        """Sum of a counter's samples on the current gateway's exporter."""
+        url = f"http://127.0.0.1:{self.server.serving['metrics_port']}/metrics"
+        body = urllib.request.urlopen(url, timeout=10).read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+                   if line.startswith(name) and not line.startswith("#"))
 
 
 def batch(step_id: int):
@@ -156,6 +197,15 @@ def when_computing(pids, action, timeout_s: float = 10.0) -> bool:
         return False
     action(pid)
     return True
+
+
+def wait_until(condition, timeout_s: float, what: str) -> None:
+    """Poll `condition()` until it holds; AssertionError naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what}")
+        time.sleep(0.1)
 
 
 def kill_pid(pid: int) -> None:

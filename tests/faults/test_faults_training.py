@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -19,12 +17,12 @@ import gradserve
 from gradserve_services import procfs
 
 from tests.support.ray_cluster import start_cluster
-from tests.support.serve_process import start_serve
 from tests.support.tcp_proxy import CuttingProxy
 
 from .helpers import (
+    OTHER_TOKEN,
     STEPS,
-    TOKEN,
+    Gateway,
     actor_pids,
     assert_exactly_once,
     assert_same_parameters,
@@ -37,45 +35,6 @@ from .helpers import (
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-OTHER_TOKEN = "faults-other-token-41e9a7c2"
-
-
-class Gateway:
-    """The gateway process; `restart` kills it and starts a new one on the same port and folders."""
-
-    def __init__(self, cluster, work_dir: Path):
-        self.cluster = cluster
-        self.checkpoint_dir = work_dir / "checkpoints"
-        self.tokens = work_dir / "tokens"
-        self.tokens.write_text(f"trainer:{TOKEN}\nother:{OTHER_TOKEN}\n")
-        self.log_path = work_dir / "serve.log"
-        self.server = self._start(port=0)
-
-    def _start(self, port: int):
-        return start_serve(self.log_path, [
-            "--ray-address", self.cluster.address, "--workers", "2", "--auth-tokens-file", str(self.tokens),
-            "--checkpoint-dir", str(self.checkpoint_dir), "--grace-s", "5",
-        ], env=self.cluster.env, port=port)
-
-    @property
-    def target(self) -> str:
-        return self.server.target
-
-    def client(self, target: str | None = None, **options) -> gradserve.Client:
-        return gradserve.Client(target or self.target, token=TOKEN, timeout=120, **options)
-
-    def restart_after_kill(self) -> None:
-        port = self.server.serving["port"]
-        self.server.kill()
-        self.server = self._start(port=port)
-
-    def metric(self, name: str) -> float:
-        """Sum of a counter's samples on the current gateway's exporter."""
-        url = f"http://127.0.0.1:{self.server.serving['metrics_port']}/metrics"
-        body = urllib.request.urlopen(url, timeout=10).read().decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
-                   if line.startswith(name) and not line.startswith("#"))
 
 
 @pytest.fixture(scope="module")
