@@ -24,10 +24,9 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-import threading
 import time
 
-from .load_calls import Tally, percentile, train_session
+from .load_calls import Tally, client_thread, percentile, train_session
 from .serve_process import RSS_ROLES, ServeProcess, write_client_tokens
 
 __all__ = ["add_arguments", "run"]
@@ -58,7 +57,7 @@ def run(args) -> int:
         finally:
             server.stop()
     print(json.dumps(report), flush=True)
-    return 0
+    return 0 if report["steps_ok"] == report["steps_expected"] else 1
 
 
 def _measure(server: ServeProcess, tokens: list[str], args, deadline: float) -> dict:
@@ -107,7 +106,7 @@ def _measure(server: ServeProcess, tokens: list[str], args, deadline: float) -> 
 
 
 def _round(target: str, tokens: list[str], args, tally: Tally, deadline: float) -> None:
-    threads = [threading.Thread(target=_client, args=(target, token, args, tally, deadline, index), daemon=True)
+    threads = [client_thread(tally, _client, target, token, args, tally, deadline, index)
                for index, token in enumerate(tokens)]
     for thread in threads:
         thread.start()

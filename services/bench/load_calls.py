@@ -8,7 +8,7 @@ import collections
 import threading
 import time
 
-__all__ = ["Tally", "call", "train_session", "percentile", "BACKOFF_S", "FEATURES"]
+__all__ = ["Tally", "call", "train_session", "client_thread", "percentile", "BACKOFF_S", "FEATURES"]
 
 BACKOFF_S = 0.02  # after RESOURCE_EXHAUSTED: the cap frees within one step's time
 FEATURES, HIDDEN, CLASSES = 32, 64, 10  # the model every load client trains: small, so the service is measured
@@ -35,6 +35,19 @@ class Tally:
     def errors_by_code(self) -> dict[str, int]:
         with self.lock:
             return {code: n for code, n in self.codes.items() if code != "OK"}
+
+
+def client_thread(tally: Tally, body, *args) -> threading.Thread:
+    """A daemon thread running `body(*args)`; an exception that ends it early is counted under its
+    type's name (so a broken client shows in `calls_by_code`, never as a quiet shortfall)."""
+
+    def run() -> None:
+        try:
+            body(*args)
+        except Exception as error:  # noqa: BLE001 - reported, not raised in a thread nobody joins on
+            tally.count(type(error).__name__)
+
+    return threading.Thread(target=run, daemon=True)
 
 
 def call(tally: Tally, deadline: float, attempt):

@@ -14,7 +14,8 @@ least-squares slope over every sample since, in bytes per 1000 steps. With nothi
 is near zero however long the soak; a leak of B bytes per step shows as 1000 B.
 
 Every call either succeeds or gets RESOURCE_EXHAUSTED (the `--max-concurrent-calls` cap), retried
-with the same step id; anything else is counted under its code. One JSON line.
+with the same step id; anything else is counted under its code (a client that fails outside a call,
+under the exception's name). One JSON line; exit status 1 when not every step went through.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import tempfile
 import threading
 import time
 
-from .load_calls import Tally, percentile, train_session
+from .load_calls import Tally, client_thread, percentile, train_session
 from .serve_process import RSS_ROLES, ServeProcess, write_client_tokens
 
 __all__ = ["add_arguments", "run"]
@@ -66,7 +67,7 @@ def run(args) -> int:
         finally:
             server.stop()
     print(json.dumps(report), flush=True)
-    return 0
+    return 0 if report["steps_ok"] == args.total_steps else 1  # the figures of a run cut short mislead
 
 
 def _soak(server: ServeProcess, tokens: list[str], args, deadline: float) -> dict:
@@ -82,8 +83,7 @@ def _soak(server: ServeProcess, tokens: list[str], args, deadline: float) -> dic
     sampler = threading.Thread(target=_sample_until, args=(finished, args.sample_s, sample), daemon=True)
     shares = [args.total_steps // len(tokens) + (index < args.total_steps % len(tokens))
               for index in range(len(tokens))]
-    clients = [threading.Thread(target=_client, args=(server.target, token, share, args, tally, deadline, index),
-                                daemon=True)
+    clients = [client_thread(tally, _client, server.target, token, share, args, tally, deadline, index)
                for index, (token, share) in enumerate(zip(tokens, shares))]
     sample()
     sampler.start()
