@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .sparse_rows import dense_gradients
+
 __all__ = ["numerical_gradient", "gradcheck", "GradcheckReport"]
 
 
@@ -43,9 +45,11 @@ class GradcheckReport:
 
 def gradcheck(model, params, x, y, *, eps=1e-6, rtol=1e-5, atol=1e-8, **pass_options) -> GradcheckReport:
     """Compare `model.loss_and_grad` with central differences of its mean loss. Works on copies,
-    so `params` is left untouched; `pass_options` (train, seed, ...) go to both sides alike."""
+    so `params` is left untouched; `pass_options` (train, seed, ...) go to both sides alike.
+    Tables' gradients are compared whole (rows not touched: 0 on both sides)."""
     params = {name: value.copy() for name, value in params.items()}
     _, analytic = model.loss_and_grad(params, x, y, **pass_options)
+    analytic = dense_gradients(analytic)
     numeric = numerical_gradient(lambda p: model.loss_and_grad(p, x, y, **pass_options)[0], params, eps)
     xp = model.xp
     worst = {

@@ -4,6 +4,10 @@ Reverse mode runs the forward pass keeping what each op saved, seeds the loss gr
 the nodes ONCE in reverse topological order. A node's gradient is complete when it is reached: every
 consumer comes later in topological order, so has already added its share (`+=`, fan-out).
 Forward mode carries a tangent beside each value instead and needs one pass per direction.
+
+The batch is one float array `x` for an `input_features` spec, or a mapping of tensor name to array
+for a spec with named inputs (see `inputs.py`); both become a `Batch` the passes slice by rows.
+A table parameter's gradient is `SparseRows` (its touched rows); every other one is an array.
 """
 
 from __future__ import annotations
@@ -17,15 +21,18 @@ import numpy
 
 from gradserve_services.errors import InvalidArgument
 
+from .batch import FLOAT_DTYPES, Batch, check_named_batch
 from .context import PassContext
 from .grad_sums import GradSums
+from .inputs import FLOAT, INPUT
 from .losses import LOSSES
-from .spec import INPUT, parse_spec
+from .sparse_rows import SparseRows
+from .spec import parse_spec
+from .table_init import init_table
 from .workspace import Workspace
 
 __all__ = ["Model", "GradSum", "FLOAT_DTYPES"]
 
-FLOAT_DTYPES = ("float32", "float64")
 _FLOAT_DTYPES = frozenset(numpy.dtype(name) for name in FLOAT_DTYPES)  # `dtype.name` is slow per call
 
 
@@ -49,6 +56,7 @@ class Model:
         self.loss = LOSSES[self.graph.loss]
         self._workspace = Workspace(xp)
         self._lock = threading.Lock()
+        self._single_input = INPUT in self.graph.inputs  # an `input_features` spec: x is one array
 
     # ----- description -------------------------------------------------------------------------
 
@@ -57,11 +65,16 @@ class Model:
         return dict(self.graph.parameter_shapes)
 
     def init_parameters(self, seed: int = 0, dtype="float32") -> dict:
-        """He-normal dense weights (suits ReLU), zero biases, layernorm weight 1 and bias 0."""
+        """He-normal dense weights (suits ReLU), zero biases, layernorm weight 1 and bias 0; tables
+        from `table_init` (a function of seed, table and row; they draw nothing from the stream the
+        dense weights come from, so adding a table leaves those unchanged)."""
         dtype = _float_dtype(dtype, "dtype")
         rng = numpy.random.default_rng(seed)
         params = {}
         for name, shape in self.graph.parameter_shapes.items():
+            if name in self.graph.tables:
+                params[name] = init_table(self.xp, seed, name, shape, dtype)
+                continue
             if len(shape) == 2:
                 value = rng.standard_normal(shape) * math.sqrt(2.0 / shape[0])
             elif name.endswith(".weight"):
@@ -85,7 +98,8 @@ class Model:
     def validate_parameters(self, params, *, field_prefix: str = "parameters", check_values: bool = True):
         """Raise InvalidArgument(field=f"{field_prefix}.NAME") unless `params` holds exactly this
         model's parameters with the right shapes, one float dtype, and (if `check_values`) finite
-        values. Returns the dtype."""
+        values. A table may come whole or as `SparseRows` holding the rows a batch will read.
+        Returns the dtype."""
         if not isinstance(params, Mapping):
             raise InvalidArgument("parameters must be a mapping of name to array", field=field_prefix)
         shapes = self.graph.parameter_shapes
@@ -98,6 +112,8 @@ class Model:
         dtype = None
         for name, shape in shapes.items():
             value, field = params[name], f"{field_prefix}.{name}"
+            if isinstance(value, SparseRows) and name in self.graph.tables:
+                value = self._checked_rows(value, shape, field)
             if not isinstance(value, self.xp.ndarray):
                 raise InvalidArgument(f"expected an array, got {type(value).__name__}", field=field)
             if value.dtype not in _FLOAT_DTYPES:
@@ -105,16 +121,58 @@ class Model:
             if dtype is not None and value.dtype != dtype:
                 raise InvalidArgument(f"dtype {value.dtype} differs from the other parameters' {dtype}", field=field)
             dtype = value.dtype
-            if tuple(value.shape) != shape:
+            if tuple(value.shape) != shape and not isinstance(params[name], SparseRows):
                 raise InvalidArgument(f"shape must be {shape}, got {tuple(value.shape)}", field=field)
             if check_values and not bool(self.xp.isfinite(value).all()):
                 raise InvalidArgument("contains NaN or infinity", field=field)
         return dtype
 
+    def _checked_rows(self, value: SparseRows, shape, field: str):
+        """The rows array of a table given as SparseRows, once its ids and shape are checked."""
+        if value.shape != shape:
+            raise InvalidArgument(f"shape must be {shape}, got {value.shape}", field=field)
+        ids, rows = value.ids, value.rows
+        if not isinstance(ids, self.xp.ndarray) or ids.dtype != self.xp.int64 or ids.ndim != 1:
+            raise InvalidArgument("row ids must be a 1-D int64 array", field=field)
+        if not isinstance(rows, self.xp.ndarray) or rows.shape != (ids.shape[0], shape[1]):
+            raise InvalidArgument(f"rows must be an array of shape ({ids.shape[0]}, {shape[1]})", field=field)
+        if ids.size and (int(ids[0]) < 0 or int(ids[-1]) >= shape[0] or not bool((ids[1:] > ids[:-1]).all())):
+            raise InvalidArgument(f"row ids must be sorted, unique and in [0, {shape[0]})", field=field)
+        return rows
+
     def validate_batch(self, x, y=None, *, dtype=None):
         """Raise InvalidArgument(field="batch.x" / "batch.y") unless `x` is a non-empty finite
         (rows, input_features) float array (of `dtype`, when given) and `y` fits the loss and the
-        output width. Returns (x, y) with float targets in x's dtype."""
+        output width. Returns (x, y) with float targets in x's dtype. For a spec with named inputs,
+        `x` maps tensor names to arrays, errors name `batch.<tensor>`, and the (x, y) returned
+        holds a `Batch` (sliceable by rows) as x."""
+        batch, y, _ = self._checked_batch_and_targets(x, y, dtype)
+        return (batch.feeds[INPUT] if self._single_input else batch), y
+
+    def _checked_batch_and_targets(self, x, y, dtype):
+        """(Batch, targets, pass dtype): the parameters' dtype, else the batch's floats'."""
+        if self._single_input:
+            batch, dtype = Batch({INPUT: self._checked_x(x, dtype)}, x.shape[0]), x.dtype
+        else:
+            batch, dtype = self._checked_named(x, dtype)
+        if y is None:
+            return batch, None, dtype
+        if not isinstance(y, self.xp.ndarray):
+            raise InvalidArgument(f"expected an array, got {type(y).__name__}", field="batch.y")
+        width = self.graph.widths[self.graph.output]
+        return batch, self.loss.check_targets(self.xp, y, batch.rows, width, dtype), dtype
+
+    def _checked_named(self, x, dtype):
+        if isinstance(x, Batch):  # made by validate_batch (and perhaps sliced into shards): checked
+            return x, dtype if dtype is not None else numpy.dtype("float64")
+        batch, found_dtype = check_named_batch(self.xp, self.graph.inputs, x, dtype)
+        for node in self.graph.nodes:
+            sources = [self.graph.inputs.get(source) for source in node.inputs]
+            if any(decl is not None and decl.kind != FLOAT for decl in sources):
+                node.op.check_batch(node, self.xp, [batch.feeds.get(source) for source in node.inputs], sources)
+        return batch, found_dtype if found_dtype is not None else numpy.dtype("float64")
+
+    def _checked_x(self, x, dtype):
         if not isinstance(x, self.xp.ndarray):
             raise InvalidArgument(f"expected an array, got {type(x).__name__}", field="batch.x")
         if x.dtype not in _FLOAT_DTYPES:
@@ -129,12 +187,7 @@ class Model:
             raise InvalidArgument("the batch is empty", field="batch.x")
         if not bool(self.xp.isfinite(x).all()):
             raise InvalidArgument("contains NaN or infinity", field="batch.x")
-        if y is None:
-            return x, None
-        if not isinstance(y, self.xp.ndarray):
-            raise InvalidArgument(f"expected an array, got {type(y).__name__}", field="batch.y")
-        width = self.graph.widths[self.graph.output]
-        return x, self.loss.check_targets(self.xp, y, x.shape[0], width, x.dtype)
+        return x
 
     # ----- passes ------------------------------------------------------------------------------
 
@@ -143,8 +196,8 @@ class Model:
         _check_options(None, seed, sample_offset)
         with self._lock:
             dtype = self.validate_parameters(params, check_values=False)
-            x, _ = self.validate_batch(x, dtype=dtype)
-            out, _ = self._forward(self._context(dtype, train, seed, sample_offset), params, x)
+            batch, _, pass_dtype = self._checked_batch_and_targets(x, None, dtype)
+            out, _ = self._forward(self._context(pass_dtype, train, seed, sample_offset), params, batch)
             return out.copy()
 
     def loss_and_grad_sum(
@@ -153,18 +206,19 @@ class Model:
         """Loss and gradient of the SUM of per-sample losses; memory bounded by the micro-batch."""
         _check_options(micro_batch_size, seed, sample_offset)
         with self._lock:
-            x, y = self._checked_batch(params, x, y)
-            loss_sum, grad_sum = self._reverse(params, x, y, 1.0, micro_batch_size, train, seed, sample_offset)
-        return GradSum(loss_sum, grad_sum, x.shape[0])
+            batch, y, dtype = self._checked_batch(params, x, y)
+            loss_sum, grad_sum = self._reverse(params, batch, y, dtype, 1.0, micro_batch_size, train, seed, sample_offset)
+        return GradSum(loss_sum, grad_sum, batch.rows)
 
     def loss_and_grad(self, params, x, y, *, micro_batch_size=None, train=True, seed=0, sample_offset=0):
         """(mean loss, mean gradients). The 1/count is applied to the loss gradient before the
-        backward pass (as PyTorch does), which saves a pass over every parameter gradient."""
+        backward pass (as PyTorch does), which saves a pass over every parameter gradient.
+        Tables' gradients are `SparseRows`; `dense_gradients` makes them whole."""
         _check_options(micro_batch_size, seed, sample_offset)
         with self._lock:
-            x, y = self._checked_batch(params, x, y)
-            count = x.shape[0]
-            loss_sum, grads = self._reverse(params, x, y, 1.0 / count, micro_batch_size, train, seed, sample_offset)
+            batch, y, dtype = self._checked_batch(params, x, y)
+            count = batch.rows
+            loss_sum, grads = self._reverse(params, batch, y, dtype, 1.0 / count, micro_batch_size, train, seed, sample_offset)
         return loss_sum / count, grads
 
     def jvp(self, params, tangent, x, y, *, micro_batch_size=None, train=True, seed=0, sample_offset=0):
@@ -172,20 +226,20 @@ class Model:
         `tangent` has one array per parameter; the derivative equals <mean gradient, tangent>."""
         _check_options(micro_batch_size, seed, sample_offset)
         with self._lock:
-            x, y = self._checked_batch(params, x, y)
+            batch, y, pass_dtype = self._checked_batch(params, x, y)
             dtype = self.validate_parameters(tangent, field_prefix="tangent")
-            if dtype is not None and dtype != x.dtype:
-                raise InvalidArgument(f"dtype {dtype} differs from the parameters' {x.dtype}", field="tangent")
+            if dtype is not None and dtype != pass_dtype:
+                raise InvalidArgument(f"dtype {dtype} differs from the parameters' {pass_dtype}", field="tangent")
             loss_sum = derivative_sum = 0.0
-            for start, stop in _micro_batches(x.shape[0], micro_batch_size):
-                ctx = self._context(x.dtype, train, seed, sample_offset + start)
-                out, out_tangent = self._forward_with_tangent(ctx, params, tangent, x[start:stop])
+            for start, stop in _micro_batches(batch.rows, micro_batch_size):
+                ctx = self._context(pass_dtype, train, seed, sample_offset + start)
+                out, out_tangent = self._forward_with_tangent(ctx, params, tangent, batch.slice(self.xp, start, stop))
                 loss_grad = ctx.buffer(self.graph.output, "loss_grad", out.shape)
                 loss_sum += self.loss.value_and_grad(self.xp, out, y[start:stop], 1.0, loss_grad)
                 if out_tangent is not None:
                     derivative_sum += float(self.xp.vdot(loss_grad, out_tangent))
             self._explain_non_finite(loss_sum, params)
-        return loss_sum / x.shape[0], derivative_sum / x.shape[0]
+        return loss_sum / batch.rows, derivative_sum / batch.rows
 
     # ----- internals ---------------------------------------------------------------------------
 
@@ -195,25 +249,25 @@ class Model:
         dtype = self.validate_parameters(params, check_values=False)
         if y is None:
             raise InvalidArgument("targets are required", field="batch.y")
-        return self.validate_batch(x, y, dtype=dtype)
+        return self._checked_batch_and_targets(x, y, dtype)
 
     def _context(self, dtype, train, seed, first_sample) -> PassContext:
         return PassContext(self.xp, dtype, self._workspace, bool(train), int(seed), int(first_sample))
 
-    def _reverse(self, params, x, y, scale, micro_batch_size, train, seed, sample_offset):
-        sums = GradSums(self.xp, self.graph.parameter_shapes, x.dtype, self._workspace)
+    def _reverse(self, params, batch, y, dtype, scale, micro_batch_size, train, seed, sample_offset):
+        sums = GradSums(self.xp, self.graph.parameter_shapes, dtype, self._workspace, self.graph.tables)
         loss_sum = 0.0
-        for start, stop in _micro_batches(x.shape[0], micro_batch_size):
-            ctx = self._context(x.dtype, train, seed, sample_offset + start)
-            out, saved = self._forward(ctx, params, x[start:stop])
+        for start, stop in _micro_batches(batch.rows, micro_batch_size):
+            ctx = self._context(dtype, train, seed, sample_offset + start)
+            out, saved = self._forward(ctx, params, batch.slice(self.xp, start, stop))
             loss_grad = ctx.buffer(self.graph.output, "loss_grad", out.shape)
             loss_sum += self.loss.value_and_grad(self.xp, out, y[start:stop], scale, loss_grad)
             self._backward(ctx, params, loss_grad, saved, sums)
         self._explain_non_finite(loss_sum, params)
         return loss_sum, sums.result()
 
-    def _forward(self, ctx, params, x):
-        values, saved = {INPUT: x}, {}
+    def _forward(self, ctx, params, batch: Batch):
+        values, saved = dict(batch.feeds), {}
         for node in self.graph.nodes:
             inputs = [values[source] for source in node.inputs]
             values[node.name], saved[node.name] = node.op.forward(node, ctx, inputs, params)
@@ -241,8 +295,9 @@ class Model:
                     grads[source] = self.xp.add(grads[source], grad, out=total)
                     owned.add(source)
 
-    def _forward_with_tangent(self, ctx, params, param_tangents, x):
-        values, tangents = {INPUT: x}, {INPUT: None}  # the batch input does not move
+    def _forward_with_tangent(self, ctx, params, param_tangents, batch: Batch):
+        values = dict(batch.feeds)
+        tangents = {name: None for name in batch.feeds}  # the batch inputs do not move
         for node in self.graph.nodes:
             inputs = [values[source] for source in node.inputs]
             out, saved = node.op.forward(node, ctx, inputs, params)

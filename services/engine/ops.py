@@ -1,6 +1,9 @@
 """The ops: one class per op, its forward, backward and tangent (forward-mode) rules side by side.
 
-Every op works on 2-D `(batch, features)` arrays in the parameter dtype. The rules share one
+Every op works on 2-D `(batch, features)` arrays in the parameter dtype, except the lookups, which
+read a batch input of ids (`embedding`) or bags (`embedding_bag`) and write 2-D float arrays. A
+table's gradient goes to `param_grads.add_rows` as one row per lookup; the sums per id are formed
+there (see `sparse_rows.py`). The rules share one
 calling convention (see `Op`); the engine in `model.py` walks the graph and owns the bookkeeping:
 
 - `forward` returns the output and whatever the other two rules need later (`saved`);
@@ -19,9 +22,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from gradserve_services.errors import SpecError
+from gradserve_services.errors import InvalidArgument, SpecError
 
-__all__ = ["Op", "OPS"]
+from .inputs import BAG, FLOAT, IDS
+from .sparse_rows import gather_rows
+
+__all__ = ["Op", "OPS", "MAX_TABLE_ROWS"]
+
+MAX_TABLE_ROWS = 1 << 31
 
 
 class Attribute:
@@ -51,10 +59,26 @@ class Attribute:
         return self.kind(value)
 
 
+class Choice(Attribute):
+    """A string attribute taking one of a few values."""
+
+    def __init__(self, choices: tuple[str, ...], default=Attribute.REQUIRED):
+        super().__init__(str, default)
+        self.choices = choices
+
+    def parse(self, node_name: str, key: str, value):
+        if value is None and self.default is not Attribute.REQUIRED:
+            return self.default
+        if value not in self.choices:
+            raise SpecError(f"attribute {key!r} must be one of {', '.join(self.choices)}; got {value!r}", field=node_name)
+        return value
+
+
 class Op:
     kind = ""
     arity: tuple[int, int | None] = (1, 1)  # (fewest, most) inputs; None: no upper bound
     attributes: Mapping[str, Attribute] = {}
+    reads = FLOAT  # the kind of input every source must be (see inputs.py); node outputs are float
 
     def parse_attrs(self, node_name: str, raw: Mapping[str, object]) -> dict[str, object]:
         unknown = sorted(set(raw) - set(self.attributes))
@@ -75,6 +99,17 @@ class Op:
 
     def parameter_shapes(self, node, input_widths: list[int]) -> dict[str, tuple[int, ...]]:
         return {}
+
+    def table_names(self, node) -> tuple[str, ...]:
+        """Parameters that are tables: read by rows, their gradient `SparseRows`."""
+        return ()
+
+    def check_sources(self, node, sources) -> None:
+        """Spec-time check of the declared inputs read (`InputDecl`, None for a node); SpecError."""
+
+    def check_batch(self, node, xp, inputs, sources) -> None:
+        """Batch-time check of the values of declared inputs beyond their kind (ids within the
+        table, ...); InvalidArgument naming the tensor. `sources` as in `check_sources`."""
 
     def forward(self, node, ctx, inputs, params):
         raise NotImplementedError
@@ -378,6 +413,227 @@ class Dropout(Op):
         return ctx.xp.multiply(tangents[0], saved, out=ctx.buffer(node.name, "tangent", out.shape))
 
 
+class Lookup(Op):
+    """Shared by the table lookups: the table `NODE.weight` (rows, dim), like torch's."""
+
+    attributes = {"rows": Attribute(int, low=1, high=MAX_TABLE_ROWS), "dim": Attribute(int, low=1, high=1 << 20)}
+
+    def parameter_suffixes(self, node):
+        return ("weight",)
+
+    def parameter_shapes(self, node, input_widths):
+        return {f"{node.name}.weight": (node.attrs["rows"], node.attrs["dim"])}
+
+    def table_names(self, node):
+        return (f"{node.name}.weight",)
+
+    def check_ids(self, node, xp, ids, field: str, what: str) -> None:
+        rows = node.attrs["rows"]
+        if ids.size and int(ids.max()) >= rows:
+            raise InvalidArgument(
+                f"{what} must lie in [0, {rows}) (the rows of {node.name}.weight), got {int(ids.max())}", field=field
+            )
+
+    def rows_of(self, node, ctx, table, ids, field_prefix: str):
+        return gather_rows(ctx.xp, table, ids, f"{field_prefix}.{node.name}.weight")
+
+
+class Embedding(Lookup):
+    """One table row per id. Reads an ids input (batch, fields): with `field`, that column's ids,
+    out (batch, dim); without, every column through the one table, rows side by side, out
+    (batch, fields * dim). A table per field is a node per field (`field` set on each)."""
+
+    kind = "embedding"
+    reads = IDS
+    attributes = {**Lookup.attributes, "field": Attribute(int, default=None, low=0)}
+
+    def output_width(self, node, input_widths):
+        field, fields = node.attrs["field"], input_widths[0]
+        if field is not None and field >= fields:
+            raise SpecError(f"field {field} is outside the input's {fields} fields", field=node.name)
+        return node.attrs["dim"] * (1 if field is not None else fields)
+
+    def check_batch(self, node, xp, inputs, sources):
+        field = node.attrs["field"]
+        ids = inputs[0] if field is None else inputs[0][:, field]
+        what = "ids" if field is None else f"ids of field {field}"
+        self.check_ids(node, xp, ids, f"batch.{sources[0].tensor}", what)
+
+    def _ids(self, node, ids):
+        field = node.attrs["field"]
+        return ids.reshape(-1) if field is None else ids[:, field]
+
+    def forward(self, node, ctx, inputs, params):
+        (ids,) = inputs
+        looked_up = self._ids(node, ids)  # row-major: lookup b * fields + f is ids[b, f]
+        rows = self.rows_of(node, ctx, params[f"{node.name}.weight"], looked_up, "parameters")
+        return rows.reshape(ids.shape[0], -1), looked_up
+
+    def backward(self, node, ctx, grad_out, saved, params, param_grads, wants):
+        param_grads.add_rows(f"{node.name}.weight", saved, grad_out.reshape(-1, node.attrs["dim"]))
+        return [None]  # ids have no gradient
+
+    def tangent(self, node, ctx, inputs, tangents, out, saved, params, param_tangents):
+        return self.rows_of(node, ctx, param_tangents[f"{node.name}.weight"], saved, "tangent").reshape(out.shape)
+
+
+class EmbeddingBag(Lookup):
+    """Per row, the sum (mode "sum") or mean (mode "mean") of the table rows of its bag; a weighted
+    bag input scales each row by its value's weight first (torch's per_sample_weights, which torch
+    takes with mode "sum" only, and so does this op). An empty bag gives zeros."""
+
+    kind = "embedding_bag"
+    reads = BAG
+    attributes = {**Lookup.attributes, "mode": Choice(("sum", "mean"), default="sum")}
+
+    def output_width(self, node, input_widths):
+        return node.attrs["dim"]
+
+    def check_sources(self, node, sources):
+        if sources[0].weighted and node.attrs["mode"] != "sum":
+            raise SpecError(f"a weighted bag ({sources[0].name!r}) takes mode 'sum'", field=node.name)
+
+    def check_batch(self, node, xp, inputs, sources):
+        self.check_ids(node, xp, inputs[0].values, f"batch.{sources[0].name}.values", "ids")
+
+    def _value_scale(self, node, ctx, bag):
+        """What each looked-up row is multiplied by before the sum: weights, 1 / bag length, or None."""
+        if bag.weights is not None:
+            return bag.weights
+        if node.attrs["mode"] == "mean":
+            per_row = ctx.xp.divide(1, ctx.xp.maximum(bag.lengths, 1), dtype=ctx.dtype)
+            return per_row[bag.row_of_value]
+        return None
+
+    def _bag_sums(self, node, ctx, table, bag, scale, role: str, field_prefix: str):
+        rows = self.rows_of(node, ctx, table, bag.values, field_prefix)  # a fresh (n, dim) array
+        if scale is not None:
+            rows *= scale[:, None]
+        out = ctx.buffer(node.name, role, (bag.rows, node.attrs["dim"]))
+        return bag.sum_per_row(ctx.xp, rows, out)
+
+    def forward(self, node, ctx, inputs, params):
+        (bag,) = inputs
+        scale = self._value_scale(node, ctx, bag)
+        return self._bag_sums(node, ctx, params[f"{node.name}.weight"], bag, scale, "out", "parameters"), (bag, scale)
+
+    def backward(self, node, ctx, grad_out, saved, params, param_grads, wants):
+        bag, scale = saved
+        row_grads = grad_out[bag.row_of_value]  # every value of a row gets that row's gradient
+        if scale is not None:
+            row_grads *= scale[:, None]
+        param_grads.add_rows(f"{node.name}.weight", bag.values, row_grads)
+        return [None]
+
+    def tangent(self, node, ctx, inputs, tangents, out, saved, params, param_tangents):
+        bag, scale = saved
+        return self._bag_sums(node, ctx, param_tangents[f"{node.name}.weight"], bag, scale, "tangent", "tangent")
+
+
+class DotInteraction(Op):
+    """DLRM's pairwise interaction. The inputs are cut into vectors of `dim` features (without
+    `dim`: every input is one vector, all of equal width), k in all, the first input's first; out
+    is the dot product of every pair (i, j), j < i (j <= i with `self_interaction`), in the order
+    i = 0.., j = 0..; with `concat_first`, the first input (DLRM: the dense vector) comes before
+    them. Backward: d(vectors) = (G + G^T) @ vectors, G the pair gradients placed in a k x k grid."""
+
+    kind = "dot_interaction"
+    arity = (1, None)
+    attributes = {
+        "dim": Attribute(int, default=None, low=1, high=1 << 20),
+        "self_interaction": Attribute(bool, default=False),
+        "concat_first": Attribute(bool, default=True),
+    }
+
+    def _vector_width(self, node, input_widths) -> int:
+        dim = node.attrs["dim"]
+        if dim is None:
+            if len(set(input_widths)) != 1:
+                raise SpecError(f"dot_interaction without dim needs inputs of equal width, got {input_widths}",
+                                field=node.name)
+            return input_widths[0]
+        if any(width % dim for width in input_widths):
+            raise SpecError(f"every input width must be a multiple of dim {dim}, got {input_widths}", field=node.name)
+        return dim
+
+    def output_width(self, node, input_widths):
+        dim = self._vector_width(node, input_widths)
+        pairs = len(pair_indices(sum(width // dim for width in input_widths), node.attrs["self_interaction"])[0])
+        if pairs == 0:
+            raise SpecError("dot_interaction needs at least two vectors (or self_interaction)", field=node.name)
+        return pairs + (input_widths[0] if node.attrs["concat_first"] else 0)
+
+    def forward(self, node, ctx, inputs, params):
+        xp, rows = ctx.xp, inputs[0].shape[0]
+        widths = [x.shape[1] for x in inputs]
+        dim = node.attrs["dim"] or widths[0]
+        vectors = _stack_vectors(ctx, node.name, "vectors", inputs, widths, dim)
+        count = vectors.shape[1]
+        gram = xp.matmul(vectors, vectors.transpose(0, 2, 1), out=ctx.buffer(node.name, "gram", (rows, count, count)))
+        below, left = pair_indices(count, node.attrs["self_interaction"])
+        first = widths[0] if node.attrs["concat_first"] else 0
+        out = ctx.buffer(node.name, "out", (rows, first + len(below)))
+        out[:, :first] = inputs[0][:, :first]
+        out[:, first:] = gram[:, below, left]
+        return out, (vectors, widths, first)
+
+    def backward(self, node, ctx, grad_out, saved, params, param_grads, wants):
+        xp, (vectors, widths, first) = ctx.xp, saved
+        rows, count, dim = vectors.shape
+        below, left = pair_indices(count, node.attrs["self_interaction"])
+        grid = ctx.buffer(node.name, "grad_gram", (rows, count, count))
+        grid.fill(0)
+        grid[:, below, left] = grad_out[:, first:]  # pairs are distinct, so assignment is the sum
+        symmetric = xp.add(grid, grid.transpose(0, 2, 1), out=ctx.buffer(node.name, "grad_gram_sym", grid.shape))
+        d_vectors = xp.matmul(symmetric, vectors, out=ctx.buffer(node.name, "grad_vectors", vectors.shape))
+        grads, start = [], 0
+        for index, (width, wanted) in enumerate(zip(widths, wants)):
+            count_here = width // dim
+            if wanted:
+                grad = d_vectors[:, start : start + count_here, :].reshape(rows, width)
+                if index == 0 and first:
+                    grad = grad + grad_out[:, :first]
+                grads.append(grad)
+            else:
+                grads.append(None)
+            start += count_here
+        return grads
+
+    def tangent(self, node, ctx, inputs, tangents, out, saved, params, param_tangents):
+        if all(t is None for t in tangents):
+            return None
+        xp, (vectors, widths, first) = ctx.xp, saved
+        rows, count, dim = vectors.shape
+        moved = _stack_vectors(ctx, node.name, "tangent_vectors", tangents, widths, dim)
+        half = xp.matmul(moved, vectors.transpose(0, 2, 1), out=ctx.buffer(node.name, "tangent_gram", (rows, count, count)))
+        below, left = pair_indices(count, node.attrs["self_interaction"])
+        total = ctx.buffer(node.name, "tangent", out.shape)
+        total[:, :first] = 0 if tangents[0] is None else tangents[0]
+        # d<v_i, v_j> = <dv_i, v_j> + <v_i, dv_j>: half[i, j] + half[j, i]
+        total[:, first:] = half[:, below, left] + half[:, left, below]
+        return total
+
+
+def _stack_vectors(ctx, owner: str, role: str, arrays, widths, dim):
+    """(batch, k, dim): every input's vectors in order; a None array (zero tangent) gives zeros."""
+    rows = next(a for a in arrays if a is not None).shape[0]
+    count = sum(width // dim for width in widths)
+    stacked = ctx.buffer(owner, role, (rows, count, dim))
+    start = 0
+    for array, width in zip(arrays, widths):
+        here = width // dim
+        stacked[:, start : start + here, :] = 0 if array is None else array.reshape(rows, here, dim)
+        start += here
+    return stacked
+
+
+def pair_indices(count: int, self_interaction: bool):
+    """(i, j) of every pair below the diagonal (on it too with `self_interaction`), row by row."""
+    below = [i for i in range(count) for j in range(i + self_interaction)]
+    left = [j for i in range(count) for j in range(i + self_interaction)]
+    return below, left
+
+
 def stable_sigmoid(xp, x, out):
     """1 / (1 + exp(-x)) without overflow: exp only ever sees -|x|."""
     e = xp.exp(-xp.abs(x))
@@ -387,5 +643,9 @@ def stable_sigmoid(xp, x, out):
 
 
 OPS: Mapping[str, Op] = {
-    op.kind: op for op in (Dense(), ReLU(), LeakyReLU(), Sigmoid(), Tanh(), GELU(), Add(), Concat(), LayerNorm(), Dropout())
+    op.kind: op
+    for op in (
+        Dense(), ReLU(), LeakyReLU(), Sigmoid(), Tanh(), GELU(), Add(), Concat(), LayerNorm(), Dropout(),
+        Embedding(), EmbeddingBag(), DotInteraction(),
+    )
 }
