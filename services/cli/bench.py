@@ -5,11 +5,21 @@ from __future__ import annotations
 
 import importlib
 
+from .help import HelpFormatter
+
+BENCH_HELP = """\
+Run a benchmark suite; the peer it is compared with is measured in the same run.
+
+Output: one JSON object per line on stdout, one line per measured case (each suite's help says
+which fields its lines carry); progress and logs go to stderr. Exit code 0 when every case ran.
+"""
+
 SUITES = ("engine", "transport", "training", "scaling", "load", "soak")
 
 
 def register(subparsers) -> None:
-    bench = subparsers.add_parser("bench", help="run a benchmark suite, JSON lines on stdout")
+    bench = subparsers.add_parser("bench", help="run a benchmark suite, JSON lines on stdout",
+                                  description=BENCH_HELP, formatter_class=HelpFormatter)
     suites = bench.add_subparsers(dest="suite", required=True)
     for name in SUITES:
         try:
@@ -18,7 +28,9 @@ def register(subparsers) -> None:
             if missing.name != f"gradserve_services.bench.{name}":
                 raise
             continue
-        parser = suites.add_parser(name, help=(module.__doc__ or name).strip().splitlines()[0])
+        summary = (module.__doc__ or name).strip()
+        parser = suites.add_parser(name, help=summary.splitlines()[0], description=summary,
+                                   formatter_class=HelpFormatter)
         parser.add_argument("--json", action="store_true", help="print JSON lines (the only format)")
         module.add_arguments(parser)
         parser.set_defaults(func=module.run)
