@@ -145,3 +145,33 @@ def test_env_tokens_tls_loopback_binding_and_no_dashboard(tmp_path):
         for pid in [server.pid, *tree]:
             for _, listen_port in sockets.get(pid, []):
                 assert listen_port not in dashboard_ports, (pid, procfs.cmdline(pid), listen_port)
+
+
+def test_default_serve_keeps_every_embedded_ray_listener_on_loopback(tmp_path):
+    env = {"GRADSERVE_AUTH_TOKENS": f"alice:{ALICE}"}
+    with serve_process(tmp_path / "serve.log", ["--workers", "2"], env=env) as server:
+        # a session and a step bring up everything a step needs: workers, parameter servers
+        with gradserve.Client(server.target, token=ALICE, timeout=120) as alice:
+            session = alice.create_session(SPEC, num_workers=2)
+            assert alice.step(session, np.ones((4, 4), np.float32), np.array([0, 1, 0, 1])).version == 1
+            sockets = listening_sockets()
+            tree = [server.pid, *procfs.descendants(server.pid)]
+        listeners = {pid: sockets[pid] for pid in tree if pid in sockets}
+        commands = {pid: procfs.cmdline(pid) for pid in listeners}
+    log = (tmp_path / "serve.log").read_text(errors="replace")
+
+    # Ray's own servers are among them (the test sees what it claims to check) ...
+    for part in ("gcs_server", "raylet", "ray::"):
+        assert any(part in command for command in commands.values()), (part, commands)
+    assert server.serving["port"] in {port for address, port in listeners[server.pid]}
+    # ... and every one of them listens on loopback only
+    exposed = [(pid, commands[pid][:80], address, port) for pid, found in listeners.items()
+               for address, port in found if address not in LOOPBACK]
+    assert exposed == [], exposed
+    # gradserve says in one line that the embedded runtime starts, where it listens and its auth
+    # mode; Ray's own notice about token authentication is not printed
+    announcements = [line for line in log.splitlines() if "starting the embedded Ray runtime" in line]
+    assert len(announcements) == 1, log
+    assert "gradserve.ray" in announcements[0] and "127.0.0.1 only" in announcements[0]
+    assert "token authentication" in announcements[0]
+    assert "Token authentication is enabled" not in log and "RAY_AUTH_MODE" not in log
