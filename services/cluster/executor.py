@@ -5,6 +5,7 @@ a `Backend`."""
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Mapping
 
 import numpy as np
@@ -30,7 +31,9 @@ class Executor:
         self.num_workers = num_workers
         self._backend = backend
         self._models = ModelCache(MAX_CACHED_MODELS)
-        self._trainers: set[Trainer] = set()
+        # Open trainers, for shutdown to close; a closed one the caller dropped must not stay here
+        # (every session a gateway ever opened would, with its step log and parameter refs).
+        self._trainers: weakref.WeakSet[Trainer] = weakref.WeakSet()
         backend.reserve_workers("__executor__", num_workers)
 
     def compute_gradients(self, spec, params: Mapping[str, np.ndarray], x, y, *,

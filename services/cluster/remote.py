@@ -26,11 +26,17 @@ _LOST_ERRORS = (ray_errors.RayActorError, ray_errors.WorkerCrashedError,
                 ray_errors.ObjectLostError, ray_errors.NodeDiedError)
 
 
+# Ray records an event per task for its dashboard, kept in the GCS up to 100,000 tasks: a few tasks
+# per step made the GCS grow by about 10 MB per 1,000 steps in `gradserve bench soak` (0.9 MB
+# without). The service's own metrics say what those events would.
+_NO_TASK_EVENTS = {"enable_task_events": False}
+
+
 def _worker_options() -> dict:
     # A worker is one core: it reserves one CPU and runs one BLAS thread. The worker limits its
     # threads with threadpoolctl; without it, the environment does.
     options = {"num_cpus": 1, "max_restarts": 0, "max_task_retries": 0,
-               "scheduling_strategy": "SPREAD"}
+               "scheduling_strategy": "SPREAD", **_NO_TASK_EVENTS}
     try:
         import threadpoolctl  # noqa: F401
     except ImportError:
@@ -45,7 +51,8 @@ def _server_options() -> dict:
     # workers, whose shards are re-run, never the parameters. (A driver always has a local node,
     # and a zero-CPU actor always fits on it; soft affinity was seen placing them elsewhere.)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return {"num_cpus": 0, "max_restarts": 0, "max_task_retries": 0, "scheduling_strategy": here}
+    return {"num_cpus": 0, "max_restarts": 0, "max_task_retries": 0, "scheduling_strategy": here,
+            **_NO_TASK_EVENTS}
 
 
 class RayBackend:
