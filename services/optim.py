@@ -274,8 +274,14 @@ class Optimizer:
                      self._coefficients(lr, self.update_count + 1))
 
     def _check_plan(self, params, grad_parts, plan: "_Plan") -> None:
-        with np.errstate(over="ignore", invalid="ignore"):  # an overflow here is the finding
-            self._dry_run(params, grad_parts, plan)
+        # Only parameters whose bound cannot rule an overflow out get the dry run: for ordinary
+        # values that is none, and the check costs a few BLAS reductions instead of a second update.
+        uncertain = {name: param for name, param in params.items()
+                     if not self._provably_finite(param, [part[name] for part in grad_parts],
+                                                  self.state[name], plan)}
+        if uncertain:
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow here is the finding
+                self._dry_run(uncertain, grad_parts, plan)
 
     def _dry_run(self, params, grad_parts, plan: "_Plan") -> None:
         rule = getattr(self, f"_block_{self.config.name}")
@@ -299,6 +305,43 @@ class Optimizer:
                 raise FailedPrecondition(
                     f"this update would make {name!r} non-finite ({self.config.name} at lr "
                     f"{plan.lr:g}); nothing was applied", f"parameters.{name}")
+
+    def _provably_finite(self, param, grads, state, plan: "_Plan") -> bool:
+        """Whether a bound on every value the update rule computes for this parameter stays far
+        below the dtype's largest: then the dry run could only pass. The bounds use 2-norms (one
+        BLAS pass each, at least the largest magnitude; a sum of parts is bounded by the sum of
+        their norms); a NaN or infinity anywhere fails the test and leaves the verdict to the dry
+        run."""
+        config, c = self.config, plan.coefficients
+        limit = float(np.finfo(param.dtype).max) / 16
+
+        def magnitude(array) -> float:
+            flat = np.ravel(array)
+            with np.errstate(over="ignore", invalid="ignore"):
+                return math.sqrt(float(np.dot(flat, flat)))
+
+        weights, decay = magnitude(param), abs(config.weight_decay)
+        step = abs(plan.scale) * sum(magnitude(grad) for grad in grads)
+        if config.name != "adamw":
+            step += decay * weights  # L2 decay joins the gradient
+        lr = abs(c["lr"])
+        if config.name == "sgd":
+            bounds = [step, weights + lr * step]
+        elif config.name in ("momentum", "nesterov"):
+            momentum = abs(config.momentum)
+            buffer = momentum * magnitude(state["momentum_buffer"]) + step
+            bounds = [step, buffer, weights + lr * (step + (1 + momentum) * buffer)]
+        else:  # adam, adamw: the denominator is at least eps, so |exp_avg| / eps bounds the step
+            if config.eps <= 0:
+                return False
+            if config.name == "adamw":
+                weights *= 1.0 + lr * decay
+            average = magnitude(state["exp_avg"]) + step
+            square = magnitude(state["exp_avg_sq"]) + step * step
+            change = lr / c["bias_correction1"] * average / config.eps
+            bounds = [step, step * step, average, square,
+                      math.sqrt(square) / c["bias_correction2_sqrt"] + config.eps, change, weights + change]
+        return all(bound < limit for bound in bounds)  # False for NaN
 
     def _update_all(self, params, grad_parts, plan: "_Plan") -> float:
         rule = getattr(self, f"_block_{self.config.name}")

@@ -173,3 +173,34 @@ def test_top_k_refuses_an_overflow_before_it_enters_the_residual():
         assert residuals and all(all_finite(value) for value in residuals)
         assert trainer.step(3, *good[1]).version == 2
         trainer.close()
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_bound_that_skips_the_dry_run_never_lets_an_overflow_through(name, dtype):
+    """The check skips its dry run where a norm bound proves every value stays finite: wherever it
+    does, the real update must come out finite, and near the dtype's edge it must defer."""
+    largest = float(np.finfo(dtype).max)
+    rng = np.random.default_rng(1)
+    proved, deferred = 0, 0
+    for trial in range(200):
+        exponent = rng.uniform(-6, np.log10(largest))
+        params = {"w": (rng.standard_normal(64) * 10.0 ** rng.uniform(-3, np.log10(largest) - 2)).astype(dtype)}
+        grads = {"w": (rng.standard_normal(64) * 10.0 ** exponent).astype(dtype)}
+        config = {"name": name, "lr": float(10.0 ** rng.uniform(-4, 2)), "weight_decay": float(rng.choice([0.0, 0.1]))}
+        optimizer = Optimizer(config, params)
+        for _ in range(int(rng.integers(0, 3))):  # some state to bound as well
+            with np.errstate(all="ignore"):
+                try:
+                    optimizer.step(params, [{"w": (grads["w"] * 1e-3).astype(dtype)}])
+                except FailedPrecondition:
+                    pass
+        plan = optimizer._plan([grads], 1.0, None)
+        if not optimizer._provably_finite(params["w"], [grads["w"]], optimizer.state["w"], plan):
+            deferred += 1
+            continue
+        proved += 1
+        optimizer.step(params, [grads])
+        assert all_finite(params["w"]), (trial, config)
+        assert all(all_finite(value) for value in optimizer.state["w"].values()), (trial, config)
+    assert proved > 20 and deferred > 20, (proved, deferred)  # both sides of the bound were exercised
