@@ -64,7 +64,10 @@ def run(args: argparse.Namespace) -> int:
     if args.ray_listen == "loopback" and (args.ray_address or os.environ.get("RAY_ADDRESS") or "local") == "local":
         from gradserve_services.cluster.runtime import confine_embedded_ray_to_loopback
 
-        confine_embedded_ray_to_loopback()  # before anything imports ray
+        if not confine_embedded_ray_to_loopback():  # before anything imports ray
+            print("gradserve serve: cannot keep the embedded Ray runtime on loopback (ray is already "
+                  "imported); pass --ray-listen all to accept all interfaces", file=sys.stderr)
+            return 2
     from gradserve_services import metrics
     from gradserve_services.cluster import RayExecutor
     from gradserve_services.errors import GradserveError

@@ -130,12 +130,27 @@ def run(args) -> int:
 
 
 def _embed_quietly() -> None:
-    """The embedded service's Ray runtime stays on loopback and announces itself in one line."""
+    """The embedded service's Ray runtime stays on loopback (when this process has not imported
+    ray yet: run in-process by a program that has, it keeps Ray's default and says so) and
+    announces itself in one line."""
     from gradserve_services.cluster.runtime import announce, confine_embedded_ray_to_loopback
 
-    confine_embedded_ray_to_loopback()  # before anything imports ray
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("gradserve train: %(message)s"))
-    announce.addHandler(handler)
+    confine_embedded_ray_to_loopback()
+    if not any(isinstance(handler, _CurrentStderr) for handler in announce.handlers):
+        handler = _CurrentStderr()
+        handler.setFormatter(logging.Formatter("gradserve train: %(message)s"))
+        announce.addHandler(handler)
     announce.setLevel(logging.INFO)
     announce.propagate = False
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a job run in-process may have replaced it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _ignored):
+        pass

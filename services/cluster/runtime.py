@@ -77,14 +77,14 @@ class RayRuntime:
                 _started_here = False
 
 
-def confine_embedded_ray_to_loopback() -> None:
+def confine_embedded_ray_to_loopback() -> bool:
     """Make a runtime this process embeds later bind and advertise 127.0.0.1 only (no other machine
-    can reach it or join it). Must run before `ray` is imported; raises RuntimeError if too late."""
-    if os.environ.get(_SINGLE_MACHINE_ENV) == "0":
-        return
-    if "ray" in sys.modules:
-        raise RuntimeError("ray was imported before the embedded runtime could be confined to loopback")
-    os.environ[_SINGLE_MACHINE_ENV] = "0"
+    can reach it or join it). Works only before `ray` is imported: returns whether it took effect."""
+    if os.environ.get(_SINGLE_MACHINE_ENV) != "0":
+        if "ray" in sys.modules:
+            return False
+        os.environ[_SINGLE_MACHINE_ENV] = "0"
+    return True
 
 
 def embedded_ray_confined_to_loopback() -> bool:
