@@ -175,3 +175,18 @@ def test_default_serve_keeps_every_embedded_ray_listener_on_loopback(tmp_path):
     assert "gradserve.ray" in announcements[0] and "127.0.0.1 only" in announcements[0]
     assert "token authentication" in announcements[0]
     assert "Token authentication is enabled" not in log and "RAY_AUTH_MODE" not in log
+
+
+def test_ray_listen_all_opens_the_embedded_runtime_only_when_asked(tmp_path):
+    env = {"GRADSERVE_AUTH_TOKENS": f"alice:{ALICE}"}
+    with serve_process(tmp_path / "serve.log", ["--workers", "1", "--ray-listen", "all"], env=env) as server:
+        sockets = listening_sockets()
+        tree = [server.pid, *procfs.descendants(server.pid)]
+        exposed = {procfs.cmdline(pid) for pid in tree for address, _ in sockets.get(pid, [])
+                   if address not in LOOPBACK}
+        # the gateway itself still binds --host (loopback); Ray's servers now face the network
+        assert all(address in LOOPBACK for address, port in sockets[server.pid]
+                   if port in (server.serving["port"], server.serving["metrics_port"]))
+    assert any("gcs_server" in command or "raylet" in command for command in exposed), exposed
+    log = (tmp_path / "serve.log").read_text(errors="replace")
+    assert "listening on all interfaces" in log and "Token authentication is enabled" not in log
