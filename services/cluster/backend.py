@@ -61,6 +61,10 @@ class Backend(Protocol):
         """Whether `error` means the actor (its process or node) is gone, so a retry elsewhere may
         succeed."""
 
+    def died(self, error: BaseException, handle) -> bool:
+        """Whether `error` reports the death of the actor `handle` itself (not of an actor whose
+        output its call needed)."""
+
     def cause(self, error: BaseException) -> BaseException:
         """The error to raise to the caller for a failed call (the domain error a task raised)."""
 

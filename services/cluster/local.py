@@ -91,6 +91,9 @@ class LocalBackend:
     def is_lost(self, error: BaseException) -> bool:
         return False  # nothing here can die without taking the caller with it
 
+    def died(self, error: BaseException, handle) -> bool:
+        return False
+
     def cause(self, error: BaseException) -> BaseException:
         return error
 

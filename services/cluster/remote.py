@@ -131,6 +131,10 @@ class RayBackend:
     def is_lost(self, error: BaseException) -> bool:
         return isinstance(error, _LOST_ERRORS)
 
+    def died(self, error: BaseException, handle) -> bool:
+        return isinstance(error, ray_errors.RayActorError) and \
+            getattr(error, "actor_id", None) == handle._actor_id.hex()
+
     def cause(self, error: BaseException) -> BaseException:
         cause = getattr(error, "cause", None) if isinstance(error, ray_errors.RayTaskError) else None
         return cause if isinstance(cause, BaseException) else error

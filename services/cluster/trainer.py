@@ -380,15 +380,18 @@ class Trainer:
         is one (it is warm), else on another pool member, else on the replacement."""
         if not self._backend.is_lost(error):
             raise self._backend.cause(error) from None
-        # A shard also fails when the parameters it reads are gone with their server: that is no
-        # worker's fault, and re-running cannot help. Unavailable(parameter_server) if so.
-        self._get_from_servers([self._backend.submit(server, "pid")[0]
-                                for server in self._backend.servers(len(self._partition))])
+        lost = self._backend.workers(self._num_workers)[call.position]
+        if not self._backend.died(error, lost):
+            # A shard also fails when the parameters it reads are gone with their server: that is
+            # no worker's fault, and re-running cannot help. Unavailable(parameter_server) if so.
+            # (Not asked when the worker itself died: the question waits in the server's queue
+            # behind the step's early apply, i.e. until every other shard is done.)
+            self._get_from_servers([self._backend.submit(server, "pid")[0]
+                                    for server in self._backend.servers(len(self._partition))])
         attempts = call.task.get("attempt", 0) + 1
         if attempts >= MAX_SHARD_ATTEMPTS:
             raise Unavailable(f"shard {call.task['start']}:{call.task['stop']} lost its worker "
                               f"{attempts} times: {error}", "workers")
-        lost = self._backend.workers(self._num_workers)[call.position]
         replaced = self._backend.replace_worker(call.position, lost) is not lost
         failures[0] += int(replaced)
         failures[1] += 1

@@ -110,6 +110,6 @@ def test_sigterm_finishes_in_flight_call_then_exits_zero(served):
     started.wait()
     time.sleep(0.3)  # the call is on the server now
     process.send_signal(signal.SIGTERM)
-    caller.join(timeout=120)
+    caller.join(timeout=480)
     assert np.isfinite(outcome["result"].loss)
     assert process.wait(timeout=120) == 0
