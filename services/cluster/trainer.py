@@ -427,9 +427,23 @@ class Trainer:
             return self._backend.get(futures)
         except Exception as error:  # noqa: BLE001 - classified by the backend
             if self._backend.is_lost(error):
+                if self._servers_alive():  # what was lost is an input: a gradient, with its node
+                    raise Unavailable("a shard's gradient was lost with its worker before the "
+                                      "parameter servers read it; resend the step (its step id "
+                                      f"applies at most once) ({error})", "workers") from None
                 raise Unavailable("a parameter server was lost; restore this trainer from its "
                                   f"last checkpoint ({error})", "parameter_server") from None
             raise self._backend.cause(error) from None
+
+    def _servers_alive(self) -> bool:
+        try:
+            self._backend.get([self._backend.submit(server, "pid")[0]
+                               for server in self._backend.servers(len(self._partition))])
+            return True
+        except Exception as error:  # noqa: BLE001 - classified by the backend
+            if self._backend.is_lost(error):
+                return False
+            raise
 
     def _load_table(self, position: int, arrays, table_meta, names):
         server = self._backend.servers(position + 1)[position]
