@@ -16,6 +16,7 @@ from gradserve.v1 import model_pb2, service_pb2
 
 from .codec import TensorFormatError
 from .errors import GradserveError, InvalidArgument, Unavailable, from_rpc_error
+from .fields import build
 from .spec import SpecFormatError, optimizer_to_proto, spec_to_proto
 from .transfer import DEFAULT_MAX_REQUEST_BYTES, MAX_MESSAGE_BYTES, OutgoingTensors, read_messages, rpc_codecs
 
@@ -37,7 +38,9 @@ class Gradients:
     gradients: dict[str, np.ndarray] | None  # mean gradient per parameter (None in forward mode)
     jvp: float | None  # directional derivative along the tangent (forward mode only)
     count: int  # rows averaged over
-    timings_ms: dict[str, float] = field(default_factory=dict)
+    timings_ms: dict[str, float] = field(default_factory=dict)  # milliseconds per phase
+    retries: int = 0  # shards run again on another worker because theirs was lost
+    worker_failures: int = 0  # worker actors lost (and replaced) during the call
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,9 @@ class StepResult:
     samples: int
     grad_norm: float
     lr: float
-    timings_ms: dict[str, float] = field(default_factory=dict)
+    timings_ms: dict[str, float] = field(default_factory=dict)  # milliseconds per phase
+    retries: int = 0  # shards run again on another worker because theirs was lost
+    worker_failures: int = 0  # worker actors lost (and replaced) during the step
 
 
 @dataclass(frozen=True)
@@ -131,9 +136,8 @@ class Client:
         arrays.update({"batch.x": x, "batch.y": y})
         arrays.update({TANGENT + name: value for name, value in (tangent or {}).items()})
         outgoing = _outgoing(arrays)
-        header = service_pb2.ComputeGradientsHeader(
-            model=_spec(spec), tensors=outgoing.entries, micro_batch_size=micro_batch_size or 0, seed=seed
-        )
+        header = build(service_pb2.ComputeGradientsHeader, model=_spec(spec), tensors=outgoing.entries,
+                       micro_batch_size=micro_batch_size or 0, seed=seed)
         wrap = service_pb2.ComputeGradientsRequest
 
         def attempt(deadline_s: float) -> Gradients:
@@ -147,6 +151,8 @@ class Client:
                 jvp=result.jvp if result.HasField("jvp") else None,
                 count=result.count,
                 timings_ms=dict(result.timings_ms),
+                retries=result.retries,
+                worker_failures=result.worker_failures,
             )
 
         return self._with_retries(attempt, timeout)
@@ -172,7 +178,8 @@ class Client:
         timeout: float | None = None,
     ) -> str:
         """Start a training session; returns its id. Without `parameters`, they start from `seed`."""
-        config = service_pb2.SessionConfig(
+        config = build(
+            service_pb2.SessionConfig,
             model=_spec(spec),
             optimizer=_optimizer(optimizer),
             consistency=consistency,
@@ -183,13 +190,13 @@ class Client:
             compression=compression,
             micro_batch_size=micro_batch_size or 0,
             seed=seed,
-            init=service_pb2.ParameterInit(seed=seed, dtype=dtype),
+            init=build(service_pb2.ParameterInit, seed=seed, dtype=dtype),
             checkpoint_every_steps=checkpoint_every_steps,
         )
         outgoing = _outgoing({PARAMETERS + name: value for name, value in (parameters or {}).items()})
         wrap = service_pb2.CreateSessionRequest
         requests = itertools.chain(
-            [wrap(header=service_pb2.CreateSessionHeader(config=config, tensors=outgoing.entries))],
+            [wrap(header=build(service_pb2.CreateSessionHeader, config=config, tensors=outgoing.entries))],
             outgoing.chunks(),
         )
         # Not retried: after UNAVAILABLE the first attempt may have created a session already.
@@ -220,18 +227,27 @@ class Client:
         numbered = (self._numbered(session_id, batch) for batch in batches)
         unanswered: collections.deque = collections.deque()
         attempts_left = self.retries
+        refused: list[Exception] = []
         while True:
             replay = list(unanswered)
 
             def requests():
-                for step in itertools.chain(replay, _record(numbered, unanswered)):
-                    yield from _step_messages(session_id, *step)
+                # gRPC reads this in a thread of its own, where an exception only cancels the call:
+                # a bad step (or whatever `batches` raised) ends the stream before any of its
+                # messages, and is raised to the caller once the steps before it are answered.
+                try:
+                    for step in itertools.chain(replay, _record(numbered, unanswered)):
+                        yield from _step_messages(session_id, *step)
+                except Exception as error:  # noqa: BLE001 - re-raised below, in the caller's thread
+                    refused.append(error)
 
             try:
                 for reply in self._stub.StreamSteps(requests(), timeout=timeout, metadata=self._metadata):
                     if unanswered and unanswered[0][0] == reply.step_id:
                         unanswered.popleft()
                     yield _step_result(reply)
+                if refused:
+                    raise refused[0]
                 return
             except grpc.RpcError as failed:
                 if failed.code() != grpc.StatusCode.UNAVAILABLE or attempts_left <= 0:
@@ -241,7 +257,7 @@ class Client:
 
     def pull_parameters(self, session_id: str, *, timeout: float | None = None) -> tuple[int, dict[str, np.ndarray]]:
         """(version, parameters) of the session, as the service holds them now."""
-        request = service_pb2.PullParametersRequest(session_id=session_id)
+        request = build(service_pb2.PullParametersRequest, session_id=session_id)
 
         def attempt(deadline_s: float):
             responses = self._stub.PullParameters(request, timeout=deadline_s, metadata=self._metadata)
@@ -251,19 +267,20 @@ class Client:
         return self._with_retries(attempt, timeout)
 
     def save_checkpoint(self, session_id: str, *, timeout: float | None = None) -> Checkpoint:
-        request = service_pb2.SaveCheckpointRequest(session_id=session_id)
+        request = build(service_pb2.SaveCheckpointRequest, session_id=session_id)
         reply = self._unary(self._stub.SaveCheckpoint, request, timeout)
         return Checkpoint(reply.checkpoint, reply.version)
 
     def restore_checkpoint(self, session_id: str, checkpoint: str = "", *, timeout: float | None = None) -> Checkpoint:
         """Restore one of the session's checkpoints (default: its latest); returns what was restored."""
-        request = service_pb2.RestoreCheckpointRequest(session_id=session_id, checkpoint=checkpoint)
+        request = build(service_pb2.RestoreCheckpointRequest, session_id=session_id, checkpoint=checkpoint)
         reply = self._unary(self._stub.RestoreCheckpoint, request, timeout)
         return Checkpoint(reply.checkpoint, reply.version)
 
     def close_session(self, session_id: str, *, timeout: float | None = None) -> int:
         """Close the session; returns its final parameter version."""
-        reply = self._unary(self._stub.CloseSession, service_pb2.CloseSessionRequest(session_id=session_id), timeout)
+        reply = self._unary(self._stub.CloseSession, build(service_pb2.CloseSessionRequest, session_id=session_id),
+                            timeout)
         self._next_step_ids.pop(session_id, None)
         return reply.version
 
@@ -298,6 +315,8 @@ class Client:
     def _claim_step_id(self, session_id: str, step_id: int | None) -> int:
         if step_id is None:
             step_id = self._next_step_ids.get(session_id, 1)
+        else:  # checked as the header will hold it, before it moves this client's next id
+            step_id = build(service_pb2.StepHeader, step_id=step_id).step_id
         self._next_step_ids[session_id] = max(self._next_step_ids.get(session_id, 1), step_id + 1)
         return step_id
 
@@ -354,7 +373,7 @@ def _outgoing(arrays: Mapping[str, np.ndarray]) -> OutgoingTensors:
 
 def _step_messages(session_id: str, step_id: int, x, y) -> list:
     outgoing = _outgoing({"batch.x": x, "batch.y": y})
-    header = service_pb2.StepHeader(session_id=session_id, step_id=step_id, tensors=outgoing.entries)
+    header = build(service_pb2.StepHeader, session_id=session_id, step_id=step_id, tensors=outgoing.entries)
     wrap = service_pb2.StepRequest
     return [wrap(header=header), *outgoing.chunks()]
 
@@ -370,6 +389,8 @@ def _step_result(reply: service_pb2.StepResponse) -> StepResult:
         grad_norm=reply.grad_norm,
         lr=reply.lr,
         timings_ms=dict(reply.timings_ms),
+        retries=reply.retries,
+        worker_failures=reply.worker_failures,
     )
 
 

@@ -65,10 +65,13 @@ def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], m
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
     """Read `(arrays, meta)` written by `save_checkpoint`; arrays are loaded without pickle."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise NotFound(f"no checkpoint at {path}", "checkpoint")
+    try:
+        archive = zipfile.ZipFile(path, "r")
+    except FileNotFoundError:
+        # The message reaches clients: the checkpoint's name only, never where the server keeps it.
+        raise NotFound(f"no checkpoint {os.path.basename(path)!r}", "checkpoint") from None
     arrays: dict[str, np.ndarray] = {}
-    with zipfile.ZipFile(path, "r") as archive:
+    with archive:
         meta = json.loads(archive.read(META_MEMBER))
         for member in archive.namelist():
             if member.endswith(ARRAY_SUFFIX):

@@ -42,8 +42,9 @@ class Executor:
         """Mean loss and mean gradient (or, with `tangent`, the directional derivative of the mean
         loss) of one batch, sharded over the executor's workers.
 
-        Returns `{"loss", "grads" (None with a tangent), "jvp" (None without), "count", "timings"}`;
-        timings in ms: broadcast, compute, gather, reduce, total, and retries / worker_failures.
+        Returns `{"loss", "grads" (None with a tangent), "jvp" (None without), "count", "timings",
+        "retries", "worker_failures"}`; timings in ms: broadcast, compute, gather, reduce, total;
+        retries: shards re-run after their worker was lost; worker_failures: workers replaced.
         `num_workers` overrides the executor's shard count for this call.
         """
         started = time.perf_counter()
@@ -76,9 +77,9 @@ class Executor:
         compute = max(s["compute_ms"] for s in stats)
         timings = {"broadcast": (put - started) * 1e3 + fetch, "compute": compute,
                    "gather": max((gathered - put) * 1e3 - fetch - compute, 0.0),
-                   "reduce": (done - gathered) * 1e3, "total": (done - started) * 1e3,
-                   "worker_failures": failures[0], "retries": failures[1]}
-        return {"loss": float(loss), "grads": grads, "jvp": jvp, "count": count, "timings": timings}
+                   "reduce": (done - gathered) * 1e3, "total": (done - started) * 1e3}
+        return {"loss": float(loss), "grads": grads, "jvp": jvp, "count": count, "timings": timings,
+                "retries": failures[1], "worker_failures": failures[0]}
 
     def _run_shards(self, tasks, box, x_ref, y_ref, tangent_box):
         """Run each task on its own worker, re-running a shard whose worker was lost."""

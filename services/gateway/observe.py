@@ -70,10 +70,23 @@ class _Recording:
     def __exit__(self, exc_type, exc, traceback) -> bool:
         code = self.context.code() if hasattr(self.context, "code") else None
         if code is None:
-            code = grpc.StatusCode.UNKNOWN if exc_type is not None else grpc.StatusCode.OK
+            code = _code_without_status(self.context, failed=exc_type is not None)
         call = self.call
         metrics.record_rpc(call.method, code.name, time.perf_counter() - call.started, call.received, call.sent)
         return False
+
+
+def _code_without_status(context, *, failed: bool) -> grpc.StatusCode:
+    """The code a call ended with when its handler set none."""
+    if not failed:
+        return grpc.StatusCode.OK
+    if context.is_active():
+        return grpc.StatusCode.UNKNOWN  # what gRPC answers for an exception it is handed
+    # gRPC ended the call under the handler: the caller's deadline passed, or it cancelled (or a
+    # message was over gRPC's own limit, which looks the same from here; see server.py).
+    remaining = context.time_remaining()
+    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 \
+        else grpc.StatusCode.CANCELLED
 
 
 def _size(message) -> int:

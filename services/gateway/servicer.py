@@ -53,7 +53,7 @@ def _statuses(context, name: str):
     except GradserveError as error:
         abort_with(context, error)
     except Exception as error:  # noqa: BLE001 - the one catch-all, logged
-        if _is_abort(context):
+        if _is_abort(context) or _ended_by_grpc(context, error):
             raise
         abort_internal(context, name, error)
 
@@ -61,6 +61,13 @@ def _statuses(context, name: str):
 def _is_abort(context) -> bool:
     """context.abort raises a plain Exception after setting the code; let it through as is."""
     return context.code() not in (None, grpc.StatusCode.OK)
+
+
+def _ended_by_grpc(context, error: Exception) -> bool:
+    """The request stream raises RpcError once gRPC has ended the call (the caller cancelled, its
+    deadline passed, a message was over gRPC's limit): the caller has its status already, there
+    is nothing to answer and nothing went wrong here."""
+    return isinstance(error, grpc.RpcError) and not context.is_active()
 
 
 def _seconds_left(context: grpc.ServicerContext):
@@ -99,7 +106,9 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
             tangent=tensors[wire.TANGENT] or None,
             seed=header.seed,
         )
-        reply = service_pb2.ComputeGradientsResult(loss=result["loss"], count=result["count"])
+        reply = service_pb2.ComputeGradientsResult(loss=result["loss"], count=result["count"],
+                                                   retries=result["retries"],
+                                                   worker_failures=result["worker_failures"])
         reply.timings_ms.update({k: float(v) for k, v in result["timings"].items()})
         if result["jvp"] is not None:
             reply.jvp = result["jvp"]
@@ -142,7 +151,8 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
         reply = service_pb2.StepResponse(
             step_id=header.step_id, loss=result.loss, version=result.version, duplicate=result.duplicate,
             applied=result.applied and not result.duplicate, samples=result.samples,
-            grad_norm=result.grad_norm, lr=result.lr,
+            grad_norm=result.grad_norm, lr=result.lr, retries=result.retries,
+            worker_failures=result.worker_failures,
         )
         reply.timings_ms.update({k: float(v) for k, v in result.timings.items()})
         return reply

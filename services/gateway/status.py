@@ -15,9 +15,15 @@ from grpc_status import rpc_status
 
 from gradserve_services import errors
 
-__all__ = ["status_code_for", "rpc_status_for", "abort_with", "abort_internal"]
+__all__ = ["status_code_for", "rpc_status_for", "capped", "abort_with", "abort_internal"]
 
 log = logging.getLogger(__name__)
+
+# Header bytes a status may spend on its field and on its description; the message repeats both and
+# the BadRequest detail (base64) both again, so a status costs at most about 5 KiB of metadata.
+FIELD_BUDGET = 256
+DESCRIPTION_BUDGET = 1024
+ELISION_ROOM = 40  # "...[N characters left out]..."
 
 # Most specific first: SpecError is an InvalidArgument.
 _CODES: tuple[tuple[type[errors.GradserveError], grpc.StatusCode], ...] = (
@@ -40,15 +46,50 @@ def status_code_for(error: errors.GradserveError) -> grpc.StatusCode:
 
 
 def rpc_status_for(error: errors.GradserveError) -> grpc.Status:
-    """The status to answer with: code, message naming the field, BadRequest detail if a field."""
+    """The status to answer with: code, message naming the field, BadRequest detail if a field.
+
+    Messages echo what the caller sent (a session id, a tensor or node name, an op, a dtype), and
+    a status travels in trailing metadata, which clients refuse above 8-16 KiB: the call would end
+    in a transport error instead of this status. So field and message are capped here, where
+    every status is made, and the whole status stays a few KiB whatever was echoed.
+    """
     code = status_code_for(error)
-    status = status_pb2.Status(code=code.value[0], message=str(error))
-    if error.field:
-        violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)
+    field = capped(error.field, FIELD_BUDGET)
+    description = capped(error.message, DESCRIPTION_BUDGET)
+    status = status_pb2.Status(code=code.value[0], message=f"{field}: {description}" if field else description)
+    if field:
+        violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
         detail = any_pb2.Any()
         detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
         status.details.append(detail)
     return rpc_status.to_status(status)
+
+
+def capped(text: str, budget: int) -> str:
+    """`text`, or its head and tail around a note of what was left out, so that it costs at most
+    about `budget` bytes as a grpc-message header (which percent-encodes every byte outside
+    printable ASCII: up to 12 bytes per character)."""
+    if sum(map(_header_cost, text)) <= budget:
+        return text
+    head = _fitting(text, budget * 2 // 3)
+    tail = _fitting(text[::-1], budget // 3 - ELISION_ROOM)[::-1]
+    return f"{head}...[{len(text) - len(head) - len(tail)} characters left out]...{tail}"
+
+
+def _fitting(text: str, budget: int) -> str:
+    """The longest prefix of `text` costing at most `budget`."""
+    spent = 0
+    for index, character in enumerate(text):
+        spent += _header_cost(character)
+        if spent > budget:
+            return text[:index]
+    return text
+
+
+def _header_cost(character: str) -> int:
+    if " " <= character <= "~" and character != "%":
+        return 1
+    return 3 * len(character.encode("utf-8", "surrogatepass"))
 
 
 def abort_with(context: grpc.ServicerContext, error: errors.GradserveError):

@@ -9,11 +9,11 @@ import numpy as np
 
 from gradserve.codec import TensorFormatError, TensorTooLarge
 from gradserve.spec import optimizer_from_proto, spec_from_proto
-from gradserve.transfer import OutgoingTensors, read_messages
+from gradserve.transfer import INLINE_TENSOR_BYTES, MAX_MESSAGE_BYTES, OutgoingTensors, read_messages
 from gradserve.v1 import service_pb2
 
 from gradserve_services.cluster import TrainerConfig
-from gradserve_services.errors import InvalidArgument, ResourceExhausted
+from gradserve_services.errors import GradserveError, InvalidArgument, ResourceExhausted
 
 __all__ = [
     "PARAMETERS",
@@ -24,7 +24,7 @@ __all__ = [
     "group",
     "send",
     "trainer_config",
-    "UndecodableRequest",
+    "RefusedRequest",
     "tolerant",
     "decoded",
 ]
@@ -35,35 +35,41 @@ TANGENT = "tangent."
 BATCH = ("batch.x", "batch.y")
 
 
-class UndecodableRequest:
-    """Stands in for a request message whose bytes do not parse. gRPC answers INTERNAL when a
-    deserializer raises; a client's garbage is INVALID_ARGUMENT, so the servicer raises that when
-    it meets one of these (see `decoded`)."""
+class RefusedRequest:
+    """Stands in for a request message the gateway does not decode: bytes that do not parse, or more
+    of them than one message may carry. gRPC answers INTERNAL when a deserializer raises (and cuts
+    the call off under the servicer when a message is over its own limit), so the deserializer
+    returns this marker and the servicer raises its error, answered and counted like any other
+    (see `decoded`)."""
 
-    def __init__(self, message_name: str, size: int, reason: str):
-        self.message_name, self.size, self.reason = message_name, size, reason
+    def __init__(self, size: int, error: GradserveError):
+        self.size, self.error = size, error
 
     def ByteSize(self) -> int:  # noqa: N802 - read by the metrics interceptor like a message's
         return self.size
 
-    def error(self) -> InvalidArgument:
-        return InvalidArgument(f"not a valid {self.message_name} message: {self.reason}", "request")
 
-
-def tolerant(deserialize: Callable[[bytes], object], message_name: str) -> Callable[[bytes], object]:
-    """`deserialize`, but undecodable bytes give an UndecodableRequest instead of an exception."""
+def tolerant(deserialize: Callable[[bytes], object], message_name: str,
+             max_bytes: int = MAX_MESSAGE_BYTES) -> Callable[[bytes], object]:
+    """`deserialize`, but a message over `max_bytes` or undecodable bytes give a RefusedRequest
+    instead of an exception."""
     def deserialize_or_mark(raw: bytes):
+        if len(raw) > max_bytes:
+            return RefusedRequest(len(raw), ResourceExhausted(
+                f"a {message_name} message of {len(raw)} bytes is over the {max_bytes}-byte message "
+                f"limit; tensors over {INLINE_TENSOR_BYTES} bytes travel as chunks", "request"))
         try:
             return deserialize(raw)
         except Exception as bad:  # noqa: BLE001 - protobuf's DecodeError and whatever its parser raises
-            return UndecodableRequest(message_name, len(raw), str(bad) or type(bad).__name__)
+            return RefusedRequest(len(raw), InvalidArgument(
+                f"not a valid {message_name} message: {str(bad) or type(bad).__name__}", "request"))
     return deserialize_or_mark
 
 
 def decoded(request):
-    """The request (or request stream) with UndecodableRequest turned into InvalidArgument."""
-    if isinstance(request, UndecodableRequest):
-        raise request.error()
+    """The request (or request stream), raising the error of a RefusedRequest where it meets one."""
+    if isinstance(request, RefusedRequest):
+        raise request.error
     if hasattr(request, "ByteSize"):  # a single message
         return request
     return _decoded_stream(request)
@@ -71,8 +77,8 @@ def decoded(request):
 
 def _decoded_stream(requests: Iterator) -> Iterator:
     for message in requests:
-        if isinstance(message, UndecodableRequest):
-            raise message.error()
+        if isinstance(message, RefusedRequest):
+            raise message.error
         yield message
 
 
