@@ -84,6 +84,12 @@ def tensor_nbytes(message: tensor_pb2.Tensor, field: str, max_bytes: int) -> tup
     for dim in shape:
         if dim < 0:
             raise TensorFormatError(f"negative dimension in shape {list(shape)}", field=field)
+    # An empty tensor's other dimensions still size numpy's view of it: bounded like the bytes.
+    spanned = math.prod(dim for dim in shape if dim) * dtype.itemsize
+    if 0 in shape and spanned > max_bytes:
+        raise TensorFormatError(
+            f"shape {list(shape)} is empty, but its other dimensions span {spanned} bytes; at most "
+            f"{max_bytes} are accepted", field=field)
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes > max_bytes:
         raise TensorTooLarge(

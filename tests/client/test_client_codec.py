@@ -38,12 +38,18 @@ def test_decode_does_not_copy():
         ("float32", [-1, 2], b"", TensorFormatError),
         ("float32", [1] * 9, b"\0" * 4, TensorFormatError),
         ("float32", [1 << 62, 1 << 62, 1 << 62], b"", TensorTooLarge),  # no overflow: Python ints
+        ("float32", [0, 1 << 31, 1 << 31], b"", TensorFormatError),  # empty, yet too big for numpy
     ],
 )
 def test_decode_rejects(dtype, shape, data, error):
     with pytest.raises(error) as caught:
         decode_tensor(tensor_pb2.Tensor(dtype=dtype, shape=shape, data=data), "batch.x")
     assert caught.value.field == "batch.x"
+
+
+def test_empty_tensors_with_large_other_dimensions_decode():
+    decoded = decode_tensor(tensor_pb2.Tensor(dtype="float32", shape=[0, 1 << 20, 3], data=b""), "batch.x")
+    assert decoded.shape == (0, 1 << 20, 3)
 
 
 def test_encode_rejects_unsupported_dtype():
