@@ -233,19 +233,21 @@ class Optimizer:
         }
 
     def step(self, params: Mapping[str, np.ndarray], grad_parts: Sequence[Mapping[str, np.ndarray]],
-             *, grad_scale: float = 1.0, norm: float | None = None) -> dict:
+             *, grad_scale: float = 1.0, norm: float | None = None,
+             update_ratios: dict | None = None) -> dict:
         """Apply one update with gradient `grad_scale * sum(grad_parts)` to `params` in place.
 
         `norm` is the global gradient norm when the caller knows it (a sharded parameter server
         computes it across shards); otherwise it is computed here. Returns
         `{"lr", "grad_norm", "clip_scale"}` for the step's report. An update that would leave a
         parameter or its state non-finite raises FailedPrecondition (see `check`) and changes
-        nothing.
+        nothing. A dict passed as `update_ratios` receives `|new - old| / |old|` per parameter,
+        measured block by block while each block is in cache.
         """
         plan = self._plan(grad_parts, grad_scale, norm)
         self._check_plan(params, grad_parts, plan)
         self.update_count += 1
-        squared = self._update_all(params, grad_parts, plan)
+        squared = self._update_all(params, grad_parts, plan, update_ratios)
         norm = plan.norm if plan.norm is not None else math.sqrt(squared) * grad_scale
         return {"lr": plan.lr, "grad_norm": float(norm), "clip_scale": plan.clip_scale}
 
@@ -343,13 +345,28 @@ class Optimizer:
                       math.sqrt(square) / c["bias_correction2_sqrt"] + config.eps, change, weights + change]
         return all(bound < limit for bound in bounds)  # False for NaN
 
-    def _update_all(self, params, grad_parts, plan: "_Plan") -> float:
+    def _update_all(self, params, grad_parts, plan: "_Plan", update_ratios: dict | None) -> float:
         rule = getattr(self, f"_block_{self.config.name}")
         squared = 0.0
-        for _, param, grad, state, scratch in self._blocks(params, grad_parts):
+        sums = {}  # name -> [|old|^2, |new - old|^2]
+        before = None
+        for name, param, grad, state, scratch in self._blocks(params, grad_parts):
             with np.errstate(over="ignore"):  # only the reported norm: huge finite gradients pass
                 squared += float(np.dot(grad, grad))
+            if update_ratios is not None:
+                if before is None or before.size < param.size or before.dtype != param.dtype:
+                    before = np.empty(max(param.size, BLOCK_ELEMENTS), param.dtype)
+                old = before[:param.size]
+                np.copyto(old, param)
+                totals = sums.setdefault(name, [0.0, 0.0])
+                totals[0] += float(np.dot(old, old))
             rule(param, grad, state, scratch, plan.scale, plan.coefficients)
+            if update_ratios is not None:
+                np.subtract(param, old, out=old)
+                totals[1] += float(np.dot(old, old))
+        if update_ratios is not None:
+            update_ratios.update({name: math.sqrt(change / weight) if weight > 0.0 else math.nan
+                                  for name, (weight, change) in sums.items()})
         return squared
 
     def _blocks(self, params, grad_parts):

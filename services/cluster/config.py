@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
@@ -91,6 +92,13 @@ class StepResult:
     bytes_compressed: int = 0
     worker_compute_ms: tuple = ()
     mode: str = "sync"
+    # Gradient signals (signals.py), sync steps that applied an update; NaN / empty otherwise.
+    noise_scale: float = math.nan  # B_simple, smoothed over steps; NaN until estimable
+    shard_cosines: tuple = ()  # cosine of each shard's gradient with the aggregate, shard order
+    update_ratios: dict = field(default_factory=dict)  # |update| / |weight| per parameter
+    # Stragglers: max / median of worker_compute_ms, and the pool position of the slowest worker.
+    compute_spread: float = math.nan
+    slowest_worker: int = -1
 
     @property
     def bytes_saved(self) -> int:
@@ -101,6 +109,7 @@ class StepResult:
         record = asdict(self)
         record["staleness"] = list(self.staleness)
         record["worker_compute_ms"] = list(self.worker_compute_ms)
+        record["shard_cosines"] = list(self.shard_cosines)
         return record
 
     @classmethod
@@ -108,4 +117,5 @@ class StepResult:
         record = dict(record)
         record["staleness"] = tuple(record.get("staleness", ()))
         record["worker_compute_ms"] = tuple(record.get("worker_compute_ms", ()))
+        record["shard_cosines"] = tuple(record.get("shard_cosines", ()))
         return cls(**record)

@@ -24,6 +24,7 @@ from gradserve_services.errors import NotFound
 from gradserve_services.optim import Optimizer, global_norm
 
 from .compression import decode
+from .signals import shard_products
 from .shared import Attachments, BlockRef, allocate_block, area_visible, remove_block
 from .steplog import DEFAULT_STEP_WINDOW, StepLog
 
@@ -81,22 +82,32 @@ class ParameterTable:
             self.optimizer.check(self.params, [decode(part) for part in parts],
                                  grad_scale=weight / count, norm=norm)
 
-    def apply(self, key: str, parts: list, count: int, computed_on: int,
+    def apply(self, key: str, parts: list, count, computed_on: int,
               norm: float | None = None) -> dict:
-        """Apply `sum(parts) / count` once for `key`; returns the report of what happened."""
+        """Apply `sum(parts) / count` once for `key`; returns the report of what happened.
+
+        `count` is the samples summed in the parts: one number, or one per part, in which case the
+        report carries the parts' gradient products and the update-to-weight ratio per parameter
+        (signals.py), measured while the data is read for the update anyway."""
         recorded = self.log.lookup(key)
         if recorded is not None:
             return {**recorded, "duplicate": True}
         started = time.perf_counter()
+        measured = not isinstance(count, int)
+        count = sum(count) if measured else count
         versions_behind = self.version - computed_on
         weight = self.rule.weight(versions_behind)
         report = {"key": key, "duplicate": False, "staleness": versions_behind, "weight": weight,
                   "applied": weight > 0.0, "lr": 0.0, "grad_norm": math.nan}
         if weight > 0.0:
-            info = self.optimizer.step(self.params, [decode(part) for part in parts],
-                                       grad_scale=weight / count, norm=norm)
+            grads = [decode(part) for part in parts]
+            ratios = {} if measured else None
+            info = self.optimizer.step(self.params, grads, grad_scale=weight / count, norm=norm,
+                                       update_ratios=ratios)
             self.version += 1
             report.update(lr=info["lr"], grad_norm=info["grad_norm"])
+            if measured:
+                report.update(products=dict(shard_products(grads)), update_ratios=ratios)
         report.update(version=self.version, apply_ms=(time.perf_counter() - started) * 1e3)
         self.log.record(key, report)
         return report

@@ -35,6 +35,7 @@ from .backend import Backend
 from .config import StepResult, TrainerConfig
 from .shared import remove_prefixed, write_block
 from .sharding import partition_parameters, split_rows
+from .signals import NoiseScale, add_products, compute_spread, noise_terms, shard_cosines, slowest_position
 from .steplog import StepLog, step_number, update_key
 from .worker import AreaNotVisible
 
@@ -75,6 +76,7 @@ class Trainer:
         # Batches go through the area too once every worker of the last step could see it.
         self._workers_near = False
         self._batch_blocks: dict = {}
+        self._noise_scale = NoiseScale()  # smoothed over this trainer's sync steps
         backend.reserve_workers(self._table, self._num_workers)
         servers = backend.servers(len(self._partition))
         self._snapshots = [
@@ -210,7 +212,7 @@ class Trainer:
         # If a worker is lost, that apply fails on its missing argument without running, and is
         # submitted again below after the shard is re-run. Several shards are first asked whether
         # the update stays finite everywhere (and, with clipping, for their part of the norm).
-        early = self._submit_apply(servers, key, calls, total, None) if len(servers) == 1 else None
+        early = self._submit_apply(servers, key, calls, None) if len(servers) == 1 else None
         try:
             stats, failures = self._gather(calls, x, y, x_ref, y_ref)
         except BaseException:  # a refused shard (non-finite loss) or workers lost too often
@@ -229,7 +231,7 @@ class Trainer:
             groups = [[call.parts[k] for call in calls] for k in range(len(servers))]
             norm = self._clipping_norm(servers, groups, total)
             self._check_all(servers, groups, total, self._version, norm)
-            outputs = self._submit_apply(servers, key, calls, total, norm)
+            outputs = self._submit_apply(servers, key, calls, norm)
         try:
             reports = self._get_from_servers([output[1] for output in outputs])
         except BaseException:  # refused: the last published parameters stay the workers' input
@@ -239,7 +241,21 @@ class Trainer:
         clock.mark("applied")
         if norm is None:
             norm = math.sqrt(sum(report["grad_norm"] ** 2 for report in reports))
-        return self._result(stats, [reports[0]], clock, failures, grad_norm=norm)
+        result = self._result(stats, [reports[0]], clock, failures, grad_norm=norm,
+                              positions=[call.position for call in calls])
+        return replace(result, **self._gradient_signals(reports, [s["count"] for s in stats]))
+
+    def _gradient_signals(self, reports, shard_counts) -> dict:
+        """StepResult fields from the server shards' products (each holds a parameter slice)."""
+        if not all("products" in report for report in reports):  # nothing applied
+            return {}
+        products = add_products([report["products"] for report in reports])
+        ratios = {}
+        for report in reports:
+            ratios.update(report["update_ratios"])
+        noise_scale = self._noise_scale.update(noise_terms(products, shard_counts))
+        return {"noise_scale": noise_scale, "shard_cosines": shard_cosines(products),
+                "update_ratios": {name: ratios[name] for name in self._model.parameter_shapes()}}
 
     def _batch_refs(self, x, y):
         """`(x_ref, y_ref)`: one shared block holding both (y_ref None) while every worker is near,
@@ -252,8 +268,10 @@ class Trainer:
         except OSError:  # no room in the tmpfs
             return self._backend.put(x), self._backend.put(y)
 
-    def _submit_apply(self, servers, key, calls, total, norm):
-        return [self._backend.submit(server, "apply", self._table, key, total, self._version, norm,
+    def _submit_apply(self, servers, key, calls, norm):
+        # one count per part: the servers then measure the gradient signals (signals.py)
+        counts = [call.task["stop"] - call.task["start"] for call in calls]
+        return [self._backend.submit(server, "apply", self._table, key, counts, self._version, norm,
                                      *[call.parts[k] for call in calls], num_returns=2)
                 for k, server in enumerate(servers)]
 
@@ -295,7 +313,7 @@ class Trainer:
         clock.mark("put")
         pending = dict(enumerate(self._dispatch_all(x.shape[0], x_ref, y_ref)))
         servers = self._backend.servers(len(self._partition))
-        stats, report_futures, failures = [], [], [0, 0]
+        stats, positions, report_futures, failures = [], [], [], [0, 0]
         while pending:
             indices = list(pending)
             index = indices[self._backend.wait_one([pending[i].stats for i in indices])]
@@ -306,6 +324,7 @@ class Trainer:
                 pending[index] = self._rerun(call, error, [], x_ref, y_ref, failures)
                 continue
             stats.append(shard_stats)
+            positions.append(call.position)
             count = shard_stats["count"]
             groups = [[part] for part in call.parts]
             norm = self._clipping_norm(servers, groups, count)
@@ -324,7 +343,8 @@ class Trainer:
         first_shard_reports = reports[::len(servers)]
         applied = [r for r in first_shard_reports if r["applied"]]
         norm = applied[-1]["grad_norm"] if applied else 0.0
-        return self._result(stats, first_shard_reports, clock, failures, grad_norm=norm)
+        return self._result(stats, first_shard_reports, clock, failures, grad_norm=norm,
+                            positions=positions)
 
     # ----- workers -------------------------------------------------------------------------------
 
@@ -471,7 +491,7 @@ class Trainer:
 
     # ----- reporting -----------------------------------------------------------------------------
 
-    def _result(self, stats, reports, clock: "_Clock", failures, *, grad_norm) -> StepResult:
+    def _result(self, stats, reports, clock: "_Clock", failures, *, grad_norm, positions) -> StepResult:
         samples = sum(s["count"] for s in stats)
         fetch = max(s["fetch_ms"] for s in stats)
         compute = max(s["compute_ms"] for s in stats)
@@ -502,6 +522,8 @@ class Trainer:
             bytes_compressed=sum(s["bytes_sent"] for s in stats),
             worker_compute_ms=tuple(s["compute_ms"] for s in stats),
             mode=self.config.consistency,
+            compute_spread=compute_spread([s["compute_ms"] for s in stats]),
+            slowest_worker=slowest_position(positions, [s["compute_ms"] for s in stats]),
         )
 
 
