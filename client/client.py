@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import math
 import time
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -56,6 +57,11 @@ class StepResult:
     timings_ms: dict[str, float] = field(default_factory=dict)  # milliseconds per phase
     retries: int = 0  # shards run again on another worker because theirs was lost
     worker_failures: int = 0  # worker actors lost (and replaced) during the step
+    noise_scale: float = math.nan  # B_simple smoothed over the session's steps; NaN until known
+    shard_cosines: tuple = ()  # cosine of each shard's gradient with the aggregate
+    update_ratios: dict[str, float] = field(default_factory=dict)  # |update| / |weight| per parameter
+    compute_spread: float = math.nan  # slowest worker's compute time / the median one
+    slowest_worker: int = -1  # pool position of the slowest worker
 
 
 @dataclass(frozen=True)
@@ -391,6 +397,11 @@ def _step_result(reply: service_pb2.StepResponse) -> StepResult:
         timings_ms=dict(reply.timings_ms),
         retries=reply.retries,
         worker_failures=reply.worker_failures,
+        noise_scale=reply.noise_scale,
+        shard_cosines=tuple(reply.shard_cosines),
+        update_ratios=dict(reply.update_ratios),
+        compute_spread=reply.compute_spread,
+        slowest_worker=reply.slowest_worker,
     )
 
 

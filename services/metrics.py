@@ -10,8 +10,11 @@ cluster, and no metric is lost when a worker process dies.
 Conventions (checked by `promtool check metrics` in tests/metrics/):
 - names are `gradserve_*`, in base units (`_seconds`, `_bytes`), counters end in `_total`;
 - labels are low-cardinality only: an RPC method name, a gRPC status code name, a step phase,
-  a consistency mode, an update outcome. Never a session id, step id or worker id: each distinct
-  label value is a new time series kept by Prometheus for weeks.
+  a consistency mode, an update outcome, a worker pool position capped at `SLOWEST_POSITIONS`
+  (a pool position names a pooled worker actor shared by every session, not a session's worker;
+  positions from the cap on share one "N+" series). Never a session id, step id or worker id:
+  each distinct label value is a new time series kept by Prometheus for weeks. Per-parameter and
+  per-shard signals (update ratios, shard cosines) are histograms without a label for the name.
 
 All metrics live on the module-level `REGISTRY`, not prometheus_client's global default, so tests
 can start and stop exporters without clashing with other libraries' collectors.
@@ -19,6 +22,7 @@ can start and stop exporters without clashing with other libraries' collectors.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 from prometheus_client import (
@@ -38,6 +42,7 @@ __all__ = [
     "UPDATE_OUTCOMES",
     "DURATION_BUCKETS_SECONDS",
     "STALENESS_BUCKETS",
+    "SLOWEST_POSITIONS",
     "METRIC_NAMES",
     "start_metrics_server",
     "stop_metrics_server",
@@ -71,6 +76,19 @@ DURATION_BUCKETS_SECONDS = (
 # Staleness is counted in parameter versions; bounded-staleness training allows a handful, so the
 # buckets are dense near 0 and coarse beyond what any sane `staleness` bound would permit.
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+# Slowest worker over median (1 = even): a few percent is noise, 2x a straggler, 10x a stall.
+SPREAD_BUCKETS = (1.05, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+COSINE_BUCKETS = (-0.5, 0.0, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
+# |update| / |weight| per step: about 1e-3 is the usual healthy rate; decades either side.
+UPDATE_RATIO_BUCKETS = (1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 1.0)
+# Pool positions 0 .. SLOWEST_POSITIONS - 1 get a series each, the rest share one.
+SLOWEST_POSITIONS = 8
+
+
+def position_label(position: int) -> str:
+    """The `position` label of a pool position: itself below the cap, else one shared "N+"."""
+    return str(position) if position < SLOWEST_POSITIONS else f"{SLOWEST_POSITIONS}+"
+
 
 # --- RPCs (recorded by the gateway's interceptor / servicers) --------------------------------
 RPCS = Counter(
@@ -172,6 +190,41 @@ GRADIENT_COMPRESSED_BYTES = Counter(
     registry=REGISTRY,
 )
 
+# --- Training signals (signals.py in the cluster package) -------------------------------------
+NOISE_SCALE = Gauge(
+    "gradserve_gradient_noise_scale",
+    "Simple gradient noise scale B_simple (McCandlish et al. 2018) of the most recent step that "
+    "could estimate it, by consistency mode: about the batch size beyond which larger batches "
+    "stop paying off.",
+    ["mode"],
+    registry=REGISTRY,
+)
+SHARD_COSINE = Histogram(
+    "gradserve_gradient_shard_cosine",
+    "Cosine between each shard's gradient and the step's aggregate gradient.",
+    buckets=COSINE_BUCKETS,
+    registry=REGISTRY,
+)
+UPDATE_RATIO = Histogram(
+    "gradserve_update_to_weight_ratio",
+    "Per parameter and step: norm of the update over norm of the parameter before it.",
+    buckets=UPDATE_RATIO_BUCKETS,
+    registry=REGISTRY,
+)
+COMPUTE_SPREAD = Histogram(
+    "gradserve_worker_compute_spread_ratio",
+    "Per step: the slowest worker's compute time over the median worker's.",
+    buckets=SPREAD_BUCKETS,
+    registry=REGISTRY,
+)
+SLOWEST_WORKER = Counter(
+    "gradserve_slowest_worker",
+    "Steps in which the worker at this pool position computed longest (positions from "
+    f"{SLOWEST_POSITIONS} on counted together).",
+    ["position"],
+    registry=REGISTRY,
+)
+
 # --- Cluster and sessions ---------------------------------------------------------------------
 WORKERS_ALIVE = Gauge(
     "gradserve_workers_alive",
@@ -192,6 +245,8 @@ for _phase in STEP_PHASES:
     STEP_PHASE_DURATION.labels(phase=_phase)
 for _outcome in UPDATE_OUTCOMES:
     UPDATES.labels(outcome=_outcome)
+for _position in range(SLOWEST_POSITIONS + 1):
+    SLOWEST_WORKER.labels(position=position_label(_position))
 
 # Exposed names (as scraped, counters with `_total`) so tests and the dashboards can be checked
 # against exactly what this module defines.
@@ -215,6 +270,11 @@ METRIC_NAMES = frozenset(
         "gradserve_gradient_raw_bytes_total",
         "gradserve_gradient_compressed_bytes_total",
         "gradserve_workers_alive",
+        "gradserve_gradient_noise_scale",
+        "gradserve_gradient_shard_cosine",
+        "gradserve_update_to_weight_ratio",
+        "gradserve_worker_compute_spread_ratio",
+        "gradserve_slowest_worker_total",
         "gradserve_active_sessions",
     }
 )
@@ -285,13 +345,19 @@ def record_step(
     bytes_raw: int = 0,
     bytes_compressed: int = 0,
     mode: str = "sync",
+    noise_scale: float = math.nan,
+    shard_cosines: Iterable[float] = (),
+    update_ratios: Iterable[float] = (),
+    compute_spread: float = math.nan,
+    slowest_worker: int = -1,
 ) -> None:
     """Record one training step from the numbers its workers and parameter server returned.
 
     `phases_s` maps phase names to seconds; only `STEP_PHASES` are recorded, other keys (a
     coordinator's extra timings such as a total) are ignored so they cannot add label values.
     `staleness` holds one value per shard gradient (versions behind when it was applied).
-    A NaN loss or norm is still recorded: a diverging run should be visible, not hidden.
+    A NaN loss or norm is still recorded: a diverging run should be visible, not hidden. The
+    training signals are recorded where defined (NaN and -1 mean "not measured this step").
     """
     STEP_DURATION.labels(mode=mode).observe(duration_s)
     for phase in STEP_PHASES:
@@ -319,6 +385,23 @@ def record_step(
         COMPRESSION_RATIO.set(bytes_raw / bytes_compressed)
     elif bytes_raw:
         COMPRESSION_RATIO.set(1.0)
+    _record_signals(mode, noise_scale, shard_cosines, update_ratios, compute_spread, slowest_worker)
+
+
+def _record_signals(mode, noise_scale, shard_cosines, update_ratios, compute_spread, slowest_worker):
+    if math.isfinite(noise_scale):
+        NOISE_SCALE.labels(mode=mode).set(noise_scale)
+    for cosine in shard_cosines:
+        if math.isfinite(cosine):
+            SHARD_COSINE.observe(cosine)
+    for ratio in update_ratios:
+        if math.isfinite(ratio):
+            UPDATE_RATIO.observe(ratio)
+    if math.isfinite(compute_spread):
+        COMPUTE_SPREAD.observe(compute_spread)
+    if slowest_worker >= 0:
+        SLOWEST_WORKER.labels(position=position_label(slowest_worker)).inc()
+
 
 
 def set_workers_alive(n: int) -> None:

@@ -152,9 +152,12 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
             step_id=header.step_id, loss=result.loss, version=result.version, duplicate=result.duplicate,
             applied=result.applied and not result.duplicate, samples=result.samples,
             grad_norm=result.grad_norm, lr=result.lr, retries=result.retries,
-            worker_failures=result.worker_failures,
+            worker_failures=result.worker_failures, noise_scale=result.noise_scale,
+            shard_cosines=result.shard_cosines, compute_spread=result.compute_spread,
+            slowest_worker=result.slowest_worker,
         )
         reply.timings_ms.update({k: float(v) for k, v in result.timings.items()})
+        reply.update_ratios.update({k: float(v) for k, v in result.update_ratios.items()})
         return reply
 
     @_answering_errors

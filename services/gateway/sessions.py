@@ -432,4 +432,9 @@ def record_step_metrics(result: StepResult, elapsed_s: float) -> None:
         bytes_raw=result.bytes_raw,
         bytes_compressed=result.bytes_compressed,
         mode=result.mode,
+        noise_scale=result.noise_scale,
+        shard_cosines=result.shard_cosines,
+        update_ratios=result.update_ratios.values(),
+        compute_spread=result.compute_spread,
+        slowest_worker=result.slowest_worker,
     )

@@ -16,7 +16,7 @@ from tests.support.promtool import check_metrics, scrape
 from tests.support.recorded_metrics import record_one_step
 
 # Label names a gradserve metric may carry: each has a small, fixed set of values.
-ALLOWED_LABELS = {"method", "code", "phase", "mode", "outcome", "le"}
+ALLOWED_LABELS = {"method", "code", "phase", "mode", "outcome", "position", "le"}
 
 
 @pytest.fixture
@@ -64,7 +64,8 @@ def test_every_declared_metric_is_exposed_with_its_type(metrics_port):
     assert exposed_names == set(metrics.METRIC_NAMES)
     for name, kind in gradserve_families.items():
         if kind == "histogram":
-            assert name.endswith("_seconds") or name == "gradserve_gradient_staleness", name
+            assert name.endswith(("_seconds", "_ratio")) or name in (
+                "gradserve_gradient_staleness", "gradserve_gradient_shard_cosine"), name
         assert not name.endswith("_milliseconds") and not name.endswith("_ms"), name
 
 

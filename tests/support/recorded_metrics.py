@@ -37,6 +37,11 @@ def record_one_step(step: int, rng: random.Random) -> None:
         retries=1 if step % 29 == 28 else 0,
         bytes_raw=2 * 4 * 101_770,          # two shards of 784-128-10 float32 gradients
         bytes_compressed=2 * 2 * 101_770,   # fp16 compression halves them
+        noise_scale=40.0 + 2.0 * step,
+        shard_cosines=[rng.uniform(0.6, 0.95) for _shard in range(2)],
+        update_ratios=[rng.uniform(1e-4, 3e-3) for _param in range(4)],
+        compute_spread=rng.uniform(1.0, 1.6),
+        slowest_worker=rng.choice((0, 1)),
     )
     metrics.record_rpc("Step", "OK", rng.uniform(0.01, 0.06), bytes_received=64 * 784 * 4, bytes_sent=32)
     if step % 5 == 4:
