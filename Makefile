@@ -7,7 +7,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 SERVER_STAMP := $(VENV)/.installed-server
 DEV_STAMP    := $(VENV)/.installed-dev
-APT_PKGS := prometheus docker-compose
+APT_PKGS := prometheus docker-compose chromium
 JOB     ?= examples/digits_mlp.yaml
 PYTEST_ARGS ?=
 # `make console`: Prometheus on CONSOLE_LISTEN scraping `gradserve serve`'s exporter at METRICS,
@@ -44,6 +44,7 @@ system-deps:
 	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	command -v promtool   >/dev/null || missing="$$missing prometheus"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && \
