@@ -1,12 +1,70 @@
 """What a job leaves behind in its output folder: `metrics.jsonl` (one JSON object per epoch) and
-`metrics.png` (loss and accuracy per epoch, drawn with matplotlib's Agg backend: no display)."""
+`metrics.png` (loss, the gradient noise scale and accuracy per epoch, drawn with matplotlib's Agg
+backend: no display). `EpochSignals` condenses the steps' gradient signals and stragglers into an
+epoch's row and its one-line summary."""
 
 from __future__ import annotations
 
+import collections
 import json
+import math
 from pathlib import Path
 
-__all__ = ["MetricsLog", "plot_metrics"]
+import numpy as np
+
+__all__ = ["MetricsLog", "plot_metrics", "EpochSignals"]
+
+
+class EpochSignals:
+    """The gradient signals and straggler attribution of one epoch's steps (SDK StepResults)."""
+
+    def __init__(self):
+        self.noise_scale = math.nan  # already smoothed over steps by the service: the last one
+        self.cosines: list[float] = []
+        self.ratios: list[float] = []
+        self.spreads: list[float] = []
+        self.slowest = collections.Counter()  # pool position -> steps it was slowest in
+
+    def add(self, result) -> None:
+        if math.isfinite(result.noise_scale):
+            self.noise_scale = result.noise_scale
+        self.cosines.extend(c for c in result.shard_cosines if math.isfinite(c))
+        self.ratios.extend(r for r in result.update_ratios.values() if math.isfinite(r))
+        if math.isfinite(result.compute_spread) and result.compute_spread > 0:
+            self.spreads.append(result.compute_spread)
+        if result.slowest_worker >= 0:
+            self.slowest[result.slowest_worker] += 1
+
+    def row(self) -> dict:
+        """metrics.jsonl fields; a signal not measured this epoch is left out (JSON has no NaN)."""
+        row = {}
+        if math.isfinite(self.noise_scale):
+            row["noise_scale"] = self.noise_scale
+        if self.cosines:
+            row["shard_cosine_mean"] = float(np.mean(self.cosines))
+        if self.ratios:
+            row["update_ratio_median"] = float(np.median(self.ratios))
+        if self.spreads:
+            row["compute_spread_median"] = float(np.median(self.spreads))
+            row["compute_spread_max"] = float(max(self.spreads))
+        if self.slowest:
+            row["slowest_worker_steps"] = {str(position): steps for position, steps in sorted(self.slowest.items())}
+        return row
+
+    def summary(self) -> str:
+        """`noise_scale=.. cosine=.. update_ratio=.. spread=median/max slowest=worker P (k/n steps)`."""
+        row = self.row()
+        shown = [f"noise_scale={row['noise_scale']:.1f}" if "noise_scale" in row else "noise_scale=n/a"]
+        if "shard_cosine_mean" in row:
+            shown.append(f"cosine={row['shard_cosine_mean']:.3f}")
+        if "update_ratio_median" in row:
+            shown.append(f"update_ratio={row['update_ratio_median']:.2e}")
+        if "compute_spread_median" in row:
+            shown.append(f"spread={row['compute_spread_median']:.2f}/{row['compute_spread_max']:.2f}")
+        if self.slowest:
+            position, steps = self.slowest.most_common(1)[0]
+            shown.append(f"slowest=worker {position} ({steps}/{sum(self.slowest.values())} steps)")
+        return " ".join(shown)
 
 
 class MetricsLog:
@@ -56,8 +114,15 @@ def plot_metrics(rows: list[dict], path: Path, *, title: str = "") -> Path:
     loss_axis.plot(epochs, [row["train_loss"] for row in rows], marker="o", label="train")
     loss_axis.plot(epochs, [row["test_loss"] for row in rows], marker="o", label="test")
     loss_axis.set(xlabel="epoch", ylabel="loss", title="loss")
-    loss_axis.legend()
+    loss_axis.legend(loc="upper left")
     loss_axis.grid(alpha=0.3)
+    noise = [(row["epoch"] + 1, row["noise_scale"]) for row in rows if "noise_scale" in row]
+    if noise:  # beside the loss, on its own scale: it grows as the loss falls
+        noise_axis = loss_axis.twinx()
+        noise_axis.plot(*zip(*noise), marker="s", linestyle="--", color="tab:purple", label="noise scale")
+        noise_axis.set_ylabel("gradient noise scale B_simple (samples)")
+        noise_axis.legend(loc="upper right")
+        loss_axis.set_title("loss and gradient noise scale")
     if has_accuracy:
         accuracy_axis = axes[0][1]
         accuracy_axis.plot(epochs, [row.get("test_accuracy") for row in rows], marker="o", color="tab:green")

@@ -18,7 +18,7 @@ from gradserve_services.errors import FailedPrecondition
 from .evaluate import Evaluator
 from .prepare import PreparedJob
 from .progress import EpochProgress
-from .report import MetricsLog, plot_metrics
+from .report import EpochSignals, MetricsLog, plot_metrics
 from .service import TrainingSession, service_target
 from .state import CheckpointStore, JobRecord
 
@@ -68,7 +68,7 @@ def run_job(prepared: PreparedJob, *, resume: bool = False, progress: bool | Non
                                          field="checkpoint")
             print(f"gradserve train: resumed at step {record.step} (epoch {record.position['epoch'] + 1}, "
                   f"batch {record.position['batch_in_epoch']})", file=log)
-        loop = _Loop(prepared, session, store, metrics, evaluator, totals, progress)
+        loop = _Loop(prepared, session, store, metrics, evaluator, totals, progress, log)
         loop.run(first_step)
         final_version, params = session.parameters()
 
@@ -90,9 +90,11 @@ def run_job(prepared: PreparedJob, *, resume: bool = False, progress: bool | Non
 
 
 class _Loop:
-    def __init__(self, prepared, session, store, metrics, evaluator, totals, progress):
+    def __init__(self, prepared, session, store, metrics, evaluator, totals, progress, log):
         self.prepared, self.session, self.store = prepared, session, store
         self.metrics, self.evaluator, self.totals, self.progress = metrics, evaluator, totals, progress
+        self.log = log
+        self.signals = EpochSignals()  # of this process's steps of the current epoch
         self.samples = 0  # trained by this process (a resumed job counts only its own)
         self.step_seconds = 0.0
 
@@ -126,10 +128,11 @@ class _Loop:
             for rows in (order.indices(step, permutation),)
         )
         started = time.perf_counter()
-        for step, loss, count in self.session.run_steps(batches):
-            self.totals.add(loss, count)
-            self.samples += count
-            bar.advance(count, loss)
+        for step, result in self.session.run_steps(batches):
+            self.totals.add(result.loss, result.samples)
+            self.signals.add(result)
+            self.samples += result.samples
+            bar.advance(result.samples, result.loss)
         self.step_seconds += time.perf_counter() - started
         return stop
 
@@ -140,8 +143,11 @@ class _Loop:
                "train_loss": self.totals.mean, "test_loss": result["loss"]}
         if "accuracy" in result:
             row["test_accuracy"] = result["accuracy"]
+        row.update(self.signals.row())
         self.metrics.append(row)
-        self.totals = EpochTotals()
+        print(f"gradserve train: epoch {epoch + 1}/{self.prepared.job.train.epochs} "
+              f"train_loss={row['train_loss']:.4f} test_loss={row['test_loss']:.4f} {self.signals.summary()}", file=self.log)
+        self.totals, self.signals = EpochTotals(), EpochSignals()
         shown = f"test_loss={result['loss']:.4f}"
         return shown + (f" test_acc={result['accuracy']:.4f}" if "accuracy" in result else "")
 

@@ -120,11 +120,11 @@ class TrainingSession:
         self.close()
 
     def run_steps(self, batches):
-        """`batches` yields (step, x, y); yields (step, loss, samples) per step, in order, from one
-        stream. A duplicate answer (a step the session had already applied) is not trained twice."""
+        """`batches` yields (step, x, y); yields (step, the SDK's StepResult) per step, in order, from
+        one stream. A duplicate answer (a step the session had already applied) is not trained twice."""
         numbered = ((step + 1, x, y) for step, x, y in batches)
         for result in self.client.stream_steps(self.session_id, numbered):
-            yield result.step_id - 1, result.loss, result.samples
+            yield result.step_id - 1, result
 
     def parameters(self):
         return self.client.pull_parameters(self.session_id)

@@ -6,7 +6,8 @@ import io
 import json
 
 from gradserve_services.jobs.progress import EpochProgress
-from gradserve_services.jobs.report import MetricsLog, plot_metrics
+from gradserve import StepResult
+from gradserve_services.jobs.report import EpochSignals, MetricsLog, plot_metrics
 
 
 def rows(epochs: int, accuracy: bool = True):
@@ -35,6 +36,43 @@ def test_plot_is_a_png_with_and_without_accuracy(tmp_path):
         path = plot_metrics(list(rows(3, accuracy)), tmp_path / f"plot_{accuracy}.png", title="t")
         data = path.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def step(noise_scale, spread, slowest, cosines=(0.5, 0.7), ratios=None):
+    return StepResult(step_id=1, loss=1.0, version=1, duplicate=False, applied=True, samples=8,
+                      grad_norm=1.0, lr=0.1, noise_scale=noise_scale, shard_cosines=cosines,
+                      update_ratios=ratios or {"w": 1e-3, "b": float("nan")},
+                      compute_spread=spread, slowest_worker=slowest)
+
+
+def test_epoch_signals_condense_the_steps_into_a_row_and_a_line():
+    signals = EpochSignals()
+    for result in (step(10.0, 1.2, 1), step(float("nan"), 3.0, 1), step(12.0, 1.0, 0, ratios={"w": 3e-3})):
+        signals.add(result)
+    row = signals.row()
+    assert row["noise_scale"] == 12.0  # the last estimate: the service smooths over steps already
+    assert abs(row["shard_cosine_mean"] - 0.6) < 1e-12
+    assert row["update_ratio_median"] == 1e-3  # NaN ratios left out
+    assert (row["compute_spread_median"], row["compute_spread_max"]) == (1.2, 3.0)
+    assert row["slowest_worker_steps"] == {"0": 1, "1": 2}
+    json.dumps(row, allow_nan=False)
+    assert signals.summary() == ("noise_scale=12.0 cosine=0.600 update_ratio=1.00e-03 spread=1.20/3.00 "
+                                 "slowest=worker 1 (2/3 steps)")
+    assert EpochSignals().row() == {} and EpochSignals().summary() == "noise_scale=n/a"
+
+
+def test_plot_draws_the_noise_scale_beside_the_loss(tmp_path):
+    import matplotlib.image
+
+    with_noise = [{**row, "noise_scale": 20.0 * (row["epoch"] + 1)} for row in rows(3)]
+    image = matplotlib.image.imread(plot_metrics(with_noise, tmp_path / "noise.png"))
+    without = matplotlib.image.imread(plot_metrics(list(rows(3)), tmp_path / "plain.png"))
+    purple = (0x94 / 255, 0x67 / 255, 0xBD / 255)  # tab:purple, the noise-scale line
+
+    def purple_pixels(pixels):
+        return int((abs(pixels[..., :3] - purple).max(axis=-1) < 0.02).sum())
+
+    assert purple_pixels(image) > 100 and purple_pixels(without) == 0
 
 
 class FakeTerminal(io.StringIO):

@@ -139,7 +139,16 @@ def test_embedded_job_trains_digits_and_reports(reference):
     arrays, meta = final_parameters(out)
     assert meta["version"] == RESUME_STEPS  # sync: one parameter version per step, none doubled
     assert set(arrays) == {"fc1.weight", "fc1.bias", "logits.weight", "logits.bias"}
-    assert "epoch 1/6" not in err  # stderr is a pipe: no progress bar
+    assert "epoch 1/6" not in err.replace("gradserve train: epoch 1/6", "")  # a pipe: no progress bar
+    # the gradient signals and stragglers of every epoch: in metrics.jsonl and one stderr line each
+    for row in rows:
+        assert row["noise_scale"] > 0 and -1.0 <= row["shard_cosine_mean"] <= 1.0
+        assert row["update_ratio_median"] > 0 and row["compute_spread_max"] >= 1.0
+        assert set(row["slowest_worker_steps"]) <= {"0", "1"}
+        assert sum(row["slowest_worker_steps"].values()) == RESUME_STEPS // 6
+    summaries = [line for line in err.splitlines() if line.startswith("gradserve train: epoch ")]
+    assert [line.split()[3] for line in summaries] == [f"{e}/6" for e in range(1, 7)]
+    assert all("noise_scale=" in line and "slowest=worker " in line for line in summaries)
 
 
 def kill_after_first_checkpoint(job: Path, folder: Path, *extra, env=None) -> dict:
