@@ -71,8 +71,11 @@ def parse_spec(spec) -> Graph:
     if not isinstance(loss, str) or loss not in LOSSES:
         raise SpecError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}", field="loss")
     ordered = _topological_order(listed)
-    _reject_nodes_not_feeding(output, listed, inputs)
-    widths = _infer_widths(ordered, inputs)
+    reaching = _reject_nodes_not_feeding(output, listed)
+    widths = _infer_widths(ordered, inputs)  # before unused inputs: a wrong source is the cause
+    for name in inputs:  # a declared input no node reads would still have to be sent
+        if name not in reaching and name != INPUT:
+            raise SpecError(f"input does not feed the output {output!r} (unused input)", field=name)
     shapes = _parameter_shapes(ordered, widths)
     tables = {name: shapes[name] for node in ordered for name in node.op.table_names(node)}
     return Graph(
@@ -190,7 +193,8 @@ def _node_on_cycle(start: str, listed: dict[str, Node], missing: dict[str, int])
     return name
 
 
-def _reject_nodes_not_feeding(output: str, listed: dict[str, Node], inputs: Mapping[str, InputDecl]) -> None:
+def _reject_nodes_not_feeding(output: str, listed: dict[str, Node]) -> set[str]:
+    """The nodes and inputs the output depends on; SpecError for a node not among them."""
     reaching = {output}
     pending = [output]
     while pending:
@@ -202,9 +206,7 @@ def _reject_nodes_not_feeding(output: str, listed: dict[str, Node], inputs: Mapp
     for name in listed:
         if name not in reaching:
             raise SpecError(f"node does not feed the output {output!r} (dangling node)", field=name)
-    for name in inputs:  # a declared input no node reads would still have to be sent
-        if name not in reaching and name != INPUT:
-            raise SpecError(f"input does not feed the output {output!r} (unused input)", field=name)
+    return reaching
 
 
 def _infer_widths(ordered: list[Node], inputs: Mapping[str, InputDecl]) -> dict[str, int | None]:
