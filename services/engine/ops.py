@@ -19,8 +19,11 @@ belong to this node and are reused by the next pass. All arithmetic goes through
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
+
+import numpy
 
 from gradserve_services.errors import InvalidArgument, SpecError
 
@@ -570,21 +573,27 @@ class DotInteraction(Op):
         vectors = _stack_vectors(ctx, node.name, "vectors", inputs, widths, dim)
         count = vectors.shape[1]
         gram = xp.matmul(vectors, vectors.transpose(0, 2, 1), out=ctx.buffer(node.name, "gram", (rows, count, count)))
-        below, left = pair_indices(count, node.attrs["self_interaction"])
+        pairs = xp.asarray(flat_pair_indices(count, node.attrs["self_interaction"]))
         first = widths[0] if node.attrs["concat_first"] else 0
-        out = ctx.buffer(node.name, "out", (rows, first + len(below)))
+        out = ctx.buffer(node.name, "out", (rows, first + len(pairs)))
         out[:, :first] = inputs[0][:, :first]
-        out[:, first:] = gram[:, below, left]
+        # One gather over the flattened grid: several times faster than gram[:, i, j].
+        xp.take(gram.reshape(rows, count * count), pairs, axis=1, out=out[:, first:])
         return out, (vectors, widths, first)
 
     def backward(self, node, ctx, grad_out, saved, params, param_grads, wants):
         xp, (vectors, widths, first) = ctx.xp, saved
         rows, count, dim = vectors.shape
-        below, left = pair_indices(count, node.attrs["self_interaction"])
-        grid = ctx.buffer(node.name, "grad_gram", (rows, count, count))
-        grid.fill(0)
-        grid[:, below, left] = grad_out[:, first:]  # pairs are distinct, so assignment is the sum
-        symmetric = xp.add(grid, grid.transpose(0, 2, 1), out=ctx.buffer(node.name, "grad_gram_sym", grid.shape))
+        cells, diagonal = symmetric_pair_cells(count, node.attrs["self_interaction"])
+        pair_count = grad_out.shape[1] - first
+        padded = ctx.buffer(node.name, "grad_pairs", (rows, pair_count + 1))  # last column: cells of no pair
+        padded[:, :pair_count] = grad_out[:, first:]
+        padded[:, pair_count] = 0
+        # G + G^T gathered in one pass (a gather measures faster than scattering into a zeroed grid).
+        symmetric = xp.take(padded, xp.asarray(cells), axis=1, out=ctx.buffer(node.name, "grad_gram", (rows, count * count)))
+        if len(diagonal):
+            symmetric[:, xp.asarray(diagonal)] *= 2
+        symmetric = symmetric.reshape(rows, count, count)
         d_vectors = xp.matmul(symmetric, vectors, out=ctx.buffer(node.name, "grad_vectors", vectors.shape))
         grads, start = [], 0
         for index, (width, wanted) in enumerate(zip(widths, wants)):
@@ -606,11 +615,11 @@ class DotInteraction(Op):
         rows, count, dim = vectors.shape
         moved = _stack_vectors(ctx, node.name, "tangent_vectors", tangents, widths, dim)
         half = xp.matmul(moved, vectors.transpose(0, 2, 1), out=ctx.buffer(node.name, "tangent_gram", (rows, count, count)))
-        below, left = pair_indices(count, node.attrs["self_interaction"])
+        xp.add(half, half.transpose(0, 2, 1), out=half)  # d<v_i, v_j> = <dv_i, v_j> + <v_i, dv_j>
+        pairs = xp.asarray(flat_pair_indices(count, node.attrs["self_interaction"]))
         total = ctx.buffer(node.name, "tangent", out.shape)
         total[:, :first] = 0 if tangents[0] is None else tangents[0]
-        # d<v_i, v_j> = <dv_i, v_j> + <v_i, dv_j>: half[i, j] + half[j, i]
-        total[:, first:] = half[:, below, left] + half[:, left, below]
+        total[:, first:] = half.reshape(rows, count * count)[:, pairs]
         return total
 
 
@@ -632,6 +641,31 @@ def pair_indices(count: int, self_interaction: bool):
     below = [i for i in range(count) for j in range(i + self_interaction)]
     left = [j for i in range(count) for j in range(i + self_interaction)]
     return below, left
+
+
+@functools.lru_cache(maxsize=64)
+def flat_pair_indices(count: int, self_interaction: bool):
+    """The pairs of `pair_indices` as positions i * count + j in a flattened count x count grid."""
+    below, left = pair_indices(count, self_interaction)
+    flat = numpy.asarray(below, dtype=numpy.int64) * count + numpy.asarray(left, dtype=numpy.int64)
+    flat.flags.writeable = False
+    return flat
+
+
+@functools.lru_cache(maxsize=64)
+def symmetric_pair_cells(count: int, self_interaction: bool):
+    """For each cell (i, j) of a count x count grid, the number of the pair (i, j) or (j, i), or the
+    pair count where there is none; and the cells on the diagonal (pairs (i, i), counted twice in
+    G + G^T)."""
+    below, left = pair_indices(count, self_interaction)
+    cells = numpy.full(count * count, len(below), dtype=numpy.int64)
+    numbers = numpy.arange(len(below))
+    cells[numpy.asarray(below) * count + numpy.asarray(left)] = numbers
+    cells[numpy.asarray(left) * count + numpy.asarray(below)] = numbers
+    diagonal = numpy.asarray([i * count + i for i, j in zip(below, left) if i == j], dtype=numpy.int64)
+    for array in (cells, diagonal):
+        array.flags.writeable = False
+    return cells, diagonal
 
 
 def stable_sigmoid(xp, x, out):
