@@ -273,8 +273,10 @@ class Model:
             values[node.name], saved[node.name] = node.op.forward(node, ctx, inputs, params)
         return values[self.graph.output], saved
 
-    def _backward(self, ctx, params, loss_grad, saved, sums: GradSums) -> None:
-        needs_grad = self.graph.needs_grad
+    def _backward(self, ctx, params, loss_grad, saved, sums: GradSums, needs_grad=None) -> dict:
+        """Returns the gradients left unconsumed: those of the batch inputs `needs_grad` marks
+        (the graph's own marks none; `vjp.py` marks the float inputs to get dL/dx)."""
+        needs_grad = self.graph.needs_grad if needs_grad is None else needs_grad
         grads = {self.graph.output: loss_grad} if needs_grad[self.graph.output] else {}
         owned = set()  # nodes whose gradient lives in their own "grad_sum" buffer
         for node in reversed(self.graph.nodes):
@@ -294,6 +296,7 @@ class Model:
                     total = ctx.buffer(source, "grad_sum", grad.shape)
                     grads[source] = self.xp.add(grads[source], grad, out=total)
                     owned.add(source)
+        return grads
 
     def _forward_with_tangent(self, ctx, params, param_tangents, batch: Batch):
         values = dict(batch.feeds)
