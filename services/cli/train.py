@@ -28,7 +28,7 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_JOB = 0, 1, 2
 
 
 def register(subparsers) -> None:
-    from gradserve_services.jobs.jobfile import CONSISTENCY_MODES
+    from gradserve_services.cluster.config import CONSISTENCY_MODES
 
     parser = subparsers.add_parser(
         "train", help="run a training job file (YAML) through a gradserve service",

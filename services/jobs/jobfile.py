@@ -20,6 +20,7 @@ it; the README's job-file reference is that text). In outline:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,14 +28,14 @@ from pathlib import Path
 
 import yaml
 
+from gradserve_services.cluster.config import CONSISTENCY_MODES
+from gradserve_services.engine.losses import LOSSES
+from gradserve_services.engine.ops import OPS, Elementwise
 from gradserve_services.errors import InvalidArgument
+from gradserve_services.optim import OPTIMIZER_NAMES, SCHEDULE_NAMES, OptimizerConfig, ScheduleConfig
 
 __all__ = [
     "DATASET_NAMES",
-    "LOSSES",
-    "OPTIMIZERS",
-    "SCHEDULES",
-    "CONSISTENCY_MODES",
     "ACTIVATIONS",
     "DatasetConfig",
     "ModelConfig",
@@ -51,11 +52,8 @@ __all__ = [
 
 DATASET_NAMES = ("digits", "diabetes", "npz", "csv")
 TASKS = ("classification", "regression", "binary")
-LOSSES = ("softmax_cross_entropy", "mse", "binary_cross_entropy")
-OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
-SCHEDULES = ("constant", "step", "cosine")
-CONSISTENCY_MODES = ("sync", "async", "bounded")
-ACTIVATIONS = ("relu", "leaky_relu", "sigmoid", "tanh", "gelu")
+# The names the engine, the optimizer and the cluster define: the job file restates none of them.
+ACTIVATIONS = tuple(kind for kind, op in OPS.items() if isinstance(op, Elementwise))
 
 TOP_LEVEL_KEYS = ("seed", "dataset", "model", "optimizer", "train", "checkpoint", "service", "out")
 DATASET_KEYS = (
@@ -64,10 +62,8 @@ DATASET_KEYS = (
 )
 MODEL_KEYS = ("mlp", "input_features", "nodes", "output", "loss")
 MLP_KEYS = ("hidden", "activation", "dropout", "layernorm")
-OPTIMIZER_KEYS = (
-    "name", "lr", "momentum", "beta1", "beta2", "eps", "weight_decay", "clip_norm", "schedule",
-)
-SCHEDULE_KEYS = ("name", "warmup_steps", "step_size", "gamma", "total_steps", "min_lr")
+OPTIMIZER_KEYS = tuple(field.name for field in dataclasses.fields(OptimizerConfig))
+SCHEDULE_KEYS = tuple(field.name for field in dataclasses.fields(ScheduleConfig))
 TRAIN_KEYS = ("epochs", "batch_size", "workers", "consistency", "staleness", "micro_batch_size")
 CHECKPOINT_KEYS = ("dir", "every_steps")
 SERVICE_KEYS = ("target", "token")
@@ -363,32 +359,21 @@ def _parse_mlp(raw) -> dict:
 
 
 def _parse_optimizer(raw: Mapping) -> dict:
+    """The optimizer as the job file gives it (keys left out stay out), read into numbers here and
+    range-checked by `OptimizerConfig`, the parameter server's own rules."""
     _reject_unknown(raw, OPTIMIZER_KEYS, "optimizer")
     name = raw.get("name", "adam")
-    _choice(name, OPTIMIZERS, "optimizer.name", what="optimizer")
+    _choice(name, OPTIMIZER_NAMES, "optimizer.name", what="optimizer")
     config: dict = {"name": name}
     config["lr"] = _number(raw.get("lr", 0.001 if name in ("adam", "adamw") else 0.1), "optimizer.lr")
-    if not config["lr"] > 0:
-        raise InvalidArgument(f"must be > 0, got {config['lr']}", field="optimizer.lr")
-    for key, low, high in (("momentum", 0.0, 1.0), ("beta1", 0.0, 1.0), ("beta2", 0.0, 1.0)):
+    for key in ("momentum", "beta1", "beta2", "eps", "weight_decay"):
         if key in raw:
-            value = _number(raw[key], f"optimizer.{key}")
-            if not low <= value < high:
-                raise InvalidArgument(f"must be in [{low}, {high}), got {value}", field=f"optimizer.{key}")
-            config[key] = value
-    for key in ("eps", "weight_decay"):
-        if key in raw:
-            value = _number(raw[key], f"optimizer.{key}")
-            if value < 0:
-                raise InvalidArgument(f"must be >= 0, got {value}", field=f"optimizer.{key}")
-            config[key] = value
+            config[key] = _number(raw[key], f"optimizer.{key}")
     if raw.get("clip_norm") is not None:
-        value = _number(raw["clip_norm"], "optimizer.clip_norm")
-        if not value > 0:
-            raise InvalidArgument(f"must be > 0, got {value}", field="optimizer.clip_norm")
-        config["clip_norm"] = value
+        config["clip_norm"] = _number(raw["clip_norm"], "optimizer.clip_norm")
     if "schedule" in raw:
         config["schedule"] = _parse_schedule(raw["schedule"])
+    OptimizerConfig.from_dict(config)
     return config
 
 
@@ -399,17 +384,14 @@ def _parse_schedule(raw) -> dict:
         raise InvalidArgument("must be a mapping like {name: cosine}", field="optimizer.schedule")
     _reject_unknown(raw, SCHEDULE_KEYS, "optimizer.schedule")
     name = raw.get("name", "constant")
-    _choice(name, SCHEDULES, "optimizer.schedule.name", what="schedule")
+    _choice(name, SCHEDULE_NAMES, "optimizer.schedule.name", what="schedule")
     schedule: dict = {"name": name}
     for key in ("warmup_steps", "step_size", "total_steps"):
         if key in raw:
-            schedule[key] = _integer(raw[key], f"optimizer.schedule.{key}", minimum=0 if key == "warmup_steps" else 1)
+            schedule[key] = _integer(raw[key], f"optimizer.schedule.{key}", minimum=0)
     for key in ("gamma", "min_lr"):
         if key in raw:
-            value = _number(raw[key], f"optimizer.schedule.{key}")
-            if value < 0:
-                raise InvalidArgument(f"must be >= 0, got {value}", field=f"optimizer.schedule.{key}")
-            schedule[key] = value
+            schedule[key] = _number(raw[key], f"optimizer.schedule.{key}")
     return schedule
 
 
@@ -468,8 +450,8 @@ def _reject_unknown(raw: Mapping, known: tuple[str, ...], prefix: str) -> None:
             raise InvalidArgument(f"unknown key; known keys here: {', '.join(known)}", field=field)
 
 
-def _choice(value, choices: tuple[str, ...], field: str, *, what: str) -> None:
-    if value not in choices:
+def _choice(value, choices, field: str, *, what: str) -> None:
+    if not isinstance(value, str) or value not in choices:
         raise InvalidArgument(f"unknown {what} {value!r}; known: {', '.join(choices)}", field=field)
 
 
