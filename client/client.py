@@ -31,6 +31,9 @@ CHANNEL_OPTIONS = (
 PARAMETERS = "parameters."
 GRADIENTS = "gradients."
 TANGENT = "tangent."
+OUTPUT_GRADIENT = "output_gradient"
+INPUT_GRADIENTS = "input_gradients."
+OUTPUTS = "outputs."
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class Gradients:
     timings_ms: dict[str, float] = field(default_factory=dict)  # milliseconds per phase
     retries: int = 0  # shards run again on another worker because theirs was lost
     worker_failures: int = 0  # worker actors lost (and replaced) during the call
+    input_gradient: np.ndarray | None = None  # vjp(..., input_gradient=True) only: dL/dx
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,63 @@ class Client:
                 retries=result.retries,
                 worker_failures=result.worker_failures,
             )
+
+        return self._with_retries(attempt, timeout)
+
+    def vjp(self, spec, parameters: Mapping[str, np.ndarray], x: np.ndarray, output_gradient: np.ndarray, *,
+            input_gradient: bool = False, micro_batch_size: int | None = None,
+            timeout: float | None = None) -> Gradients:
+        """The vector-Jacobian product of `output_gradient` (dL/d output, shape (rows, output width),
+        the parameters' dtype): `.gradients` dL/dw and, with `input_gradient`, `.input_gradient`
+        dL/dx. Summed, never averaged: a mean loss puts its 1/rows into `output_gradient`.
+        Computed in inference mode (dropout off), like `forward`, so the two compose."""
+        arrays = {PARAMETERS + name: value for name, value in parameters.items()}
+        arrays.update({"batch.x": x, OUTPUT_GRADIENT: output_gradient})
+        outgoing = _outgoing(arrays)
+        header = build(service_pb2.ComputeGradientsHeader, model=_spec(spec), tensors=outgoing.entries,
+                       micro_batch_size=micro_batch_size or 0, input_gradient=input_gradient)
+        wrap = service_pb2.ComputeGradientsRequest
+
+        def attempt(deadline_s: float) -> Gradients:
+            requests = itertools.chain([wrap(header=header)], outgoing.chunks())
+            responses = self._stub.ComputeGradients(requests, timeout=deadline_s, metadata=self._metadata)
+            result, arrays = _single(responses)
+            return Gradients(
+                loss=result.loss,
+                gradients=_strip(arrays, GRADIENTS),
+                jvp=None,
+                count=result.count,
+                timings_ms=dict(result.timings_ms),
+                input_gradient=_strip(arrays, INPUT_GRADIENTS).get("x"),
+            )
+
+        return self._with_retries(attempt, timeout)
+
+    def forward(self, spec, parameters: Mapping[str, np.ndarray], x: np.ndarray, *,
+                nodes: Iterable[str] | None = None, timeout: float | None = None):
+        """The output node's values for `x` at `parameters` (inference mode); with `nodes`, a
+        {node: values} dict of those nodes instead."""
+        arrays = {PARAMETERS + name: value for name, value in parameters.items()}
+        arrays["batch.x"] = x
+        return self._forward(arrays, nodes, timeout, model=_spec(spec))[1]
+
+    def forward_session(self, session_id: str, x: np.ndarray, *, nodes: Iterable[str] | None = None,
+                        timeout: float | None = None):
+        """`forward` at a session's current parameters: (version, values)."""
+        return self._forward({"batch.x": x}, nodes, timeout, session_id=session_id)
+
+    def _forward(self, arrays, nodes, timeout, **header_fields):
+        outgoing = _outgoing(arrays)
+        names = list(nodes or ())
+        header = build(service_pb2.ForwardHeader, tensors=outgoing.entries, nodes=names, **header_fields)
+        wrap = service_pb2.ForwardRequest
+
+        def attempt(deadline_s: float):
+            requests = itertools.chain([wrap(header=header)], outgoing.chunks())
+            responses = self._stub.Forward(requests, timeout=deadline_s, metadata=self._metadata)
+            result, arrays = _single(responses)
+            values = _strip(arrays, OUTPUTS)
+            return result.version, (values if names else next(iter(values.values())))
 
         return self._with_retries(attempt, timeout)
 
@@ -403,6 +464,10 @@ def _step_result(reply: service_pb2.StepResponse) -> StepResult:
         compute_spread=reply.compute_spread,
         slowest_worker=reply.slowest_worker,
     )
+
+
+def _strip(arrays: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    return {name[len(prefix):]: value for name, value in arrays.items() if name.startswith(prefix)}
 
 
 def _single(responses) -> tuple[object, dict[str, np.ndarray]]:

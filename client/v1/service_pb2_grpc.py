@@ -39,6 +39,11 @@ class GradserveStub:
                 request_serializer=gradserve_dot_v1_dot_service__pb2.ComputeGradientsRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_service__pb2.ComputeGradientsResponse.FromString,
                 _registered_method=True)
+        self.Forward = channel.stream_stream(
+                '/gradserve.v1.Gradserve/Forward',
+                request_serializer=gradserve_dot_v1_dot_service__pb2.ForwardRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_service__pb2.ForwardResponse.FromString,
+                _registered_method=True)
         self.CreateSession = channel.stream_unary(
                 '/gradserve.v1.Gradserve/CreateSession',
                 request_serializer=gradserve_dot_v1_dot_service__pb2.CreateSessionRequest.SerializeToString,
@@ -88,6 +93,14 @@ class GradserveServicer:
         """Loss and gradient (or, with a tangent, the directional derivative) of a model at given
         parameters over one batch. Stateless. Client streams a header + chunks; the service answers
         with a header (loss, count, timings, small gradients) + chunks of the large gradients.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Forward(self, request_iterator, context):
+        """The model's output (or the named nodes') for a batch: stateless at the parameters sent, or at
+        a session's current parameters. Nothing is differentiated or applied. Header + chunks both ways.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -161,6 +174,11 @@ def add_GradserveServicer_to_server(servicer, server):
                     request_deserializer=gradserve_dot_v1_dot_service__pb2.ComputeGradientsRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_service__pb2.ComputeGradientsResponse.SerializeToString,
             ),
+            'Forward': grpc.stream_stream_rpc_method_handler(
+                    servicer.Forward,
+                    request_deserializer=gradserve_dot_v1_dot_service__pb2.ForwardRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_service__pb2.ForwardResponse.SerializeToString,
+            ),
             'CreateSession': grpc.stream_unary_rpc_method_handler(
                     servicer.CreateSession,
                     request_deserializer=gradserve_dot_v1_dot_service__pb2.CreateSessionRequest.FromString,
@@ -229,6 +247,33 @@ class Gradserve:
             '/gradserve.v1.Gradserve/ComputeGradients',
             gradserve_dot_v1_dot_service__pb2.ComputeGradientsRequest.SerializeToString,
             gradserve_dot_v1_dot_service__pb2.ComputeGradientsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Forward(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/gradserve.v1.Gradserve/Forward',
+            gradserve_dot_v1_dot_service__pb2.ForwardRequest.SerializeToString,
+            gradserve_dot_v1_dot_service__pb2.ForwardResponse.FromString,
             options,
             channel_credentials,
             insecure,

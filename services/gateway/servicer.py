@@ -10,16 +10,19 @@ import contextlib
 import functools
 import inspect
 import logging
+import time
 
 import grpc
 
 from gradserve.spec import spec_from_proto
 from gradserve.v1 import service_pb2, service_pb2_grpc
 
+from gradserve_services.engine import dense_gradients
 from gradserve_services.errors import DeadlineExceeded, GradserveError, InvalidArgument
 
 from . import wire
 from .auth import Authenticator
+from .functions import INPUT_GRADIENTS, OUTPUT_GRADIENT, OUTPUTS, ModelFunctions
 from .sessions import SessionRegistry, activation_features, check_activations
 from .status import abort_internal, abort_with
 
@@ -87,16 +90,26 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
         self._sessions = registry
         self._auth = authenticator
         self._max_bytes = max_request_bytes
+        self._functions = ModelFunctions()
 
     @_answering_errors
     def ComputeGradients(self, request_iterator, context):
         header, arrays = wire.read_one(request_iterator, self._max_bytes)
-        tensors = wire.group(arrays, (wire.PARAMETERS, wire.TANGENT), exact=wire.BATCH)
-        _require(tensors, wire.BATCH)
+        tensors = wire.group(arrays, (wire.PARAMETERS, wire.TANGENT), exact=wire.BATCH + (OUTPUT_GRADIENT,))
+        _require(tensors, ("batch.x",))
+        if "batch.y" not in tensors and OUTPUT_GRADIENT not in tensors:
+            raise InvalidArgument("missing tensor: send batch.y (a built-in loss) or output_gradient "
+                                  "(a vector-Jacobian product)", "batch.y")
         spec = spec_from_proto(header.model)
         check_activations(activation_features(spec), tensors["batch.x"], header.micro_batch_size,
                           self._sessions.limits.activation_elements_per_call)
         _check_deadline(context)
+        if OUTPUT_GRADIENT in tensors:
+            yield from self._vjp(spec, header, tensors)
+            return
+        if header.input_gradient:
+            raise InvalidArgument("an input gradient is answered in vector-Jacobian mode only "
+                                  "(send output_gradient instead of batch.y)", "input_gradient")
         result = self._executor.compute_gradients(
             spec,
             tensors[wire.PARAMETERS],
@@ -114,6 +127,42 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
             reply.jvp = result["jvp"]
         gradients = {wire.GRADIENTS + name: value for name, value in (result["grads"] or {}).items()}
         yield from wire.send(reply, gradients, service_pb2.ComputeGradientsResponse)
+
+    def _vjp(self, spec, header, tensors):
+        if tensors[wire.TANGENT]:
+            raise InvalidArgument("a tangent (forward mode) and an output gradient exclude each other", "tangent")
+        started = time.perf_counter()
+        result = self._functions.vjp(spec, tensors[wire.PARAMETERS], tensors["batch.x"], tensors.get("batch.y"),
+                                     tensors[OUTPUT_GRADIENT], input_gradient=header.input_gradient,
+                                     micro_batch_size=header.micro_batch_size or None)
+        reply = service_pb2.ComputeGradientsResult(loss=0.0, count=tensors["batch.x"].shape[0])
+        reply.timings_ms["total"] = (time.perf_counter() - started) * 1e3
+        arrays = {wire.GRADIENTS + name: value for name, value in dense_gradients(result.gradients).items()}
+        arrays.update({INPUT_GRADIENTS + name: value for name, value in (result.input_gradients or {}).items()})
+        yield from wire.send(reply, arrays, service_pb2.ComputeGradientsResponse)
+
+    @_answering_errors
+    def Forward(self, request_iterator, context):
+        header, arrays = wire.read_one(request_iterator, self._max_bytes)
+        tensors = wire.group(arrays, (wire.PARAMETERS,), exact=("batch.x",))
+        _require(tensors, ("batch.x",))
+        version = 0
+        if header.session_id:
+            session = self._sessions.get(self._auth.identity(context), header.session_id)
+            if tensors[wire.PARAMETERS]:
+                name = next(iter(tensors[wire.PARAMETERS]))
+                raise InvalidArgument("a session's forward runs at its own parameters; send none",
+                                      wire.PARAMETERS + name)
+            spec = session.config.spec
+            version, params = self._sessions.parameters(session)
+        else:
+            spec, params = spec_from_proto(header.model), tensors[wire.PARAMETERS]
+        check_activations(activation_features(spec), tensors["batch.x"], 0,
+                          self._sessions.limits.activation_elements_per_call)
+        _check_deadline(context)
+        values = self._functions.forward(spec, params, tensors["batch.x"], list(header.nodes))
+        outputs = {OUTPUTS + name: value for name, value in values.items()}
+        yield from wire.send(service_pb2.ForwardResult(version=version), outputs, service_pb2.ForwardResponse)
 
     @_answering_errors
     def CreateSession(self, request_iterator, context):
