@@ -15,6 +15,7 @@ __all__ = [
     "FailedPrecondition",
     "ResourceExhausted",
     "Unavailable",
+    "ParameterServerLost",
     "PermissionDenied",
     "Unauthenticated",
     "DeadlineExceeded",
@@ -55,6 +56,15 @@ class ResourceExhausted(GradserveError):
 
 class Unavailable(GradserveError):
     """The cluster (or part of it) cannot be reached right now; retrying may succeed."""
+
+
+class ParameterServerLost(Unavailable):
+    """A parameter server died with the parameters it held: the trainer is rebuilt from a checkpoint
+    (the gateway does so itself for a session that checkpoints automatically). Its own class so that
+    callers recognise it by type; on the wire it is UNAVAILABLE naming `parameter_server`."""
+
+    def __init__(self, message: str, field: str = "parameter_server"):
+        super().__init__(message, field)
 
 
 class PermissionDenied(GradserveError):

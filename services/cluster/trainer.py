@@ -28,7 +28,7 @@ from typing import Mapping
 import numpy as np
 
 from gradserve_services.engine import Model
-from gradserve_services.errors import FailedPrecondition, InvalidArgument, Unavailable
+from gradserve_services.errors import FailedPrecondition, InvalidArgument, ParameterServerLost, Unavailable
 from gradserve_services.optim import check_fits_dtype
 
 from .backend import Backend
@@ -403,7 +403,7 @@ class Trainer:
         lost = self._backend.workers(self._num_workers)[call.position]
         if not self._backend.died(error, lost):
             # A shard also fails when the parameters it reads are gone with their server: that is
-            # no worker's fault, and re-running cannot help. Unavailable(parameter_server) if so.
+            # no worker's fault, and re-running cannot help. ParameterServerLost if so.
             # (Not asked when the worker itself died: the question waits in the server's queue
             # behind the step's early apply, i.e. until every other shard is done.)
             self._get_from_servers([self._backend.submit(server, "pid")[0]
@@ -451,8 +451,8 @@ class Trainer:
                     raise Unavailable("a shard's gradient was lost with its worker before the "
                                       "parameter servers read it; resend the step (its step id "
                                       f"applies at most once) ({error})", "workers") from None
-                raise Unavailable("a parameter server was lost; restore this trainer from its "
-                                  f"last checkpoint ({error})", "parameter_server") from None
+                raise ParameterServerLost("a parameter server was lost; restore this trainer from its "
+                                          f"last checkpoint ({error})") from None
             raise self._backend.cause(error) from None
 
     def _servers_alive(self) -> bool:
@@ -477,7 +477,7 @@ class Trainer:
                 if not self._backend.is_lost(error):
                     raise self._backend.cause(error) from None
                 server = self._backend.replace_server(position, server)
-        raise Unavailable("could not start a parameter server", "parameter_server")
+        raise ParameterServerLost("could not start a parameter server")
 
     def _rule(self) -> dict:
         if self.config.consistency == "async":

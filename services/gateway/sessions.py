@@ -39,8 +39,8 @@ from gradserve_services.errors import (
     GradserveError,
     InvalidArgument,
     NotFound,
+    ParameterServerLost,
     ResourceExhausted,
-    Unavailable,
 )
 
 __all__ = ["Session", "SessionRegistry", "SessionLimits", "activation_features", "check_activations"]
@@ -53,7 +53,6 @@ SESSION_ID = re.compile(r"[A-Za-z0-9_-]{32}")  # secrets.token_urlsafe(24)
 MANIFEST = "session.json"
 INIT_DTYPES = ("", "float32", "float64")  # "" is float32
 STEP_TIME_SMOOTHING = 0.3  # weight of the newest step in the running step-time estimate
-LOST_SERVER_FIELD = "parameter_server"  # the field of the cluster's Unavailable for a lost server
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,15 +329,13 @@ class SessionRegistry:
         the session from its base checkpoint plus the steps since, then run it once more."""
         try:
             return operation()
-        except Unavailable as error:
-            if error.field != LOST_SERVER_FIELD:
-                raise
+        except ParameterServerLost as error:
             if session.base_checkpoint is None or not session.checkpoint_every_steps:
                 # Without a checkpoint policy the steps since the last checkpoint were not kept:
                 # restoring alone would silently drop them. The caller decides (RestoreCheckpoint).
-                raise Unavailable(f"{error.message}; this session keeps no automatic checkpoints "
-                                  "(checkpoint_every_steps): restore one of its checkpoints and resend "
-                                  "the steps after it", LOST_SERVER_FIELD) from None
+                raise ParameterServerLost(f"{error.message}; this session keeps no automatic checkpoints "
+                                          "(checkpoint_every_steps): restore one of its checkpoints and "
+                                          "resend the steps after it") from None
         log.warning("session %s lost a parameter server; restoring %s and replaying %d steps",
                     session.session_id, session.base_checkpoint, len(session.replay))
         arrays, meta = load_checkpoint(os.path.join(self._session_dir(session), session.base_checkpoint))
