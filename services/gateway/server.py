@@ -7,7 +7,6 @@ from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from gradserve.transfer import DEFAULT_MAX_REQUEST_BYTES, MAX_MESSAGE_BYTES, rpc_codecs
 from gradserve.v1 import service_pb2
@@ -17,6 +16,7 @@ from gradserve_services import metrics
 from . import wire
 from .auth import AuthInterceptor, Authenticator
 from .observe import MetricsInterceptor
+from .reflection import enable_reflection
 from .servicer import GradserveServicer
 from .sessions import SessionLimits, SessionRegistry
 
@@ -99,7 +99,7 @@ def create_server(
     _add_servicer(GradserveServicer(executor, registry, authenticator, max_request_bytes), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
     address = f"{host}:{port}"
     if tls is None:
         bound_port = server.add_insecure_port(address)
