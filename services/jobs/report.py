@@ -12,7 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["MetricsLog", "plot_metrics", "EpochSignals"]
+__all__ = ["MetricsLog", "plot_metrics", "EpochSignals", "SIGNAL_FIELDS"]
+
+# The fields of a row that observe the run rather than the training: timings differ between any two
+# runs, and after `--resume` an interrupted epoch's signals cover only the steps run since (the
+# service's noise-scale smoothing restarts too). The other fields are the same for a resumed run.
+SIGNAL_FIELDS = ("noise_scale", "shard_cosine_mean", "update_ratio_median", "compute_spread_median",
+                 "compute_spread_max", "slowest_worker_steps")
 
 
 class EpochSignals:
