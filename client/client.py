@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import math
 import time
@@ -195,6 +196,18 @@ class Client:
             )
 
         return self._with_retries(attempt, timeout)
+
+    def loss_gradients(self, spec, parameters: Mapping[str, np.ndarray], x: np.ndarray, loss: Callable, *,
+                       input_gradient: bool = False, timeout: float | None = None) -> Gradients:
+        """Gradients of a loss the service does not know: `loss(output)` returns (loss value,
+        dL/d output) in numpy; the service runs the forward pass, then pulls that gradient back
+        (`vjp`). Two calls; the second recomputes the forward (deterministic: inference mode), so
+        no activations are held on the service between them."""
+        output = self.forward(spec, parameters, x, timeout=timeout)
+        value, output_gradient = loss(output)
+        result = self.vjp(spec, parameters, x, np.asarray(output_gradient, dtype=output.dtype),
+                          input_gradient=input_gradient, timeout=timeout)
+        return dataclasses.replace(result, loss=float(value))
 
     def forward(self, spec, parameters: Mapping[str, np.ndarray], x: np.ndarray, *,
                 nodes: Iterable[str] | None = None, timeout: float | None = None):
