@@ -129,6 +129,7 @@ def test_every_method_has_codecs_and_only_part_messages_are_hand_framed():
         if getattr(serializer, "__self__", None).__class__ is PartCodec
     }
     assert framed == {("ComputeGradients", "request"), ("ComputeGradients", "response"),
+                      ("Forward", "request"), ("Forward", "response"),
                       ("CreateSession", "request"), ("Step", "request"), ("StreamSteps", "request"),
                       ("PullParameters", "response")}
     assert codecs["ListSessions"].response_deserializer == service_pb2.ListSessionsResponse.FromString
