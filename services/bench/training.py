@@ -61,11 +61,11 @@ def measure_gradserve(executor, *, workers: int, batch: int, steps: int, warmup:
     data = synthetic_batches(4, batch, layers=layers)
     try:
         for step in range(warmup):
-            trainer.step(f"warmup-{step}", *data[step % len(data)])
+            trainer.step(step, *data[step % len(data)])  # step ids are integers
         results = []
         started = time.perf_counter()
         for step in range(steps):
-            results.append(trainer.step(f"step-{step}", *data[step % len(data)]))
+            results.append(trainer.step(warmup + step, *data[step % len(data)]))
         elapsed = time.perf_counter() - started
     finally:
         trainer.close()

@@ -1,0 +1,31 @@
+"""`gradserve bench training` and `bench scaling` run end to end on a real embedded Ray runtime (a
+short run: the figures themselves are the benchmark's business, the fields and the run are ours)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def _bench(*args: str) -> list[dict]:
+    done = subprocess.run([str(Path(sys.executable).parent / "gradserve"), "bench", *args, "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def test_training_suite_runs_its_steps():
+    (line,) = _bench("training", "--steps", "2", "--warmup", "1", "--batch", "64", "--skip-torch")
+    assert line["suite"] == "training" and line["steps"] == 2 and line["global_batch"] == 64
+    assert line["gradserve_samples_per_s"] > 0
+    assert line["total_ms"] >= line["compute_ms"] > 0
+
+
+def test_scaling_suite_runs_each_worker_count():
+    lines = _bench("scaling", "--workers", "1,2", "--per-worker-batch", "32", "--steps", "2", "--warmup", "1")
+    assert [line["workers"] for line in lines] == [1, 2]
+    assert lines[0]["efficiency"] == 1.0 and all(line["samples_per_s"] > 0 for line in lines)
