@@ -182,6 +182,12 @@ class Trainer:
     def version(self) -> int:
         return self._version
 
+    @property
+    def steps_run(self) -> int:
+        """Steps applied by this trainer's history, answers from the step log excluded (a
+        checkpoint carries the count)."""
+        return self._steps_run
+
     def close(self) -> None:
         with self._lock:
             if self._closed:

@@ -1,26 +1,15 @@
-"""Training sessions: who owns which trainer, one step at a time per session, checkpoints.
+"""Training sessions: who owns which trainer, the limits on what they may hold, one step at a time
+per session. What persists (manifests, checkpoints, recovery, replay) is session_store.py's.
 
 A session id is `secrets.token_urlsafe` (unguessable); a session is visible to its owner only: any
 other identity gets NotFound, exactly as for an id that never existed, so ids cannot be probed.
-
-Recovery. With a checkpoint directory, every session folder holds a manifest (`session.json`: owner,
-creation time, checkpoint policy, the checkpoint the session's state is based on, closed or not),
-rewritten atomically whenever that changes. A gateway started on the same directory brings back
-every open session from its manifest's checkpoint (`recover`), owner and step log included, so a
-retried step id gets its recorded answer. A session that checkpoints every N steps also keeps the
-batches of the steps since its last checkpoint (at most N) in memory: when a parameter-server actor
-dies, the session is restored from that checkpoint and those steps are replayed with their own step
-ids before the failed call runs again, so no update is lost and none is applied twice.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
-import re
 import secrets
 import threading
 import time
@@ -29,28 +18,23 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from gradserve_services import metrics
-from gradserve_services.checkpoint import atomic_file, load_checkpoint, save_checkpoint
 from gradserve_services.cluster import DEFAULT_STEP_WINDOW, StepResult, TrainerConfig
 from gradserve_services.engine import Model
 from gradserve_services.engine.spec import parse_spec
 from gradserve_services.errors import (
     DeadlineExceeded,
-    FailedPrecondition,
     GradserveError,
     InvalidArgument,
     NotFound,
-    ParameterServerLost,
     ResourceExhausted,
 )
+
+from .session_store import SavedSession, SessionStore
 
 __all__ = ["Session", "SessionRegistry", "SessionLimits", "activation_features", "check_activations"]
 
 log = logging.getLogger(__name__)
 
-# Used with fullmatch: `$` would accept a trailing newline, and `\d` any Unicode digit.
-CHECKPOINT_NAME = re.compile(r"v[0-9]{12}\.npz")
-SESSION_ID = re.compile(r"[A-Za-z0-9_-]{32}")  # secrets.token_urlsafe(24)
-MANIFEST = "session.json"
 INIT_DTYPES = ("", "float32", "float64")  # "" is float32
 STEP_TIME_SMOOTHING = 0.3  # weight of the newest step in the running step-time estimate
 
@@ -80,7 +64,6 @@ class Session:
     checkpoint_every_steps: int
     created_unix_s: float
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-    steps: int = 0  # steps handled, duplicates excluded
     step_seconds: float = 0.0  # running estimate of one step's wall time
     closed: bool = False
     # The checkpoint the session's state builds on (last saved or restored) and the steps applied
@@ -96,16 +79,25 @@ class Session:
     def version(self) -> int:
         return self.trainer.version
 
+    @property
+    def steps(self) -> int:
+        """Steps handled, duplicates excluded: the trainer's count (a checkpoint carries it)."""
+        return self.trainer.steps_run
+
 
 class SessionRegistry:
     """Sessions by id, with their owners; every method takes the caller's identity."""
 
     def __init__(self, executor, *, checkpoint_dir: str | None = None, limits: SessionLimits = SessionLimits()):
         self._executor = executor
-        self._checkpoint_dir = checkpoint_dir
+        self._store = SessionStore(checkpoint_dir)
         self.limits = limits
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()  # guards _sessions only; never held during work
+
+    @property
+    def checkpoint_dir(self) -> str | None:
+        return self._store.checkpoint_dir
 
     @property
     def default_workers(self) -> int:
@@ -115,45 +107,35 @@ class SessionRegistry:
 
     def create(self, owner: str, config: TrainerConfig, params: Mapping[str, np.ndarray] | None,
                *, init_seed: int, init_dtype: str, checkpoint_every_steps: int) -> Session:
-        """Validate everything, then start the trainer. Nothing is created if anything is wrong."""
+        """Validate everything, then start the trainer. Nothing is created if anything is wrong
+        (the trainer checks given parameters against the spec before it starts anything)."""
         if init_dtype not in INIT_DTYPES:  # exactly the names service.proto documents
             raise InvalidArgument(f"must be float32 or float64, got {init_dtype!r}", "config.init.dtype")
         # optimizer parsed; errors name `config.X` / `optimizer.X`
         config = dataclasses.replace(config, step_window=self.limits.step_window).validated()
         self._check_limits(owner, config, checkpoint_every_steps)
         model = Model(config.spec)  # SpecError names the node
-        if params:
-            model.validate_parameters(params)
-        else:
+        if not params:
             self._check_parameter_bytes(model, init_dtype or "float32")
             params = model.init_parameters(seed=init_seed, dtype=init_dtype or "float32")
         trainer = self._executor.create_trainer(config, params)
         session = Session(secrets.token_urlsafe(24), owner, trainer, config, checkpoint_every_steps, time.time())
         try:
             if checkpoint_every_steps:
-                self._save(session)  # version 0: a lost parameter server can be rebuilt from step 1 on
-            self._add(session)
+                self._store.save(session)  # version 0: a lost parameter server can be rebuilt from step 1 on
+            with self._lock:
+                self._check_room(owner)
+                self._add(session)
         except BaseException:
             trainer.close()
             raise
         return session
 
-    def _add(self, session: Session) -> None:
-        with self._lock:
-            if self._owned_count(session.owner) >= self.limits.sessions_per_owner:
-                raise ResourceExhausted(f"at most {self.limits.sessions_per_owner} sessions per caller", "sessions")
-            self._sessions[session.session_id] = session
-            metrics.set_active_sessions(len(self._sessions))
-
     def recover(self) -> int:
         """Bring back every open session found in the checkpoint directory (a gateway restart);
         returns how many. A session that cannot be restored is logged and left on disk."""
-        if self._checkpoint_dir is None or not os.path.isdir(self._checkpoint_dir):
-            return 0
         recovered = 0
-        for session_id in sorted(os.listdir(self._checkpoint_dir)):
-            if not SESSION_ID.fullmatch(session_id):
-                continue
+        for session_id in self._store.session_ids():
             try:
                 recovered += self._recover_one(session_id)
             except (GradserveError, OSError, ValueError, KeyError, TypeError) as error:
@@ -161,36 +143,33 @@ class SessionRegistry:
         return recovered
 
     def _recover_one(self, session_id: str) -> int:
-        directory = os.path.join(self._checkpoint_dir, session_id)
-        manifest = _read_manifest(directory)
-        if manifest is None or manifest.get("closed") or not manifest.get("checkpoint"):
-            return 0
-        name = manifest["checkpoint"]
-        if not CHECKPOINT_NAME.fullmatch(name) or manifest.get("session_id") != session_id:
-            raise InvalidArgument("manifest names no checkpoint of this session", MANIFEST)
         with self._lock:
             if session_id in self._sessions:
                 return 0
-        arrays, meta = load_checkpoint(os.path.join(directory, name))
-        saved = meta["session"]
-        config = TrainerConfig(spec=saved["spec"], optimizer=saved["optimizer"], **saved["config"]).validated()
-        model = Model(config.spec)
-        params = {name: arrays[f"param/{name}"] for name in model.parameter_shapes()}
-        trainer = self._executor.create_trainer(config, params)
+        saved = self._store.open_session(session_id)
+        if saved is None:
+            return 0
+        session = self._restored(saved)
+        log.info("recovered session %s of %s at version %d", session_id, session.owner, session.version)
+        return 1
+
+    def _restored(self, saved: SavedSession) -> Session:
+        model = Model(saved.config.spec)
+        params = {name: saved.arrays[f"param/{name}"] for name in model.parameter_shapes()}
+        trainer = self._executor.create_trainer(saved.config, params)
         try:
-            trainer.restore(arrays, meta)
-            session = Session(session_id, manifest["owner"], trainer, config,
+            trainer.restore(saved.arrays, saved.meta)
+            manifest = saved.manifest
+            session = Session(saved.session_id, manifest["owner"], trainer, saved.config,
                               int(manifest.get("checkpoint_every_steps", 0)),
                               float(manifest.get("created_unix_s", time.time())),
-                              steps=int(meta.get("steps_run", 0)), base_checkpoint=name)
+                              base_checkpoint=saved.checkpoint)
             with self._lock:  # owners' limits were checked when the sessions were created
-                self._sessions[session_id] = session
-                metrics.set_active_sessions(len(self._sessions))
+                self._add(session)
         except BaseException:
             trainer.close()
             raise
-        log.info("recovered session %s of %s at version %d", session_id, session.owner, session.version)
-        return 1
+        return session
 
     def get(self, owner: str, session_id: str) -> Session:
         with self._lock:
@@ -215,7 +194,7 @@ class SessionRegistry:
             version = session.version
             session.trainer.close()
             session.replay.clear()
-            self._write_manifest(session)  # a closed session does not come back after a restart
+            self._store.write_manifest(session)  # a closed session does not come back after a restart
         return version
 
     def close_all(self) -> None:
@@ -246,103 +225,41 @@ class SessionRegistry:
                     "deadline",
                 )
             started = time.perf_counter()
-            result = self._recovering(session, lambda: session.trainer.step(step_id, x, y))
+            result = self._store.recovering(session, lambda: session.trainer.step(step_id, x, y))
             elapsed = time.perf_counter() - started
             record_step_metrics(result, elapsed)
             if not result.duplicate:
-                session.steps += 1
                 session.step_seconds = elapsed if session.steps == 1 else (
                     STEP_TIME_SMOOTHING * elapsed + (1 - STEP_TIME_SMOOTHING) * session.step_seconds)
-                every = session.checkpoint_every_steps
-                if every:
-                    session.replay.append((step_id, x, y))
-                    if result.applied and session.steps % every == 0:
-                        self._save(session)
+                self._store.after_step(session, step_id, x, y, result)
         return result
 
     def parameters(self, session: Session) -> tuple[int, dict[str, np.ndarray]]:
         with session.lock:
             self._check_open(session)
-            return self._recovering(session, session.trainer.parameters)
+            return self._store.recovering(session, session.trainer.parameters)
 
     def save_checkpoint(self, session: Session) -> tuple[str, int]:
         with session.lock:
             self._check_open(session)
-            return self._recovering(session, lambda: self._save(session))
+            return self._store.recovering(session, lambda: self._store.save(session))
 
     def restore_checkpoint(self, session: Session, name: str) -> tuple[str, int]:
-        directory = self._session_dir(session)
-        if not name:
-            saved = sorted(n for n in os.listdir(directory) if CHECKPOINT_NAME.fullmatch(n)) \
-                if os.path.isdir(directory) else []
-            if not saved:
-                raise NotFound("this session has no checkpoint yet", "checkpoint")
-            name = saved[-1]
-        elif not CHECKPOINT_NAME.fullmatch(name):
-            raise InvalidArgument("not a checkpoint name SaveCheckpoint returned", "checkpoint")
-        arrays, meta = load_checkpoint(os.path.join(directory, name))
+        name, arrays, meta = self._store.load(session, name)
         with session.lock:
             self._check_open(session)
             session.trainer.restore(arrays, meta)  # validates before changing anything
-            session.steps = int(meta.get("steps_run", session.steps))
             session.base_checkpoint = name
             session.replay.clear()
-            self._write_manifest(session)
+            self._store.write_manifest(session)
             return name, session.version
 
     # ----- helpers ------------------------------------------------------------------------------
 
-    def _save(self, session: Session) -> tuple[str, int]:
-        arrays, meta = session.trainer.state()
-        meta = dict(meta, session={
-            "session_id": session.session_id,
-            "spec": session.config.spec,
-            "optimizer": session.config.optimizer.to_dict(),
-            "config": {key: value for key, value in dataclasses.asdict(session.config).items()
-                       if key not in ("spec", "optimizer")},
-        })
-        directory = self._session_dir(session)
-        os.makedirs(directory, exist_ok=True)
-        name = f"v{int(meta['version']):012d}.npz"
-        save_checkpoint(os.path.join(directory, name), arrays, meta)
-        session.base_checkpoint = name
-        session.replay.clear()
-        self._write_manifest(session)
-        return name, int(meta["version"])
-
-    def _write_manifest(self, session: Session) -> None:
-        """The session's manifest, replaced atomically (only where the session has a folder)."""
-        if self._checkpoint_dir is None:
-            return
-        directory = self._session_dir(session)
-        if not os.path.isdir(directory):
-            return
-        manifest = {"session_id": session.session_id, "owner": session.owner,
-                    "created_unix_s": session.created_unix_s,
-                    "checkpoint_every_steps": session.checkpoint_every_steps,
-                    "checkpoint": session.base_checkpoint, "closed": session.closed}
-        with atomic_file(os.path.join(directory, MANIFEST)) as handle:
-            handle.write(json.dumps(manifest, sort_keys=True).encode())
-
-    def _recovering(self, session: Session, operation: Callable):
-        """Run `operation` (with the session's lock held); if a parameter server was lost, rebuild
-        the session from its base checkpoint plus the steps since, then run it once more."""
-        try:
-            return operation()
-        except ParameterServerLost as error:
-            if session.base_checkpoint is None or not session.checkpoint_every_steps:
-                # Without a checkpoint policy the steps since the last checkpoint were not kept:
-                # restoring alone would silently drop them. The caller decides (RestoreCheckpoint).
-                raise ParameterServerLost(f"{error.message}; this session keeps no automatic checkpoints "
-                                          "(checkpoint_every_steps): restore one of its checkpoints and "
-                                          "resend the steps after it") from None
-        log.warning("session %s lost a parameter server; restoring %s and replaying %d steps",
-                    session.session_id, session.base_checkpoint, len(session.replay))
-        arrays, meta = load_checkpoint(os.path.join(self._session_dir(session), session.base_checkpoint))
-        session.trainer.restore(arrays, meta)  # starts replacement servers for the lost ones
-        for step_id, x, y in session.replay:
-            session.trainer.step(step_id, x, y)  # the same ids and inputs: the same updates, once
-        return operation()
+    def _add(self, session: Session) -> None:
+        """Register `session` (with `_lock` held)."""
+        self._sessions[session.session_id] = session
+        metrics.set_active_sessions(len(self._sessions))
 
     def _check_parameter_bytes(self, model: Model, dtype: str) -> None:
         itemsize = 8 if dtype == "float64" else 4
@@ -351,12 +268,6 @@ class SessionRegistry:
             raise ResourceExhausted(f"the model has {total} bytes of parameters; at most "
                                     f"{self.limits.parameter_bytes_per_session} per session", "config.model")
 
-    def _session_dir(self, session: Session) -> str:
-        if self._checkpoint_dir is None:
-            raise FailedPrecondition("the service runs without a checkpoint directory (--checkpoint-dir)",
-                                     "checkpoint")
-        return os.path.join(self._checkpoint_dir, session.session_id)
-
     def _check_limits(self, owner: str, config: TrainerConfig, checkpoint_every_steps: int) -> None:
         if config.num_workers > self.limits.workers_per_session:
             raise ResourceExhausted(f"at most {self.limits.workers_per_session} workers per session",
@@ -364,15 +275,16 @@ class SessionRegistry:
         if config.ps_shards > self.limits.ps_shards_per_session:
             raise ResourceExhausted(f"at most {self.limits.ps_shards_per_session} parameter-server shards",
                                     "config.ps_shards")
-        if checkpoint_every_steps and self._checkpoint_dir is None:
-            raise FailedPrecondition("the service runs without a checkpoint directory (--checkpoint-dir)",
-                                     "config.checkpoint_every_steps")
+        if checkpoint_every_steps:
+            self._store.require_directory("config.checkpoint_every_steps")
         with self._lock:
-            if self._owned_count(owner) >= self.limits.sessions_per_owner:
-                raise ResourceExhausted(f"at most {self.limits.sessions_per_owner} sessions per caller", "sessions")
+            self._check_room(owner)
 
-    def _owned_count(self, owner: str) -> int:
-        return sum(1 for s in self._sessions.values() if s.owner == owner)
+    def _check_room(self, owner: str) -> None:
+        """ResourceExhausted if `owner` holds as many sessions as it may (with `_lock` held)."""
+        owned = sum(1 for s in self._sessions.values() if s.owner == owner)
+        if owned >= self.limits.sessions_per_owner:
+            raise ResourceExhausted(f"at most {self.limits.sessions_per_owner} sessions per caller", "sessions")
 
     @staticmethod
     def _check_open(session: Session) -> None:
@@ -396,15 +308,6 @@ def check_activations(per_row: int, x, micro_batch_size, limit: int) -> None:
         raise ResourceExhausted(f"{rows} rows x {per_row} features per row of activations exceed the "
                                 f"{limit} elements one call may hold; send smaller batches or set "
                                 "micro_batch_size", "batch.x")
-
-
-def _read_manifest(directory: str) -> dict | None:
-    try:
-        with open(os.path.join(directory, MANIFEST), encoding="utf-8") as handle:
-            manifest = json.load(handle)
-    except FileNotFoundError:
-        return None
-    return manifest if isinstance(manifest, dict) else None
 
 
 def record_step_metrics(result: StepResult, elapsed_s: float) -> None:

@@ -209,7 +209,7 @@ def test_huge_tensor_dtype_and_checkpoint_name_are_invalid_argument(client, sess
 
 def test_missing_checkpoint_message_shows_no_server_path(client, session, gateway):
     server, _ = gateway
-    checkpoint_dir = server.sessions._checkpoint_dir
+    checkpoint_dir = server.sessions.checkpoint_dir
     client.save_checkpoint(session)
     with pytest.raises(gradserve.NotFound) as caught:
         client.restore_checkpoint(session, "v000000000009.npz")
