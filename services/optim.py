@@ -234,7 +234,7 @@ class Optimizer:
 
     def step(self, params: Mapping[str, np.ndarray], grad_parts: Sequence[Mapping[str, np.ndarray]],
              *, grad_scale: float = 1.0, norm: float | None = None,
-             update_ratios: dict | None = None) -> dict:
+             update_ratios: dict | None = None, products: dict | None = None) -> dict:
         """Apply one update with gradient `grad_scale * sum(grad_parts)` to `params` in place.
 
         `norm` is the global gradient norm when the caller knows it (a sharded parameter server
@@ -247,7 +247,7 @@ class Optimizer:
         plan = self._plan(grad_parts, grad_scale, norm)
         self._check_plan(params, grad_parts, plan)
         self.update_count += 1
-        squared = self._update_all(params, grad_parts, plan, update_ratios)
+        squared = self._update_all(params, grad_parts, plan, update_ratios, products)
         norm = plan.norm if plan.norm is not None else math.sqrt(squared) * grad_scale
         return {"lr": plan.lr, "grad_norm": float(norm), "clip_scale": plan.clip_scale}
 
@@ -345,14 +345,20 @@ class Optimizer:
                       math.sqrt(square) / c["bias_correction2_sqrt"] + config.eps, change, weights + change]
         return all(bound < limit for bound in bounds)  # False for NaN
 
-    def _update_all(self, params, grad_parts, plan: "_Plan", update_ratios: dict | None) -> float:
+    def _update_all(self, params, grad_parts, plan: "_Plan", update_ratios: dict | None,
+                    products: dict | None = None) -> float:
         rule = getattr(self, f"_block_{self.config.name}")
         squared = 0.0
         sums = {}  # name -> [|old|^2, |new - old|^2]
         before = None
-        for name, param, grad, state, scratch in self._blocks(params, grad_parts):
-            with np.errstate(over="ignore"):  # only the reported norm: huge finite gradients pass
+        shard_sq, shard_dot = [0.0] * len(grad_parts), [0.0] * len(grad_parts)
+        for name, param, grad, state, scratch, part_blocks in self._blocks(params, grad_parts, parts=True):
+            with np.errstate(over="ignore", invalid="ignore"):  # reported norms: huge gradients pass
                 squared += float(np.dot(grad, grad))
+                if products is not None:  # while the parts' blocks are in cache anyway
+                    for index, block in enumerate(part_blocks):
+                        shard_sq[index] += float(np.dot(block, block))
+                        shard_dot[index] += float(np.dot(block, grad))
             if update_ratios is not None:
                 if before is None or before.size < param.size or before.dtype != param.dtype:
                     before = np.empty(max(param.size, BLOCK_ELEMENTS), param.dtype)
@@ -367,11 +373,14 @@ class Optimizer:
         if update_ratios is not None:
             update_ratios.update({name: math.sqrt(change / weight) if weight > 0.0 else math.nan
                                   for name, (weight, change) in sums.items()})
+        if products is not None:
+            products.update(shard_sq=shard_sq, shard_dot=shard_dot, total_sq=squared)
         return squared
 
-    def _blocks(self, params, grad_parts):
+    def _blocks(self, params, grad_parts, *, parts: bool = False):
         """`(name, param block, summed gradient block, state blocks, scratch)` over every
-        parameter in cache-sized blocks; the views are of the live arrays."""
+        parameter in cache-sized blocks (with `parts`, each part's block too); the views are of
+        the live arrays."""
         for name, param in params.items():
             flat_param = param.reshape(-1)
             if not np.shares_memory(flat_param, param):
@@ -388,9 +397,10 @@ class Optimizer:
                 if len(flat_grads) > 1:
                     summed = grad_block
                 size = grad_block.size
-                yield (name, flat_param[start:stop], grad_block,
-                       {slot: value[start:stop] for slot, value in flat_state.items()},
-                       (scratch[0][:size], scratch[1][:size]))
+                blocks = (name, flat_param[start:stop], grad_block,
+                          {slot: value[start:stop] for slot, value in flat_state.items()},
+                          (scratch[0][:size], scratch[1][:size]))
+                yield (*blocks, [flat[start:stop] for flat in flat_grads]) if parts else blocks
 
     def _coefficients(self, lr: float, step: int) -> dict:
         config = self.config

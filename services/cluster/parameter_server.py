@@ -24,7 +24,6 @@ from gradserve_services.errors import NotFound
 from gradserve_services.optim import Optimizer, global_norm
 
 from .compression import decode
-from .signals import shard_products
 from .shared import Attachments, BlockRef, allocate_block, area_visible, remove_block
 from .steplog import DEFAULT_STEP_WINDOW, StepLog
 
@@ -101,13 +100,13 @@ class ParameterTable:
                   "applied": weight > 0.0, "lr": 0.0, "grad_norm": math.nan}
         if weight > 0.0:
             grads = [decode(part) for part in parts]
-            ratios = {} if measured else None
+            ratios, products = ({}, {}) if measured else (None, None)
             info = self.optimizer.step(self.params, grads, grad_scale=weight / count, norm=norm,
-                                       update_ratios=ratios)
+                                       update_ratios=ratios, products=products)
             self.version += 1
             report.update(lr=info["lr"], grad_norm=info["grad_norm"])
             if measured:
-                report.update(products=dict(shard_products(grads)), update_ratios=ratios)
+                report.update(products=products, update_ratios=ratios)
         report.update(version=self.version, apply_ms=(time.perf_counter() - started) * 1e3)
         self.log.record(key, report)
         return report

@@ -134,3 +134,18 @@ def test_noise_scale_smoothing_and_stragglers():
     assert compute_spread([10.0, 10.0, 40.0]) == pytest.approx(4.0)
     assert slowest_position([2, 0, 1], [5.0, 9.0, 1.0]) == 0
     assert math.isnan(compute_spread([])) and slowest_position([], []) == -1
+
+
+def test_products_measured_inside_the_update_equal_the_separate_reading():
+    from gradserve_services.optim import Optimizer
+
+    rng = np.random.default_rng(5)
+    params = {"w": rng.standard_normal((300, 257)).astype(np.float32), "b": rng.standard_normal(7).astype(np.float32)}
+    parts = [{name: rng.standard_normal(value.shape).astype(np.float32) for name, value in params.items()}
+             for _ in range(3)]
+    products = {}
+    Optimizer({"name": "adam", "lr": 1e-3}, params).step(params, parts, grad_scale=0.1, products=products)
+    expected = shard_products(parts)
+    assert products["total_sq"] == pytest.approx(expected["total_sq"], rel=1e-6)
+    assert products["shard_sq"] == pytest.approx(expected["shard_sq"], rel=1e-6)
+    assert products["shard_dot"] == pytest.approx(expected["shard_dot"], rel=1e-6)
