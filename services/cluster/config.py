@@ -18,13 +18,20 @@ STALE_POLICIES = ("drop", "downweight")
 COMPRESSIONS = ("none", "fp16", "topk")
 
 
+# Sync steps measure the gradient signals on every SIGNALS_EVERY-th step (see TrainerConfig).
+SIGNALS_EVERY = 8
+
+
 @dataclass(frozen=True)
 class TrainerConfig:
     """`consistency`: "sync" (one update per step from all shards, a barrier), "async" (each shard's
     gradient applied on arrival, whatever its staleness) or "bounded" (applied on arrival only if
     `current_version - computed_on_version <= staleness`, else dropped or down-weighted by
     `(staleness + 1) / (versions_behind + 1)` per `stale_policy`). `step_window`: how many of the
-    most recent step ids keep their recorded results (see steplog.py)."""
+    most recent step ids keep their recorded results (see steplog.py). `signals_every`: sync steps
+    measure the gradient signals (noise scale, shard cosines, update ratios; signals.py) on every
+    Nth step only — they cost a few passes over the gradients, and the noise scale is an average
+    over steps anyway; the other steps report the current smoothed noise scale."""
 
     spec: Any
     optimizer: Mapping | OptimizerConfig = field(default_factory=lambda: {"name": "sgd", "lr": 0.1})
@@ -38,6 +45,7 @@ class TrainerConfig:
     seed: int = 0
     topk_fraction: float = 0.01
     step_window: int = DEFAULT_STEP_WINDOW
+    signals_every: int = SIGNALS_EVERY
 
     def validated(self) -> "TrainerConfig":
         """A copy with the optimizer parsed; InvalidArgument names the bad field as `config.X`."""
@@ -49,6 +57,7 @@ class TrainerConfig:
         _integer(self.ps_shards, "config.ps_shards", low=1)
         _integer(self.seed, "config.seed", low=0)
         _integer(self.step_window, "config.step_window", low=1)
+        _integer(self.signals_every, "config.signals_every", low=1)
         if self.micro_batch_size is not None:
             _integer(self.micro_batch_size, "config.micro_batch_size", low=1)
         fraction = self.topk_fraction

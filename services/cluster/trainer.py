@@ -253,8 +253,8 @@ class Trainer:
 
     def _gradient_signals(self, reports, shard_counts) -> dict:
         """StepResult fields from the server shards' products (each holds a parameter slice)."""
-        if not all("products" in report for report in reports):  # nothing applied
-            return {}
+        if not all("products" in report for report in reports):  # not measured, or nothing applied
+            return {"noise_scale": self._noise_scale.value}
         products = add_products([report["products"] for report in reports])
         ratios = {}
         for report in reports:
@@ -277,6 +277,8 @@ class Trainer:
     def _submit_apply(self, servers, key, calls, norm):
         # one count per part: the servers then measure the gradient signals (signals.py)
         counts = [call.task["stop"] - call.task["start"] for call in calls]
+        if self._steps_run % self.config.signals_every:
+            counts = sum(counts)
         return [self._backend.submit(server, "apply", self._table, key, counts, self._version, norm,
                                      *[call.parts[k] for call in calls], num_returns=2)
                 for k, server in enumerate(servers)]

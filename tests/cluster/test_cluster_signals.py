@@ -10,6 +10,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from gradserve_services.cluster import LocalExecutor, TrainerConfig
+from gradserve_services.cluster.config import SIGNALS_EVERY
 from gradserve_services.cluster.signals import (
     NoiseScale, add_products, compute_spread, noise_terms, shard_cosines, shard_products,
     slowest_position)
@@ -47,13 +48,15 @@ def _per_sample_terms(model, params, x, y) -> tuple[float, float]:
     return trace, float(mean @ mean) - trace / len(rows)
 
 
-def test_noise_scale_matches_per_sample_gradients_on_digits():
+@pytest.mark.parametrize("every", [1, SIGNALS_EVERY])
+def test_noise_scale_matches_per_sample_gradients_on_digits(every):
+    """The reference folds in the same steps the trainer measures (every `every`-th)."""
     x_all, y_all = _digits()
     model = Model(DIGITS_SPEC)
     params = model.init_parameters(seed=3, dtype="float64")
     rng = np.random.default_rng(7)
     reference = NoiseScale()
-    config = TrainerConfig(DIGITS_SPEC, {"name": "sgd", "lr": 0.05}, num_workers=8)
+    config = TrainerConfig(DIGITS_SPEC, {"name": "sgd", "lr": 0.05}, num_workers=8, signals_every=every)
     with LocalExecutor(8) as executor:
         trainer = executor.create_trainer(config, params)
         try:
@@ -61,7 +64,8 @@ def test_noise_scale_matches_per_sample_gradients_on_digits():
                 rows = rng.choice(x_all.shape[0], 256, replace=False)
                 x, y = x_all[rows], y_all[rows]
                 _, current = trainer.parameters()  # the parameters this step's gradient is taken at
-                reference.update(_per_sample_terms(model, current, x, y))
+                if step % every == 0:
+                    reference.update(_per_sample_terms(model, current, x, y))
                 result = trainer.step(step, x, y)
         finally:
             trainer.close()
