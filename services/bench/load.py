@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import time
 
 from .load_calls import Tally, client_thread, percentile, train_session
-from .serve_process import RSS_ROLES, ServeProcess, write_client_tokens
+from .serve_process import RSS_ROLES, ServeProcess, on_served_gateway
 
 __all__ = ["add_arguments", "run"]
 
@@ -48,14 +47,7 @@ def run(args) -> int:
         print("gradserve bench load: --clients, --steps and --rounds must be >= 1", file=sys.stderr)
         return 2
     deadline = time.monotonic() + args.timeout_s
-    with tempfile.TemporaryDirectory(prefix="gradserve-load-") as work_dir:
-        tokens_file, client_tokens = write_client_tokens(work_dir, args.clients)
-        server = ServeProcess(work_dir, tokens_file, workers=args.workers,
-                              max_concurrent_calls=args.max_concurrent_calls)
-        try:
-            report = _measure(server, client_tokens, args, deadline)
-        finally:
-            server.stop()
+    report = on_served_gateway(args, lambda server, client_tokens: _measure(server, client_tokens, args, deadline))
     print(json.dumps(report), flush=True)
     return 0 if report["steps_ok"] == report["steps_expected"] else 1
 

@@ -10,6 +10,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from gradserve_services import procfs
 from gradserve_services.cluster.parameter_server import ParameterServer
 from gradserve_services.cluster.worker import GradientWorker
 
-__all__ = ["ServeProcess", "RSS_ROLES", "write_client_tokens"]
+__all__ = ["ServeProcess", "RSS_ROLES", "write_client_tokens", "on_served_gateway"]
 
 SERVE = "import sys; from gradserve_services.cli import main; sys.exit(main(sys.argv[1:]))"
 START_TIMEOUT_S = 180
@@ -38,6 +39,19 @@ def write_client_tokens(work_dir: str, count: int) -> tuple[Path, list[str]]:
     path.touch(mode=0o600)
     path.write_text("".join(f"load{index}:{token}\n" for index, token in enumerate(tokens)))
     return path, tokens
+
+
+def on_served_gateway(args, measure):
+    """`measure(server, client_tokens)` against a `gradserve serve` started for it (one token per
+    `args.clients`, `args.workers`, `args.max_concurrent_calls`) and stopped after, whatever happens."""
+    with tempfile.TemporaryDirectory(prefix="gradserve-load-") as work_dir:
+        tokens_file, client_tokens = write_client_tokens(work_dir, args.clients)
+        server = ServeProcess(work_dir, tokens_file, workers=args.workers,
+                              max_concurrent_calls=args.max_concurrent_calls)
+        try:
+            return measure(server, client_tokens)
+        finally:
+            server.stop()
 
 
 class ServeProcess:

@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import threading
 import time
 
 from .load_calls import Tally, client_thread, percentile, train_session
-from .serve_process import RSS_ROLES, ServeProcess, write_client_tokens
+from .serve_process import RSS_ROLES, ServeProcess, on_served_gateway
 
 __all__ = ["add_arguments", "run"]
 
@@ -58,14 +57,7 @@ def run(args) -> int:
         print("gradserve bench soak: --sample-s must be > 0 and --warmup-fraction in [0, 1)", file=sys.stderr)
         return 2
     deadline = time.monotonic() + args.timeout_s
-    with tempfile.TemporaryDirectory(prefix="gradserve-load-") as work_dir:
-        tokens_file, client_tokens = write_client_tokens(work_dir, args.clients)
-        server = ServeProcess(work_dir, tokens_file, workers=args.workers,
-                              max_concurrent_calls=args.max_concurrent_calls)
-        try:
-            report = _soak(server, client_tokens, args, deadline)
-        finally:
-            server.stop()
+    report = on_served_gateway(args, lambda server, client_tokens: _soak(server, client_tokens, args, deadline))
     print(json.dumps(report), flush=True)
     return 0 if report["steps_ok"] == args.total_steps else 1  # the figures of a run cut short mislead
 
