@@ -149,24 +149,7 @@ class Client:
         outgoing = _outgoing(arrays)
         header = build(service_pb2.ComputeGradientsHeader, model=_spec(spec), tensors=outgoing.entries,
                        micro_batch_size=micro_batch_size or 0, seed=seed)
-        wrap = service_pb2.ComputeGradientsRequest
-
-        def attempt(deadline_s: float) -> Gradients:
-            requests = itertools.chain([wrap(header=header)], outgoing.chunks())
-            responses = self._stub.ComputeGradients(requests, timeout=deadline_s, metadata=self._metadata)
-            result, arrays = _single(responses)
-            gradients = {name[len(GRADIENTS):]: value for name, value in arrays.items()}
-            return Gradients(
-                loss=result.loss,
-                gradients=None if result.HasField("jvp") else gradients,
-                jvp=result.jvp if result.HasField("jvp") else None,
-                count=result.count,
-                timings_ms=dict(result.timings_ms),
-                retries=result.retries,
-                worker_failures=result.worker_failures,
-            )
-
-        return self._with_retries(attempt, timeout)
+        return self._compute_gradients(header, outgoing, timeout)
 
     def vjp(self, spec, parameters: Mapping[str, np.ndarray], x: np.ndarray, output_gradient: np.ndarray, *,
             input_gradient: bool = False, micro_batch_size: int | None = None,
@@ -180,18 +163,26 @@ class Client:
         outgoing = _outgoing(arrays)
         header = build(service_pb2.ComputeGradientsHeader, model=_spec(spec), tensors=outgoing.entries,
                        micro_batch_size=micro_batch_size or 0, input_gradient=input_gradient)
+        return self._compute_gradients(header, outgoing, timeout)
+
+    def _compute_gradients(self, header, outgoing, timeout: float | None) -> Gradients:
+        """One ComputeGradients call (retried on UNAVAILABLE) and its answer: a loss and gradients,
+        a JVP, or a VJP with the input gradient."""
         wrap = service_pb2.ComputeGradientsRequest
 
         def attempt(deadline_s: float) -> Gradients:
             requests = itertools.chain([wrap(header=header)], outgoing.chunks())
             responses = self._stub.ComputeGradients(requests, timeout=deadline_s, metadata=self._metadata)
             result, arrays = _single(responses)
+            has_jvp = result.HasField("jvp")
             return Gradients(
                 loss=result.loss,
-                gradients=_strip(arrays, GRADIENTS),
-                jvp=None,
+                gradients=None if has_jvp else _strip(arrays, GRADIENTS),
+                jvp=result.jvp if has_jvp else None,
                 count=result.count,
                 timings_ms=dict(result.timings_ms),
+                retries=result.retries,
+                worker_failures=result.worker_failures,
                 input_gradient=_strip(arrays, INPUT_GRADIENTS).get("x"),
             )
 
