@@ -43,14 +43,8 @@ DELIVERY_TIMEOUT_S = 60.0  # TCP retransmits what the cut dropped within this, o
 
 @pytest.fixture
 def far():
-    try:
-        namespace = netns.create()
-    except netns.NamespacesUnavailable as reason:
-        pytest.skip(f"cannot make network namespaces here: {reason}")
-    try:
+    with netns.network_namespace() as namespace:
         yield namespace
-    finally:
-        namespace.remove()
     assert namespace.name not in netns.namespace_names()
     assert not os.path.exists(f"/sys/class/net/{namespace.host_interface}")
 

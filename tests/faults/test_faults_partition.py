@@ -49,14 +49,8 @@ FAR_OBJECT_STORE_BYTES = 200_000_000
 @pytest.fixture(scope="module")
 def far():
     """The namespace that stands for the far machine."""
-    try:
-        namespace = netns.create()
-    except netns.NamespacesUnavailable as reason:
-        pytest.skip(f"cannot make network namespaces here: {reason}")
-    try:
+    with netns.network_namespace() as namespace:
         yield namespace
-    finally:
-        namespace.remove()
 
 
 @pytest.fixture(scope="module")
