@@ -13,9 +13,10 @@ both unbiased, averaged over the shards. One step's estimates are noisy (either 
 so, as the paper recommends, S and |G|^2 are smoothed separately by an exponential moving average
 over steps and B_simple = EMA(S) / EMA(|G|^2).
 
-The parameter server holds the shards' gradient sums anyway: `shard_products` reads them once in
-cache-sized blocks (for each block one sum and two dots per shard). With several server shards the
-products of each parameter slice add up (`add_products`).
+The parameter server reads the shards' gradient sums anyway: the optimizer measures the products
+in its update loop while each block is in cache (`Optimizer.step(products=...)`: per block two dots
+per shard and the sum's own). With several server shards the products of each parameter slice add
+up (`add_products`).
 """
 
 from __future__ import annotations
@@ -25,9 +26,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from gradserve_services.optim import BLOCK_ELEMENTS  # cache-sized: a block and its sum stay in L2
 
-__all__ = ["ShardProducts", "shard_products", "add_products", "noise_terms", "NoiseScale",
+__all__ = ["ShardProducts", "add_products", "noise_terms", "NoiseScale",
            "shard_cosines", "compute_spread", "slowest_position", "NOISE_SCALE_DECAY"]
 
 # EMA decay of the noise-scale terms: about 1 / (1 - decay) = 20 steps of memory.
@@ -37,30 +37,6 @@ NOISE_SCALE_DECAY = 0.95
 class ShardProducts(dict):
     """`{"shard_sq": [|s_i|^2], "shard_dot": [s_i . sum_j s_j], "total_sq": |sum_j s_j|^2}` of the
     shards' gradient SUMS s_i (float64 accumulation), JSON-able."""
-
-
-def shard_products(parts: Sequence[Mapping[str, np.ndarray]]) -> ShardProducts:
-    """Squared norms, dots with the aggregate and the aggregate's squared norm of gradient sums."""
-    count = len(parts)
-    shard_sq, shard_dot, total_sq = [0.0] * count, [0.0] * count, 0.0
-    names = list(parts[0]) if parts else []
-    scratch = None
-    for name in names:
-        flats = [np.ravel(part[name]) for part in parts]
-        for start in range(0, flats[0].size, BLOCK_ELEMENTS):
-            blocks = [flat[start:start + BLOCK_ELEMENTS] for flat in flats]
-            if scratch is None or scratch.size < blocks[0].size or scratch.dtype != blocks[0].dtype:
-                scratch = np.empty(max(blocks[0].size, BLOCK_ELEMENTS), blocks[0].dtype)
-            total = scratch[:blocks[0].size]
-            np.copyto(total, blocks[0])
-            for block in blocks[1:]:
-                total += block
-            with np.errstate(over="ignore", invalid="ignore"):
-                total_sq += float(np.dot(total, total))
-                for index, block in enumerate(blocks):
-                    shard_sq[index] += float(np.dot(block, block))
-                    shard_dot[index] += float(np.dot(block, total))
-    return ShardProducts(shard_sq=shard_sq, shard_dot=shard_dot, total_sq=total_sq)
 
 
 def add_products(products: Sequence[Mapping]) -> ShardProducts:

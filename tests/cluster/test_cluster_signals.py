@@ -4,6 +4,7 @@ shard cosines, update-to-weight ratios, straggler spread; the estimator formulas
 from __future__ import annotations
 
 import math
+from typing import Mapping, Sequence
 
 import numpy as np
 import pytest
@@ -12,11 +13,38 @@ from sklearn.datasets import load_digits
 from gradserve_services.cluster import LocalExecutor, TrainerConfig
 from gradserve_services.cluster.config import SIGNALS_EVERY
 from gradserve_services.cluster.signals import (
-    NoiseScale, add_products, compute_spread, noise_terms, shard_cosines, shard_products,
+    NoiseScale, ShardProducts, add_products, compute_spread, noise_terms, shard_cosines,
     slowest_position)
 from gradserve_services.engine import Model
 
+from gradserve_services.optim import BLOCK_ELEMENTS
+
 from .helpers import MLP_SPEC, classification_data
+
+def shard_products(parts: Sequence[Mapping[str, np.ndarray]]) -> ShardProducts:
+    """Squared norms, dots with the aggregate and the aggregate's squared norm of gradient sums,
+    read apart from any update: the reference for what the optimizer measures inside its loop."""
+    count = len(parts)
+    shard_sq, shard_dot, total_sq = [0.0] * count, [0.0] * count, 0.0
+    names = list(parts[0]) if parts else []
+    scratch = None
+    for name in names:
+        flats = [np.ravel(part[name]) for part in parts]
+        for start in range(0, flats[0].size, BLOCK_ELEMENTS):
+            blocks = [flat[start:start + BLOCK_ELEMENTS] for flat in flats]
+            if scratch is None or scratch.size < blocks[0].size or scratch.dtype != blocks[0].dtype:
+                scratch = np.empty(max(blocks[0].size, BLOCK_ELEMENTS), blocks[0].dtype)
+            total = scratch[:blocks[0].size]
+            np.copyto(total, blocks[0])
+            for block in blocks[1:]:
+                total += block
+            with np.errstate(over="ignore", invalid="ignore"):
+                total_sq += float(np.dot(total, total))
+                for index, block in enumerate(blocks):
+                    shard_sq[index] += float(np.dot(block, block))
+                    shard_dot[index] += float(np.dot(block, total))
+    return ShardProducts(shard_sq=shard_sq, shard_dot=shard_dot, total_sq=total_sq)
+
 
 DIGITS_SPEC = {
     "input_features": 64,
