@@ -46,6 +46,11 @@ MAX_SHARD_ATTEMPTS = 4
 STATE_FORMAT = 1
 
 
+def _server_lost(error) -> ParameterServerLost:
+    return ParameterServerLost("a parameter server was lost; restore this trainer from its last "
+                               f"checkpoint ({error})")
+
+
 @dataclass
 class _ShardCall:
     position: int  # worker pool position running it
@@ -414,8 +419,8 @@ class Trainer:
             # no worker's fault, and re-running cannot help. ParameterServerLost if so.
             # (Not asked when the worker itself died: the question waits in the server's queue
             # behind the step's early apply, i.e. until every other shard is done.)
-            self._get_from_servers([self._backend.submit(server, "pid")[0]
-                                    for server in self._backend.servers(len(self._partition))])
+            if not self._servers_alive():
+                raise _server_lost(error)
         attempts = call.task.get("attempt", 0) + 1
         if attempts >= MAX_SHARD_ATTEMPTS:
             raise Unavailable(f"shard {call.task['start']}:{call.task['stop']} lost its worker "
@@ -459,8 +464,7 @@ class Trainer:
                     raise Unavailable("a shard's gradient was lost with its worker before the "
                                       "parameter servers read it; resend the step (its step id "
                                       f"applies at most once) ({error})", "workers") from None
-                raise ParameterServerLost("a parameter server was lost; restore this trainer from its "
-                                          f"last checkpoint ({error})") from None
+                raise _server_lost(error) from None
             raise self._backend.cause(error) from None
 
     def _servers_alive(self) -> bool:
