@@ -1,8 +1,8 @@
-"""Regenerate the committed Python stubs of protos/gradserve/v1 into client/v1 (`make proto`).
+"""Regenerate the committed Python stubs of protos/gradserve/v1 into client/gradserve/v1 (`make proto`).
 
 protoc writes files under the proto package path (gradserve/v1/...), and their imports read
-`from gradserve.v1 import tensor_pb2`, which is exactly how the SDK package installs (client/ is
-`gradserve`). So we generate into a scratch directory and copy the modules into client/v1/.
+`from gradserve.v1 import tensor_pb2`, which is exactly how the SDK package installs (client/gradserve/ is
+`gradserve`). So we generate into a scratch directory and copy the modules into client/gradserve/v1/.
 The stubs are committed so the SDK installs without grpcio-tools; a test regenerates them into a
 temporary directory and compares, so they cannot drift from the .proto files.
 """
@@ -17,9 +17,9 @@ import tempfile
 
 __all__ = ["PROTO_ROOT", "STUB_DIR", "PROTO_FILES", "generate", "main"]
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 PROTO_ROOT = REPO_ROOT / "protos"
-STUB_DIR = REPO_ROOT / "client" / "v1"
+STUB_DIR = REPO_ROOT / "client" / "gradserve" / "v1"
 PROTO_PACKAGE_DIR = pathlib.Path("gradserve") / "v1"
 PROTO_FILES = ("tensor.proto", "model.proto", "service.proto")
 
