@@ -13,6 +13,7 @@ from gradserve_services.cluster.parameter_server import ParameterTable
 from gradserve_services.engine import Model
 from gradserve_services.errors import FailedPrecondition, InvalidArgument
 from gradserve_services.optim import OPTIMIZER_NAMES, Optimizer, all_finite
+from gradserve_services.optim.finite import provably_finite
 
 from .helpers import MLP_SPEC, classification_data
 
@@ -196,7 +197,7 @@ def test_the_bound_that_skips_the_dry_run_never_lets_an_overflow_through(name, d
                 except FailedPrecondition:
                     pass
         plan = optimizer._plan([grads], 1.0, None)
-        if not optimizer._provably_finite(params["w"], [grads["w"]], optimizer.state["w"], plan):
+        if not provably_finite(optimizer.config, params["w"], [grads["w"]], optimizer.state["w"], plan):
             deferred += 1
             continue
         proved += 1

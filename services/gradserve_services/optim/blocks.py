@@ -1,0 +1,72 @@
+"""Cache-sized blocks: how the update loop walks parameters, summed gradient parts and state.
+
+A worker's gradient SUM arrives per part; the mean gradient is never materialised. Each parameter
+is cut into blocks of `BLOCK_ELEMENTS`, and a block of the summed gradient is made from the parts'
+blocks while they are in cache.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from gradserve_services.errors import InvalidArgument
+
+__all__ = ["BLOCK_ELEMENTS", "sum_block", "parameter_blocks", "all_finite"]
+
+# Elements per block: three float32 blocks of this size (parameter, gradient, scratch) stay in L2.
+BLOCK_ELEMENTS = 1 << 15
+
+
+def sum_block(flats: list[np.ndarray], start: int, stop: int, scratch):
+    """The block [start, stop) of the sum of `flats` (a view of the only part when there is one)."""
+    if len(flats) == 1:
+        return flats[0][start:stop]
+    size = min(stop, flats[0].size) - start
+    dtype = np.result_type(*(flat.dtype for flat in flats))
+    if scratch is None or scratch.size < size or scratch.dtype != dtype:
+        scratch = np.empty(max(size, BLOCK_ELEMENTS), dtype=dtype)
+    out = scratch[:size]
+    np.add(flats[0][start:stop], flats[1][start:stop], out=out)
+    for flat in flats[2:]:
+        out += flat[start:stop]
+    return out
+
+
+def parameter_blocks(params: Mapping[str, np.ndarray], grad_parts: Sequence[Mapping[str, np.ndarray]],
+                     state: Mapping[str, Mapping[str, np.ndarray]], *, parts: bool = False):
+    """`(name, param block, summed gradient block, state blocks, scratch)` over every parameter in
+    cache-sized blocks (with `parts`, each part's block too); the views are of the live arrays."""
+    for name, param in params.items():
+        flat_param = param.reshape(-1)
+        if not np.shares_memory(flat_param, param):
+            raise InvalidArgument("parameters must be contiguous to update in place",
+                                  f"parameters.{name}")
+        flat_grads = [np.ravel(part[name]) for part in grad_parts]
+        flat_state = {slot: value.reshape(-1) for slot, value in state[name].items()}
+        block = min(flat_param.size, BLOCK_ELEMENTS)
+        scratch = (np.empty(block, flat_param.dtype), np.empty(block, flat_param.dtype))
+        summed = None
+        for start in range(0, flat_param.size, BLOCK_ELEMENTS):
+            stop = start + BLOCK_ELEMENTS
+            grad_block = sum_block(flat_grads, start, stop, summed)
+            if len(flat_grads) > 1:
+                summed = grad_block
+            size = grad_block.size
+            blocks = (name, flat_param[start:stop], grad_block,
+                      {slot: value[start:stop] for slot, value in flat_state.items()},
+                      (scratch[0][:size], scratch[1][:size]))
+            yield (*blocks, [flat[start:stop] for flat in flat_grads]) if parts else blocks
+
+
+def all_finite(block: np.ndarray) -> bool:
+    """Whether every element of a 1-D block is finite."""
+    flat = block.reshape(-1)
+    # A finite sum of squares (one BLAS pass) proves it; an infinite one may be an overflow of
+    # large finite values, which min and max (NaN and infinities propagate) settle exactly.
+    with np.errstate(over="ignore", invalid="ignore"):
+        if math.isfinite(float(np.dot(flat, flat))):
+            return True
+    return bool(np.isfinite(flat.min()) and np.isfinite(flat.max()))
