@@ -11,6 +11,7 @@ from .batch import Bag, Batch
 from .gradcheck import GradcheckReport, gradcheck, numerical_gradient
 from .inputs import INPUT_KINDS, InputDecl
 from .losses import LOSSES, Loss
+from .lookups import rows_read
 from .model import FLOAT_DTYPES, GradSum, Model
 from .ops import OPS, Op
 from .sparse_rows import SparseRows, dense_gradients
@@ -38,6 +39,7 @@ __all__ = [
     "SparseRows",
     "dense_gradients",
     "table_rows",
+    "rows_read",
     "Batch",
     "Bag",
     "InputDecl",
