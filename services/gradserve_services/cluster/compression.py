@@ -1,8 +1,11 @@
-"""Gradient encodings between workers and parameter servers: dense, fp16, top-k with error feedback.
+"""Gradient encodings between workers and parameter servers: dense, fp16, int8 (one scale per
+tensor), top-k with error feedback.
 
 A worker encodes its gradient SUM for one parameter-server shard into a `part` dict; the server
 decodes it back to a gradient sum. Compressed encodings carry the shard MEAN (sum / count), which
 keeps float16 in range and the top-k residual independent of shard size, and multiply back.
+int8 maps each tensor's largest magnitude to 127 (round to nearest): a quarter of float32's bytes,
+an error of at most half a step, scale / 2, per element.
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ def encode(grad_sum: Mapping[str, np.ndarray], names, count: int, kind: str, *,
         dtype = next(iter(grad_sum.values())).dtype.name
         part = {"kind": "fp16", "count": count, "dtype": dtype, "grads": grads}
         return part, raw, sum(g.nbytes for g in grads.values())
+    if kind == "int8":
+        grads = {name: _int8(grad_sum[name], count) for name in names}
+        dtype = next(iter(grad_sum.values())).dtype.name
+        part = {"kind": "int8", "count": count, "dtype": dtype, "grads": grads}
+        return part, raw, sum(q.nbytes + 8 for q, _ in grads.values())
     if kind == "topk":
         feedback = feedback if feedback is not None else ErrorFeedback()
         grads, sent = {}, 0
@@ -43,6 +51,16 @@ def encode(grad_sum: Mapping[str, np.ndarray], names, count: int, kind: str, *,
         dtype = next(iter(grad_sum.values())).dtype.name
         return {"kind": "topk", "count": count, "dtype": dtype, "grads": grads}, raw, sent
     raise ValueError(f"unknown compression {kind!r}")
+
+
+def _int8(grad_sum, count):
+    """`(int8 values, scale)` of the shard mean; a tensor of zeros gets scale 0."""
+    mean = grad_sum / count
+    largest = float(np.max(np.abs(mean))) if mean.size else 0.0
+    scale = largest / 127.0
+    if scale == 0.0 or not math.isfinite(scale):
+        return np.zeros(mean.shape, np.int8), 0.0
+    return np.rint(mean / scale).astype(np.int8), scale
 
 
 def _top_k(grad_sum, count, name, feedback: ErrorFeedback, fraction):
@@ -71,6 +89,9 @@ def decode(part: Mapping) -> dict[str, np.ndarray]:
     count, dtype = part["count"], np.dtype(part["dtype"])
     if kind == "fp16":
         return {name: g.astype(dtype) * dtype.type(count) for name, g in part["grads"].items()}
+    if kind == "int8":
+        return {name: q.astype(dtype) * dtype.type(scale * count)
+                for name, (q, scale) in part["grads"].items()}
     grads = {}
     for name, (indices, values, shape) in part["grads"].items():
         dense = np.zeros(int(np.prod(shape, dtype=np.int64)), dtype=dtype)
