@@ -12,11 +12,15 @@ from google.protobuf import message as protobuf_message
 
 from gradserve.v1 import model_pb2
 
-__all__ = ["SpecFormatError", "spec_to_proto", "spec_from_proto", "optimizer_to_proto", "optimizer_from_proto"]
+__all__ = ["SpecFormatError", "spec_to_proto", "spec_from_proto", "optimizer_to_proto", "optimizer_from_proto",
+           "table_optimizer_to_proto", "table_optimizer_from_proto"]
 
 NODE_KEYS = ("name", "op", "inputs")
-NODE_ATTRIBUTES = ("units", "bias", "alpha", "eps", "rate")
-SPEC_KEYS = ("input_features", "nodes", "output", "loss")
+NODE_ATTRIBUTES = ("units", "bias", "alpha", "eps", "rate", "rows", "dim", "field", "mode",
+                   "self_interaction", "concat_first")
+SPEC_KEYS = ("input_features", "inputs", "nodes", "output", "loss")
+INPUT_KEYS = ("name", "kind", "features", "fields", "weighted")
+TABLE_OPTIMIZER_KEYS = ("name", "lr", "beta1", "beta2", "eps", "initial_accumulator_value")
 OPTIMIZER_KEYS = ("name", "lr", "momentum", "beta1", "beta2", "eps", "weight_decay", "clip_norm")
 SCHEDULE_KEYS = ("name", "warmup_steps", "step_size", "gamma", "total_steps", "min_lr")
 
@@ -38,6 +42,12 @@ def spec_to_proto(spec: Mapping) -> model_pb2.ModelSpec:
     _assign(message, "input_features", spec.get("input_features"), "input_features")
     _assign(message, "output", spec.get("output"), "output")
     _assign(message, "loss", spec.get("loss"), "loss")
+    for index, declared in enumerate(spec.get("inputs") or ()):
+        where = f"inputs[{index}]"
+        _reject_unknown(declared, INPUT_KEYS, where)
+        entry = message.inputs.add()
+        for key in INPUT_KEYS:
+            _assign(entry, key, declared.get(key), declared.get("name") or where)
     for index, node in enumerate(spec.get("nodes") or ()):
         where = f"nodes[{index}]"
         if not isinstance(node, Mapping):
@@ -63,7 +73,14 @@ def spec_from_proto(message: model_pb2.ModelSpec) -> dict:
             if node.HasField(key):
                 entry[key] = getattr(node, key)
         nodes.append(entry)
-    return {"input_features": message.input_features, "nodes": nodes, "output": message.output, "loss": message.loss}
+    spec = {"nodes": nodes, "output": message.output, "loss": message.loss}
+    if message.inputs:  # named inputs: input_features stays out (the engine takes one or the other)
+        spec["inputs"] = [{key: getattr(declared, key) for key in INPUT_KEYS
+                           if key in ("name", "kind") or declared.HasField(key)}
+                          for declared in message.inputs]
+    else:
+        spec["input_features"] = message.input_features
+    return spec
 
 
 def optimizer_to_proto(config: Mapping | None) -> model_pb2.OptimizerConfig:
@@ -90,6 +107,21 @@ def optimizer_from_proto(message: model_pb2.OptimizerConfig) -> dict:
             key: getattr(message.schedule, key) for key in SCHEDULE_KEYS if message.schedule.HasField(key)
         }
     return config
+
+
+def table_optimizer_to_proto(config: Mapping | None) -> model_pb2.TableOptimizerConfig:
+    if isinstance(config, model_pb2.TableOptimizerConfig):
+        return config
+    config = dict(config or {})
+    _reject_unknown(config, TABLE_OPTIMIZER_KEYS, "table_optimizer")
+    message = model_pb2.TableOptimizerConfig()
+    for key in TABLE_OPTIMIZER_KEYS:
+        _assign(message, key, config.get(key), f"table_optimizer.{key}")
+    return message
+
+
+def table_optimizer_from_proto(message: model_pb2.TableOptimizerConfig) -> dict:
+    return {key: getattr(message, key) for key in TABLE_OPTIMIZER_KEYS if message.HasField(key)}
 
 
 def _reject_unknown(mapping: Mapping, known: tuple[str, ...], where: str) -> None:

@@ -64,6 +64,11 @@ class GradserveStub:
                 request_serializer=gradserve_dot_v1_dot_service__pb2.PullParametersRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_service__pb2.PullParametersResponse.FromString,
                 _registered_method=True)
+        self.PullRows = channel.stream_stream(
+                '/gradserve.v1.Gradserve/PullRows',
+                request_serializer=gradserve_dot_v1_dot_service__pb2.PullRowsRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_service__pb2.PullRowsResponse.FromString,
+                _registered_method=True)
         self.SaveCheckpoint = channel.unary_unary(
                 '/gradserve.v1.Gradserve/SaveCheckpoint',
                 request_serializer=gradserve_dot_v1_dot_service__pb2.SaveCheckpointRequest.SerializeToString,
@@ -131,7 +136,16 @@ class GradserveServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PullParameters(self, request, context):
-        """The session's current parameters and their version: a header then chunks.
+        """The session's current parameters and their version: a header then chunks. Tables come whole
+        (every row, assembled from the parameter servers' shards), streamed in 1 MiB chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullRows(self, request_iterator, context):
+        """Rows of one of a session's tables by id, at its current version (lookups for a serving
+        system; nothing is applied): header + chunks both ways.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -198,6 +212,11 @@ def add_GradserveServicer_to_server(servicer, server):
                     servicer.PullParameters,
                     request_deserializer=gradserve_dot_v1_dot_service__pb2.PullParametersRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_service__pb2.PullParametersResponse.SerializeToString,
+            ),
+            'PullRows': grpc.stream_stream_rpc_method_handler(
+                    servicer.PullRows,
+                    request_deserializer=gradserve_dot_v1_dot_service__pb2.PullRowsRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_service__pb2.PullRowsResponse.SerializeToString,
             ),
             'SaveCheckpoint': grpc.unary_unary_rpc_method_handler(
                     servicer.SaveCheckpoint,
@@ -382,6 +401,33 @@ class Gradserve:
             '/gradserve.v1.Gradserve/PullParameters',
             gradserve_dot_v1_dot_service__pb2.PullParametersRequest.SerializeToString,
             gradserve_dot_v1_dot_service__pb2.PullParametersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullRows(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/gradserve.v1.Gradserve/PullRows',
+            gradserve_dot_v1_dot_service__pb2.PullRowsRequest.SerializeToString,
+            gradserve_dot_v1_dot_service__pb2.PullRowsResponse.FromString,
             options,
             channel_credentials,
             insecure,
