@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from gradserve_services.bench.training import hidden_ms
+
 pytestmark = pytest.mark.integration
 
 
@@ -19,10 +21,22 @@ def _bench(*args: str) -> list[dict]:
 
 
 def test_training_suite_runs_its_steps():
-    (line,) = _bench("training", "--steps", "2", "--warmup", "1", "--batch", "64", "--skip-torch")
-    assert line["suite"] == "training" and line["steps"] == 2 and line["global_batch"] == 64
-    assert line["gradserve_samples_per_s"] > 0
-    assert line["total_ms"] >= line["compute_ms"] > 0
+    *each, median = _bench("training", "--steps", "2", "--warmup", "1", "--batch", "64", "--skip-torch",
+                           "--repeats", "3")
+    assert [line["repetition"] for line in each] == [0, 1, 2] and median["repetition"] == "median"
+    for line in (*each, median):
+        assert line["suite"] == "training" and line["steps"] == 2 and line["global_batch"] == 64
+        assert line["gradserve_samples_per_s"] > 0
+        assert line["total_ms"] >= line["compute_ms"] > 0
+        assert 0 <= line["hidden_ms"] <= line["gather_ms"] + line["apply_ms"]
+    for field in ("gradserve_samples_per_s", "total_ms", "hidden_ms"):
+        assert median[field] == sorted(line[field] for line in each)[1]
+
+
+def test_training_hidden_time_is_the_phases_beyond_the_wall_time():
+    serial = {"broadcast": 1.0, "compute": 10.0, "gather": 2.0, "apply": 3.0, "total": 16.0}
+    assert hidden_ms(serial) == 0.0
+    assert hidden_ms({**serial, "total": 12.5}) == 3.5
 
 
 def test_scaling_suite_runs_each_worker_count():

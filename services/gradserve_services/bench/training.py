@@ -4,6 +4,13 @@ One run measures all three on the same model (784-1024-1024-10 MLP, float32), th
 and synthetic data, so the ratios compare like with like on this machine at this moment:
 gradserve with N worker actors (one BLAS thread each) and a parameter server; PyTorch in one process
 with N threads; PyTorch DistributedDataParallel with N processes of one thread each.
+
+`--repeats` repetitions (default 3) each measure the three systems in turn and print a line
+(`"repetition": i`); a last line (`"repetition": "median"`) holds the median of every figure over
+them, ratios included (the median of the per-repetition ratios, each taken within one repetition).
+The phase fields are means over a repetition's timed steps: `gather_ms` and `apply_ms` are how long
+those phases ran, and `hidden_ms` is the part of them that ran while workers still computed
+(broadcast + compute + gather + apply - total; 0 when the reduction waits for every worker).
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import statistics
 import time
 
 import numpy as np
@@ -28,6 +36,8 @@ def add_arguments(parser) -> None:
                         help="gradserve workers = torch threads = DDP processes")
     parser.add_argument("--ray-address", default=None, help="Ray cluster (default: embedded)")
     parser.add_argument("--skip-torch", action="store_true", help="measure gradserve only")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="repetitions, each of every system; a last line holds the medians")
 
 
 def reference_spec(layers=LAYERS) -> dict:
@@ -72,8 +82,16 @@ def measure_gradserve(executor, *, workers: int, batch: int, steps: int, warmup:
     phases = ("broadcast", "compute", "gather", "apply", "total")
     breakdown = {f"{phase}_ms": round(float(np.mean([r.timings[phase] for r in results])), 3)
                  for phase in phases}
+    breakdown["hidden_ms"] = round(float(np.mean([hidden_ms(r.timings) for r in results])), 3)
     return {"samples_per_s": batch * steps / elapsed, "breakdown": breakdown,
             "final_loss": results[-1].loss}
+
+
+def hidden_ms(timings: dict) -> float:
+    """The part of a step's gather and apply that overlapped the workers' compute: the phases'
+    durations add up to more than the step's wall time by exactly that much."""
+    phases = timings["broadcast"] + timings["compute"] + timings["gather"] + timings["apply"]
+    return max(phases - timings["total"], 0.0)
 
 
 # ----- PyTorch baselines (each in fresh processes, so thread settings do not leak) ---------------
@@ -173,6 +191,20 @@ def _free_port() -> int:
 def run(args) -> int:
     from gradserve_services.cluster import RayExecutor
 
+    executor = RayExecutor(address=args.ray_address, num_workers=args.workers)
+    records = []
+    try:
+        for repetition in range(max(args.repeats, 1)):
+            records.append(_measure_all(args, executor))
+            _print({"repetition": repetition, **records[-1]})
+    finally:
+        executor.shutdown()
+    _print({"repetition": "median", **median_record(records)})
+    return 0
+
+
+def _measure_all(args, executor) -> dict:
+    """One repetition: PyTorch, DDP, then gradserve, back to back (their ratios are this run's)."""
     record = {"suite": "training", "model": "-".join(map(str, LAYERS)), "dtype": "float32",
               "global_batch": args.batch, "workers": args.workers, "steps": args.steps}
     if not args.skip_torch:
@@ -180,17 +212,22 @@ def run(args) -> int:
             threads=args.workers, batch=args.batch, steps=args.steps, warmup=args.warmup)
         record["ddp_samples_per_s"] = measure_ddp(
             processes=args.workers, batch=args.batch, steps=args.steps, warmup=args.warmup)
-    executor = RayExecutor(address=args.ray_address, num_workers=args.workers)
-    try:
-        measured = measure_gradserve(executor, workers=args.workers, batch=args.batch,
-                                     steps=args.steps, warmup=args.warmup)
-    finally:
-        executor.shutdown()
+    measured = measure_gradserve(executor, workers=args.workers, batch=args.batch,
+                                 steps=args.steps, warmup=args.warmup)
     record["gradserve_samples_per_s"] = measured["samples_per_s"]
     record.update(measured["breakdown"])
     if not args.skip_torch:
         record["ratio_vs_torch"] = record["gradserve_samples_per_s"] / record["torch_samples_per_s"]
         record["ratio_vs_ddp"] = record["gradserve_samples_per_s"] / record["ddp_samples_per_s"]
+    return record
+
+
+def median_record(records: list[dict]) -> dict:
+    """The first record's descriptive fields with the median of every measured figure."""
+    return {key: statistics.median(r[key] for r in records) if isinstance(value, float) else value
+            for key, value in records[0].items()}
+
+
+def _print(record: dict) -> None:
     print(json.dumps({key: round(value, 3) if isinstance(value, float) else value
                       for key, value in record.items()}), flush=True)
-    return 0
