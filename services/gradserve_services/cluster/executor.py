@@ -11,9 +11,10 @@ from typing import Mapping
 import numpy as np
 
 from gradserve_services.engine import Model
-from gradserve_services.errors import InvalidArgument, Unavailable
+from gradserve_services.errors import InvalidArgument
 
 from .config import TrainerConfig
+from .shard_runner import Failures, ShardRunner
 from .sharding import split_rows
 from .trainer import Trainer
 from .worker import ModelCache
@@ -30,6 +31,7 @@ class Executor:
             raise InvalidArgument(f"must be an integer >= 1, got {num_workers!r}", "num_workers")
         self.num_workers = num_workers
         self._backend = backend
+        self._runner = ShardRunner(backend)  # re-runs need nothing else: the inputs live here
         self._models = ModelCache(MAX_CACHED_MODELS)
         # Open trainers, for shutdown to close; a closed one the caller dropped must not stay here
         # (every session a gateway ever opened would, with its step log and parameter refs).
@@ -54,21 +56,24 @@ class Executor:
         if tangent is not None and model.validate_parameters(tangent, field_prefix="tangent") != dtype:
             raise InvalidArgument(f"tangent must be {dtype} like the parameters", "tangent")
         backend = self._backend
-        box = [backend.put((None, dict(params)))]
-        tangent_box = None if tangent is None else [backend.put((None, dict(tangent)))]
-        x_ref, y_ref = backend.put(x), backend.put(y)
+        params_refs = [backend.put((None, dict(params)))]
+        tangent_refs = None if tangent is None else [backend.put((None, dict(tangent)))]
+        batch = backend.put(x), backend.put(y)
         put = time.perf_counter()
         task_base = {"spec": spec, "table": ONE_OFF_TABLE, "partition": [list(params)],
                      "micro_batch_size": micro_batch_size, "seed": seed}
         shards = split_rows(x.shape[0], num_workers or self.num_workers)
-        calls = [dict(task_base, start=start, stop=stop) for start, stop in shards]
-        stats, parts, failures = self._run_shards(calls, box, x_ref, y_ref, tangent_box)
+        calls = [self._runner.dispatch(position, dict(task_base, start=start, stop=stop), params_refs,
+                                       batch, tangent_refs)
+                 for position, (start, stop) in enumerate(shards)]
+        failures = Failures()
+        stats = self._runner.gather(calls, failures, len(calls))
         gathered = time.perf_counter()
         count = sum(s["count"] for s in stats)
         loss = sum(s["loss_sum"] for s in stats) / count
         grads = jvp = None
         if tangent is None:
-            grad_parts = backend.get(parts)
+            grad_parts = backend.get([call.grads[0] for call in calls])
             grads = {name: _sum_over(grad_parts, name) / count for name in model.parameter_shapes()}
         else:
             jvp = sum(s["jvp_sum"] for s in stats) / count
@@ -79,34 +84,7 @@ class Executor:
                    "gather": max((gathered - put) * 1e3 - fetch - compute, 0.0),
                    "reduce": (done - gathered) * 1e3, "total": (done - started) * 1e3}
         return {"loss": float(loss), "grads": grads, "jvp": jvp, "count": count, "timings": timings,
-                "retries": failures[1], "worker_failures": failures[0]}
-
-    def _run_shards(self, tasks, box, x_ref, y_ref, tangent_box):
-        """Run each task on its own worker, re-running a shard whose worker was lost."""
-        backend = self._backend
-        failures = [0, 0]
-        workers = backend.workers(len(tasks))
-        futures = [backend.submit(w, "compute", t, box, x_ref, y_ref, tangent_box, num_returns=2)
-                   for w, t in zip(workers, tasks)]
-        stats = [None] * len(tasks)
-        for attempt in range(4):
-            for index, (part, stat) in enumerate(futures):
-                if stats[index] is not None:
-                    continue
-                try:
-                    stats[index] = backend.get(stat)
-                except Exception as error:  # noqa: BLE001 - classified by the backend
-                    if not backend.is_lost(error):
-                        raise backend.cause(error) from None
-                    lost = backend.workers(len(tasks))[index]
-                    failures[0] += int(backend.replace_worker(index, lost) is not lost)
-                    failures[1] += 1
-                    target = backend.workers(len(tasks))[(index + 1 + attempt) % len(tasks)]
-                    futures[index] = backend.submit(target, "compute", tasks[index], box, x_ref,
-                                                    y_ref, tangent_box, num_returns=2)
-            if all(s is not None for s in stats):
-                return stats, [part for part, _ in futures], failures
-        raise Unavailable("workers kept failing; giving up on this batch", "workers")
+                "retries": failures.reruns, "worker_failures": failures.workers_lost}
 
     def watch_workers(self, on_alive) -> None:
         """`on_alive(n)` now and whenever the number of running workers in the pool changes (the

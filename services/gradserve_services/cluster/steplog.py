@@ -53,6 +53,7 @@ class StepLog:
             raise InvalidArgument(f"must be an integer >= 1, got {window!r}", "step_window")
         self.window = window
         self.mark: int | None = None  # the highest step recorded; None before the first
+        self.steps_recorded = 0  # every record ever made, forgotten ones included
         self._records: dict[str, dict] = {}
         self._by_age: list[tuple[int, str]] = []  # (step, key) min-heap: what to forget first
 
@@ -76,6 +77,7 @@ class StepLog:
     def record(self, key: str, record: dict) -> None:
         step = step_of(key)
         self._records[key] = record
+        self.steps_recorded += 1
         heapq.heappush(self._by_age, (step, key))
         self.raise_mark(step)
 
@@ -85,9 +87,10 @@ class StepLog:
 
     @classmethod
     def from_state(cls, mark: int | None, records: Mapping[str, Mapping],
-                   window: int = DEFAULT_STEP_WINDOW) -> "StepLog":
+                   window: int = DEFAULT_STEP_WINDOW, *, steps_recorded: int | None = None) -> "StepLog":
         """The log of a `state()`. Without a mark (a checkpoint written before logs were bounded)
-        the highest recorded step is the mark; records outside this log's window are dropped."""
+        the highest recorded step is the mark; records outside this log's window are dropped.
+        `steps_recorded`: the count the state's owner kept (its records only, without it)."""
         log = cls(window)
         numbered = {key: dict(record) for key, record in records.items()
                     if key.split("/", 1)[0].isdecimal()}
@@ -95,6 +98,8 @@ class StepLog:
             log.record(key, numbered[key])
         if mark is not None:
             log.raise_mark(int(mark))
+        if steps_recorded is not None:
+            log.steps_recorded = steps_recorded
         return log
 
     def raise_mark(self, mark: int) -> None:

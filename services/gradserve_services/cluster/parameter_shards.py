@@ -1,0 +1,121 @@
+"""One trainer's table on its parameter-server shards, as the coordinator addresses it: what the
+workers read (`published`), the update (`apply`), the cross-shard agreement before an update (the
+two phases of clipping, the finiteness check), the table's lifecycle and state.
+
+Each shard holds a disjoint slice of the parameters (`partition`). With one shard it decides alone
+while applying; with several, the global gradient norm (clipping) and the verdict "this update
+stays finite" need every shard's answer before any shard changes, so they are asked first.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+
+from .backend import Backend
+from .recovery import get_from_servers, load_replacing_lost, server_lost, servers_alive
+
+__all__ = ["ParameterShards"]
+
+
+class ParameterShards:
+    def __init__(self, backend: Backend, table: str, partition: list[list[str]], area, step_window: int):
+        self._backend = backend
+        self.table = table
+        self.partition = partition
+        self._area = area
+        self._step_window = step_window
+        # Futures of each shard's `(version, params)` (or `(version, BlockRef)`): the workers'
+        # input, and the version they hold (updates applied so far).
+        self.published: list = []
+        self.version = 0
+
+    @property
+    def servers(self) -> list:
+        return self._backend.servers(len(self.partition))
+
+    def get(self, futures):
+        return get_from_servers(self._backend, self.servers, futures)
+
+    def check_inputs(self, error) -> None:
+        """ParameterServerLost if a server is gone (a shard that read from it cannot be re-run)."""
+        if not servers_alive(self._backend, self.servers):
+            raise server_lost(error)
+
+    # ----- lifecycle -----------------------------------------------------------------------------
+
+    def create(self, params: Mapping[str, np.ndarray], optimizer: dict, rule: dict) -> None:
+        self.published = [
+            self._backend.submit(server, "create_table", self.table, {n: params[n] for n in names},
+                                 optimizer, rule, self._area, self._step_window)[0]
+            for server, names in zip(self.servers, self.partition)]
+        self.get(self.published)
+
+    def load(self, arrays: Mapping[str, np.ndarray], table_meta: dict) -> None:
+        """Every shard's slice of a `state()`, on new servers where they were lost."""
+        published = []
+        for position, names in enumerate(self.partition):
+            shard_arrays = {key: value for key, value in arrays.items() if key.split("/")[1] in names}
+            published.append(load_replacing_lost(self._backend, position, lambda server: self._backend.submit(
+                server, "load_table", self.table, shard_arrays, table_meta, names, self._area,
+                self._step_window)[0]))
+        self.published = published
+
+    def drop(self) -> None:
+        for server in self.servers:
+            self._backend.submit(server, "drop_table", self.table)
+
+    def copies(self) -> list[tuple[int, dict]]:
+        """Each shard's `(version, params)`, never the live shared blocks (they change in place)."""
+        if self._area is None:
+            return self.get(self.published)
+        return self.get([self._backend.submit(server, "snapshot", self.table)[0] for server in self.servers])
+
+    def states(self) -> list[tuple[dict, dict]]:
+        return self.get([self._backend.submit(server, "state", self.table)[0] for server in self.servers])
+
+    def republish(self) -> int:
+        """The servers' current parameters become the workers' input, at the newest version (after
+        a failed on-arrival step, some shards' applies may have failed, others not)."""
+        published = [self._backend.submit(server, "published", self.table)[0] for server in self.servers]
+        versions = [version for version, _ in self.get(published)]
+        self.published = published
+        self.version = max(versions)
+        return self.version
+
+    # ----- updates -------------------------------------------------------------------------------
+
+    def apply(self, key: str, counts, computed_on: int, norm: float | None, grads_per_shard: list) -> list:
+        """Submit `sum(grads) / counts` to every shard; returns each shard's `(published, report)`
+        futures. `grads_per_shard[k]` holds the gradient parts (futures) for shard k."""
+        return [self._backend.submit(server, "apply", self.table, key, counts, computed_on, norm, *grads,
+                                     num_returns=2)
+                for server, grads in zip(self.servers, grads_per_shard)]
+
+    def clipping_norm(self, grads_per_shard: list, count: int, clip_norm: float | None) -> float | None:
+        """Phase one of clipping over several shards: each gives its squared norm, the global norm
+        is their root sum. None (each shard measures while updating) without clipping or with one
+        shard."""
+        if clip_norm is None or len(self.partition) == 1:
+            return None
+        squares = self.get([self._backend.submit(server, "squared_norm", self.table, 1.0 / count, *grads)[0]
+                            for server, grads in zip(self.servers, grads_per_shard)])
+        return math.sqrt(sum(squares))
+
+    def check(self, grads_per_shard: list, count: int, computed_on: int, norm: float | None) -> None:
+        """With several shards, each is asked whether its part of the update stays finite
+        (FailedPrecondition if not) before any applies, so a refused update changes no shard. One
+        shard decides while applying."""
+        if len(self.partition) > 1:
+            self.get([self._backend.submit(server, "check", self.table, count, computed_on, norm, *grads)[0]
+                      for server, grads in zip(self.servers, grads_per_shard)])
+
+    def discard(self, futures) -> None:
+        """Read failed futures so their errors count as handled."""
+        for future in futures:
+            try:
+                self._backend.get(future)
+            except Exception:  # noqa: BLE001 - expected: the call lost an argument
+                pass

@@ -1,0 +1,142 @@
+"""The sync step: every shard's gradient, then one update from all of them (a barrier).
+
+As in Ray's parameter-server example, `grads = [worker.compute(...) for worker in workers]` then
+`params = servers.apply(*grads)`: one `compute` per worker (parameters travel as references to the
+servers' last published snapshots, fetched once per version), one `apply` per server shard that
+receives the workers' gradient references directly, one `get` of the workers' small stats and one
+of the servers' small reports. Gradients and parameters never pass through this process; on one
+machine (shared.py) the batch, the gradients and the parameters stay in shared memory.
+
+With one server shard the apply is submitted before the workers finish, with their gradient
+references as arguments: the server starts the moment the last gradient exists, without a round
+trip through this process (and refuses a non-finite update by itself). If a worker is lost, that
+apply fails on its missing argument without running, and is submitted again once the shard was
+re-run. Several shards are first asked whether the update stays finite everywhere (and, with
+clipping, for their part of the norm).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from .config import StepResult, TrainerConfig
+from .parameter_shards import ParameterShards
+from .shard_runner import Failures, ShardCall, ShardRunner
+from .shared import write_block
+from .signals import NoiseScale, add_products, noise_terms, shard_cosines
+from .step_report import Clock, step_result
+from .step_tasks import shard_tasks
+from .steplog import update_key
+
+__all__ = ["SyncSteps"]
+
+
+class SyncSteps:
+    def __init__(self, backend, config: TrainerConfig, parameter_names: list[str], runner: ShardRunner,
+                 shards: ParameterShards, area):
+        self._backend = backend
+        self._config = config
+        self._parameter_names = parameter_names
+        self._runner = runner
+        self._shards = shards
+        self._area = area
+        # Batches go through the area too once every worker of the last step could see it.
+        self.workers_near = False
+        self._batch_blocks: dict = {}
+        self._noise_scale = NoiseScale()  # smoothed over this trainer's sync steps
+
+    def run(self, step: int, x, y, *, steps_run: int, num_workers: int) -> StepResult:
+        shards, key, clock = self._shards, update_key(step), Clock()
+        batch = self._batch_refs(x, y)
+        clock.mark("put")
+        servers = None if self._area is None or self.workers_near else shards.servers
+        tasks = shard_tasks(self._config, shards.table, shards.partition, x.shape[0], num_workers,
+                            steps_run, self._area, servers)
+        calls = [self._runner.dispatch(position, task, shards.published, batch)
+                 for position, task in enumerate(tasks)]
+        applying = self._apply(key, calls, steps_run, None) if len(shards.partition) == 1 else None
+        failures = Failures()
+        try:
+            stats = self._runner.gather(calls, failures, num_workers, self._rerun_preparer(x, y))
+        except BaseException:  # a refused shard (non-finite loss) or workers lost too often
+            if applying is not None:
+                shards.discard([future for output in applying for future in output])
+            raise
+        clock.mark("gathered")
+        self.workers_near = self._area is not None and failures.none and \
+            all(s.get("sees_area") for s in stats)
+        norm = None
+        if applying is None or failures.reruns:
+            if applying is not None:  # it failed on a lost gradient: submitted again
+                shards.discard([output[1] for output in applying])
+            grads_per_shard = _grads_per_shard(calls, len(shards.partition))
+            norm = shards.clipping_norm(grads_per_shard, x.shape[0], self._config.optimizer.clip_norm)
+            shards.check(grads_per_shard, x.shape[0], shards.version, norm)
+            applying = self._apply(key, calls, steps_run, norm)
+        try:
+            reports = shards.get([output[1] for output in applying])
+        except BaseException:  # refused: the last published parameters stay the workers' input
+            shards.discard([output[0] for output in applying])
+            raise
+        shards.published = [output[0] for output in applying]
+        clock.mark("applied")
+        if norm is None:
+            norm = math.sqrt(sum(report["grad_norm"] ** 2 for report in reports))
+        result = step_result("sync", stats, [reports[0]], clock, failures, grad_norm=norm,
+                             positions=[call.position for call in calls])
+        shards.version = result.version
+        return replace(result, **self._gradient_signals(reports, [s["count"] for s in stats]))
+
+    def _apply(self, key: str, calls: list[ShardCall], steps_run: int, norm) -> list:
+        # one count per part: the servers then measure the gradient signals (signals.py)
+        counts = [call.task["stop"] - call.task["start"] for call in calls]
+        if steps_run % self._config.signals_every:
+            counts = sum(counts)
+        return self._shards.apply(key, counts, self._shards.version, norm,
+                                  _grads_per_shard(calls, len(self._shards.partition)))
+
+    def _batch_refs(self, x, y) -> tuple:
+        """`(x_ref, y_ref)`: one shared block holding both (y_ref None) while every worker is near,
+        else two object-store entries."""
+        if self._area is None or not self.workers_near:
+            return self._backend.put(x), self._backend.put(y)
+        folder, token = self._area
+        try:
+            return write_block(folder, token, f"{self._shards.table}-batch", {"x": x, "y": y},
+                               self._batch_blocks), None
+        except OSError:  # no room in the tmpfs
+            return self._backend.put(x), self._backend.put(y)
+
+    def _rerun_preparer(self, x, y):
+        """Re-runs may land anywhere: they get the batch by store (put once per step), and the
+        servers, to ask for parameter copies."""
+        by_store: list = []
+
+        def prepare(call: ShardCall) -> ShardCall:
+            if call.batch[1] is None:
+                if not by_store:
+                    by_store.append((self._backend.put(x), self._backend.put(y)))
+                call = replace(call, batch=by_store[0])
+            if "area" in call.task:
+                call = replace(call, task={**call.task, "servers": self._shards.servers})
+            return call
+
+        return prepare
+
+    def _gradient_signals(self, reports, shard_counts) -> dict:
+        """StepResult fields from the server shards' products (each holds a parameter slice)."""
+        if not all("products" in report for report in reports):  # not measured, or nothing applied
+            return {"noise_scale": self._noise_scale.value}
+        products = add_products([report["products"] for report in reports])
+        ratios = {}
+        for report in reports:
+            ratios.update(report["update_ratios"])
+        noise_scale = self._noise_scale.update(noise_terms(products, shard_counts))
+        return {"noise_scale": noise_scale, "shard_cosines": shard_cosines(products),
+                "update_ratios": {name: ratios[name] for name in self._parameter_names}}
+
+
+def _grads_per_shard(calls: list[ShardCall], server_shards: int) -> list[list]:
+    """`[k]`: every call's gradient part for server shard k."""
+    return [[call.grads[k] for call in calls] for k in range(server_shards)]
