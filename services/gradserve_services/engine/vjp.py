@@ -18,7 +18,7 @@ from .grad_sums import GradSums
 from .inputs import FLOAT
 from .model import Model, _check_options, _micro_batches
 
-__all__ = ["VJP", "vjp", "forward_nodes", "OUTPUT_GRADIENT_FIELD", "NODES_FIELD"]
+__all__ = ["VJP", "vjp", "forward_nodes", "checked_output_gradient", "OUTPUT_GRADIENT_FIELD", "NODES_FIELD"]
 
 OUTPUT_GRADIENT_FIELD = "output_gradient"
 NODES_FIELD = "nodes"
@@ -39,7 +39,7 @@ def vjp(model: Model, params, x, output_gradient, *, input_gradient=False, micro
     with model._lock:
         dtype = model.validate_parameters(params, check_values=False)
         batch, _, pass_dtype = model._checked_batch_and_targets(x, None, dtype)
-        grad = _checked_output_gradient(model, output_gradient, batch.rows, pass_dtype)
+        grad = checked_output_gradient(model, output_gradient, batch.rows, pass_dtype)
         needs = _needs_with_inputs(model.graph) if input_gradient else None
         float_inputs = [decl for decl in model.graph.inputs.values() if decl.kind == FLOAT]
         input_grads = (
@@ -76,7 +76,7 @@ def forward_nodes(model: Model, params, x, nodes=None, *, train=False, seed=0, s
         return {name: model.xp.array(values[name], copy=True) for name in wanted}
 
 
-def _checked_output_gradient(model: Model, grad, rows: int, dtype):
+def checked_output_gradient(model: Model, grad, rows: int, dtype):
     xp, field = model.xp, OUTPUT_GRADIENT_FIELD
     if not isinstance(grad, xp.ndarray):
         raise InvalidArgument(f"expected an array, got {type(grad).__name__}", field=field)
