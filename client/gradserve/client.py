@@ -7,7 +7,6 @@ import dataclasses
 import itertools
 import math
 import time
-import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -20,15 +19,13 @@ from .codec import TensorFormatError
 from .errors import GradserveError, InvalidArgument, Unavailable, from_rpc_error
 from .fields import build
 from .spec import SpecFormatError, optimizer_to_proto, spec_to_proto
-from .transfer import DEFAULT_MAX_REQUEST_BYTES, MAX_MESSAGE_BYTES, OutgoingTensors, read_messages, rpc_codecs
+from .rpc.methods import stub
+from .rpc.options import open_channel
+from .transfer import DEFAULT_MAX_REQUEST_BYTES, OutgoingTensors, read_messages
 
-__all__ = ["Client", "Gradients", "StepResult", "SessionInfo", "Checkpoint", "CHANNEL_OPTIONS"]
+__all__ = ["Client", "Gradients", "StepResult", "SessionInfo", "Checkpoint"]
 
-# Set explicitly on both ends (the service uses the same numbers); see service.proto.
-CHANNEL_OPTIONS = (
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-)
+SERVICE = service_pb2.DESCRIPTOR.services_by_name["Gradserve"]
 PARAMETERS = "parameters."
 GRADIENTS = "gradients."
 TANGENT = "tangent."
@@ -104,13 +101,8 @@ class Client:
         retries: int = 3,
         retry_backoff_s: float = 0.25,
     ):
-        if tls is None:
-            self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
-        else:
-            roots = None if tls is True else tls
-            credentials = grpc.ssl_channel_credentials(root_certificates=roots)
-            self._channel = grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
-        self._stub = _stub(self._channel)
+        self._channel = open_channel(target, tls)
+        self._stub = stub(self._channel, SERVICE)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout
         self.retries = retries
@@ -397,22 +389,6 @@ class Client:
         else:
             (x, y), step_id = batch, None
         return self._claim_step_id(session_id, step_id), x, y
-
-
-def _stub(channel: grpc.Channel) -> types.SimpleNamespace:
-    """The service's methods on `channel`, like the generated stub but with chunk messages framed
-    by hand (transfer.rpc_codecs): the bytes of a large tensor are copied once on each side."""
-    kinds = {
-        (False, False): channel.unary_unary,
-        (False, True): channel.unary_stream,
-        (True, False): channel.stream_unary,
-        (True, True): channel.stream_stream,
-    }
-    return types.SimpleNamespace(**{
-        name: kinds[rpc.request_streaming, rpc.response_streaming](
-            rpc.path, request_serializer=rpc.request_serializer, response_deserializer=rpc.response_deserializer)
-        for name, rpc in rpc_codecs(service_pb2.DESCRIPTOR.services_by_name["Gradserve"]).items()
-    })
 
 
 def _record(steps: Iterator[tuple], unanswered: collections.deque) -> Iterator[tuple]:

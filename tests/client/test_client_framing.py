@@ -8,16 +8,9 @@ from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradserve.transfer import (
-    CHUNK_BYTES,
-    Chunk,
-    OutgoingTensors,
-    PartCodec,
-    decode_chunk_frame,
-    encode_chunk_frame,
-    read_messages,
-    rpc_codecs,
-)
+from gradserve.rpc.frames import Chunk, PartCodec, decode_chunk_frame, encode_chunk_frame
+from gradserve.rpc.methods import rpc_codecs
+from gradserve.transfer import CHUNK_BYTES, OutgoingTensors, read_messages
 from gradserve.v1 import service_pb2, tensor_pb2
 
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["Gradserve"]

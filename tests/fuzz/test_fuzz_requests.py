@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import gradserve
 from gradserve import mlp
-from gradserve.client import CHANNEL_OPTIONS
+from gradserve.rpc.options import CHANNEL_OPTIONS
 from gradserve.spec import spec_to_proto
 from gradserve.v1 import model_pb2, service_pb2, service_pb2_grpc, tensor_pb2
 

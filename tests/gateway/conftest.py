@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gradserve import Client, mlp
-from gradserve.client import CHANNEL_OPTIONS
+from gradserve.rpc.options import CHANNEL_OPTIONS
 from gradserve.v1 import service_pb2_grpc
 from gradserve_services.cluster import LocalExecutor
 from gradserve_services.engine import Model

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import gradserve
-from gradserve.client import CHANNEL_OPTIONS
+from gradserve.rpc.options import CHANNEL_OPTIONS
 from gradserve.v1 import service_pb2, service_pb2_grpc, tensor_pb2
 from gradserve_services.gateway import rpc_status_for
 

@@ -152,7 +152,7 @@ def _line(case: str, nbytes: int, seconds: float, ceiling_seconds: float) -> dic
 # ----- the ceiling: raw bytes, 1 MiB per message, no protobuf ------------------------------------
 
 def _start_bare_server():
-    from gradserve.client import CHANNEL_OPTIONS
+    from gradserve.rpc.options import CHANNEL_OPTIONS
 
     def upload(chunks, context):
         nbytes = int(dict(context.invocation_metadata())["nbytes"])
@@ -181,7 +181,7 @@ def _start_bare_server():
 
 class _BareClient:
     def __init__(self, target: str):
-        from gradserve.client import CHANNEL_OPTIONS
+        from gradserve.rpc.options import CHANNEL_OPTIONS
 
         self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._upload = self._channel.stream_unary(f"/{BARE_SERVICE}/Upload")

@@ -12,6 +12,8 @@ import os
 
 import grpc
 
+from gradserve.rpc.methods import rewrapped
+
 from gradserve_services.errors import InvalidArgument
 
 __all__ = ["LOCAL_IDENTITY", "TOKENS_ENV", "Authenticator", "AuthInterceptor", "parse_tokens", "load_tokens"]
@@ -107,10 +109,4 @@ def _refuse(request_or_iterator, context):
 
 def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """A handler of the same streaming kind as `handler` that refuses the call."""
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(_refuse)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(_refuse)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(_refuse)
-    return grpc.unary_unary_rpc_method_handler(_refuse)
+    return rewrapped(handler, _refuse)

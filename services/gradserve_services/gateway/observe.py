@@ -6,6 +6,8 @@ import time
 
 import grpc
 
+from gradserve.rpc.methods import behavior_of, rewrapped
+
 from gradserve_services import metrics
 
 __all__ = ["MetricsInterceptor"]
@@ -17,25 +19,8 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method.rsplit("/", 1)[-1]
-        kinds = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }
-        streaming = (handler.request_streaming, handler.response_streaming)
-        behavior = {
-            (False, False): handler.unary_unary,
-            (False, True): handler.unary_stream,
-            (True, False): handler.stream_unary,
-            (True, True): handler.stream_stream,
-        }[streaming]
-        wrapped = _observed(behavior, method, *streaming)
-        return kinds[streaming](
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        wrapped = _observed(behavior_of(handler), method, handler.request_streaming, handler.response_streaming)
+        return rewrapped(handler, wrapped)
 
 
 class _Call:

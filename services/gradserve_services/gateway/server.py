@@ -8,7 +8,9 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from gradserve.transfer import DEFAULT_MAX_REQUEST_BYTES, MAX_MESSAGE_BYTES, rpc_codecs
+from gradserve.rpc.methods import add_service
+from gradserve.rpc.options import SERVER_OPTIONS
+from gradserve.transfer import DEFAULT_MAX_REQUEST_BYTES
 from gradserve.v1 import service_pb2
 
 from gradserve_services import metrics
@@ -26,21 +28,6 @@ log = logging.getLogger(__name__)
 
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["Gradserve"]
 SERVICE_NAME = SERVICE.full_name
-
-# A message over gRPC's own receive limit is refused by gRPC, which cuts the call off under the
-# servicer: the caller gets RESOURCE_EXHAUSTED, but the servicer only sees a cancelled call and can
-# neither answer nor count it as such. So gRPC's limit sits above the documented MAX_MESSAGE_BYTES
-# and the gateway refuses the messages in between itself (wire.tolerant): answered with a
-# BadRequest naming "request" and counted RESOURCE_EXHAUSTED. Only messages beyond this bound are
-# still cut off by gRPC: the caller gets gRPC's RESOURCE_EXHAUSTED, the count says CANCELLED (or
-# INVALID_ARGUMENT when the servicer saw the stream end first). The bound stays small because
-# every call, health checks without a token included, may make gRPC buffer one such message.
-TRANSPORT_RECEIVE_BYTES = 2 * MAX_MESSAGE_BYTES
-SERVER_OPTIONS = (
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", TRANSPORT_RECEIVE_BYTES),
-)
-
 
 class GatewayServer:
     """A started gRPC server plus what shutting it down gracefully needs."""
@@ -80,7 +67,7 @@ def create_server(
     `max_concurrent_calls`: calls beyond it are answered RESOURCE_EXHAUSTED by gRPC itself.
     """
     authenticator = Authenticator(auth_tokens)
-    metrics.declare_rpc_methods(m.name for m in service_pb2.DESCRIPTOR.services_by_name["Gradserve"].methods)
+    metrics.declare_rpc_methods(m.name for m in SERVICE.methods)
     interceptors = [MetricsInterceptor()]
     if authenticator.enabled:
         interceptors.append(AuthInterceptor(authenticator))
@@ -96,7 +83,9 @@ def create_server(
     recovered = registry.recover()  # sessions of an earlier gateway on the same checkpoint dir
     if recovered:
         log.info("recovered %d sessions from %s", recovered, checkpoint_dir)
-    _add_servicer(GradserveServicer(executor, registry, authenticator, max_request_bytes), server)
+    # undecodable bytes reach the servicer as a marker: INVALID_ARGUMENT, not gRPC's INTERNAL
+    add_service(server, SERVICE, GradserveServicer(executor, registry, authenticator, max_request_bytes),
+                request_deserializer=wire.tolerant)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
@@ -115,26 +104,3 @@ def create_server(
     log.info("gateway listening on %s:%d (auth %s, tls %s)", host, bound_port,
              "on" if authenticator.enabled else "off", "on" if tls else "off")
     return GatewayServer(server, health_servicer, registry), bound_port
-
-
-def _add_servicer(servicer: GradserveServicer, server: grpc.Server) -> None:
-    """What the generated add_GradserveServicer_to_server does, but with the (de)serializers of
-    transfer.rpc_codecs: chunk messages framed by hand, one copy of their bytes per side."""
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    handlers = {
-        name: kinds[rpc.request_streaming, rpc.response_streaming](
-            getattr(servicer, name),
-            # undecodable bytes reach the servicer as a marker: INVALID_ARGUMENT, not gRPC's INTERNAL
-            request_deserializer=wire.tolerant(rpc.request_deserializer,
-                                               SERVICE.methods_by_name[name].input_type.name),
-            response_serializer=rpc.response_serializer,
-        )
-        for name, rpc in rpc_codecs(SERVICE).items()
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)

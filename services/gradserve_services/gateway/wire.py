@@ -120,7 +120,7 @@ def group(arrays: Mapping[str, np.ndarray], prefixes: tuple[str, ...], exact: tu
 
 def send(header, arrays: Mapping[str, np.ndarray], wrap: Callable[..., object]) -> Iterator:
     """The reply stream: `wrap(header=header)` carrying the descriptors, then the chunks (as
-    `Chunk` views, which the method's PartCodec frames; see server.py)."""
+    `Chunk` views, which the method's PartCodec frames; see gradserve.rpc.methods)."""
     outgoing = OutgoingTensors(arrays)
     header.tensors.extend(outgoing.entries)
     yield wrap(header=header)
