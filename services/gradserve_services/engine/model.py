@@ -23,6 +23,7 @@ from gradserve_services.errors import InvalidArgument
 
 from .batch import FLOAT_DTYPES, Batch, check_named_batch
 from .context import PassContext
+from .finite import all_finite
 from .grad_sums import GradSums
 from .inputs import FLOAT, INPUT
 from .losses import LOSSES
@@ -123,7 +124,7 @@ class Model:
             dtype = value.dtype
             if tuple(value.shape) != shape and not isinstance(params[name], SparseRows):
                 raise InvalidArgument(f"shape must be {shape}, got {tuple(value.shape)}", field=field)
-            if check_values and not bool(self.xp.isfinite(value).all()):
+            if check_values and not all_finite(self.xp, value):
                 raise InvalidArgument("contains NaN or infinity", field=field)
         return dtype
 
@@ -185,7 +186,7 @@ class Model:
             )
         if x.shape[0] == 0:
             raise InvalidArgument("the batch is empty", field="batch.x")
-        if not bool(self.xp.isfinite(x).all()):
+        if not all_finite(self.xp, x):
             raise InvalidArgument("contains NaN or infinity", field="batch.x")
         return x
 
