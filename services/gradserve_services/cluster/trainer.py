@@ -37,6 +37,7 @@ from .shared import remove_prefixed
 from .sharding import partition_parameters
 from .steplog import StepLog, step_number, update_key
 from .sync_step import SyncSteps
+from .two_phase import ForwardPhase, TwoPhaseSteps
 
 __all__ = ["Trainer"]
 
@@ -68,6 +69,7 @@ class Trainer:
                                     self._shards, self._area)
         else:
             self._steps = ArrivalSteps(backend, self.config, runner, self._shards)
+        self._two_phase = TwoPhaseSteps(self.config, self._model, self._shards)  # client-side losses
         backend.reserve_workers(self._table, self._num_workers)
         self._shards.create(params, self.config.optimizer.to_dict(), self._rule())
 
@@ -85,6 +87,30 @@ class Trainer:
                 return replace(StepResult.from_record(recorded), duplicate=True)
             x, y = self._model.validate_batch(x, y, dtype=self._dtype)
             result = self._steps.run(step, x, y, steps_run=self.steps_run, num_workers=self._num_workers)
+            self._log.record(update_key(step), result.to_record())
+            return result
+
+    def forward_step(self, step_id, x) -> ForwardPhase:
+        """Phase one of a two-phase step (two_phase.py): the output at the current parameters,
+        activations held under the step id; a recorded step id answers `duplicate`."""
+        step = step_number(step_id)
+        with self._lock:
+            self._check_open()
+            if self._log.lookup(update_key(step)) is not None:
+                return ForwardPhase(self.version, None, duplicate=True)
+            held = self._two_phase.forward(step, x, steps_run=self.steps_run)
+            return ForwardPhase(held.version, held.forward.output)
+
+    def backward_step(self, step_id, output_gradient, loss: float) -> StepResult:
+        """Phase two: the update from the caller's dL/d output, exactly once per step id (a
+        recorded id returns its result with `duplicate=True`, as `step` does)."""
+        step = step_number(step_id)
+        with self._lock:
+            self._check_open()
+            recorded = self._log.lookup(update_key(step))
+            if recorded is not None:
+                return replace(StepResult.from_record(recorded), duplicate=True)
+            result = self._two_phase.backward(step, output_gradient, loss)
             self._log.record(update_key(step), result.to_record())
             return result
 
@@ -127,6 +153,7 @@ class Trainer:
         with self._lock:
             self._check_open()
             self._shards.load(arrays, meta["table"])
+            self._two_phase.clear()
             self._shards.version = int(meta["version"])
             self._log = StepLog.from_state(meta.get("step_mark"), meta["step_log"],
                                            self.config.step_window, steps_recorded=int(meta["steps_run"]))
