@@ -6,9 +6,6 @@
         result = client.step(session, x, y)
 """
 
-from .builders import INPUT, GraphBuilder, mlp
-from .client import Checkpoint, Client, Gradients, SessionInfo, StepResult
-from .codec import DTYPES, TensorFormatError, TensorTooLarge, decode_tensor, encode_tensor
 from .errors import (
     Cancelled,
     DeadlineExceeded,
@@ -17,12 +14,41 @@ from .errors import (
     Internal,
     InvalidArgument,
     NotFound,
+    ParameterServerLost,
     PermissionDenied,
     ResourceExhausted,
+    SpecError,
     Unauthenticated,
     Unavailable,
 )
-from .spec import optimizer_from_proto, optimizer_to_proto, spec_from_proto, spec_to_proto
+
+# Everything else on first use: `gradserve.errors` is the service's exception tree too, and the
+# engine raising it must not load grpc or protobuf through this package's import.
+_LAZY = {
+    "Client": "client", "Gradients": "client", "StepResult": "client", "SessionInfo": "client",
+    "Checkpoint": "client",
+    "mlp": "builders", "GraphBuilder": "builders", "INPUT": "builders",
+    "DTYPES": "codec", "encode_tensor": "codec", "decode_tensor": "codec",
+    "TensorFormatError": "codec", "TensorTooLarge": "codec",
+    "spec_to_proto": "spec", "spec_from_proto": "spec", "optimizer_to_proto": "spec",
+    "optimizer_from_proto": "spec",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gradserve' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 
@@ -41,6 +67,8 @@ __all__ = [
     "FailedPrecondition",
     "ResourceExhausted",
     "Unavailable",
+    "ParameterServerLost",
+    "SpecError",
     "PermissionDenied",
     "Unauthenticated",
     "DeadlineExceeded",

@@ -16,11 +16,12 @@ import numpy as np
 from gradserve.v1 import model_pb2, service_pb2
 
 from .codec import TensorFormatError
-from .errors import GradserveError, InvalidArgument, Unavailable, from_rpc_error
+from .errors import GradserveError, InvalidArgument, Unavailable
 from .fields import build
 from .spec import SpecFormatError, optimizer_to_proto, spec_to_proto
 from .rpc.methods import stub
 from .rpc.options import open_channel
+from .rpc.status import from_rpc_error
 from .transfer import DEFAULT_MAX_REQUEST_BYTES, OutgoingTensors, read_messages
 
 __all__ = ["Client", "Gradients", "StepResult", "SessionInfo", "Checkpoint"]
@@ -401,21 +402,21 @@ def _spec(spec) -> model_pb2.ModelSpec:
     try:
         return spec_to_proto(spec)
     except SpecFormatError as bad:
-        raise InvalidArgument(str(bad), ((bad.field, bad.message),)) from None
+        raise InvalidArgument.described(str(bad), ((bad.field, bad.message),)) from None
 
 
 def _optimizer(config) -> model_pb2.OptimizerConfig:
     try:
         return optimizer_to_proto(config)
     except SpecFormatError as bad:
-        raise InvalidArgument(str(bad), ((bad.field, bad.message),)) from None
+        raise InvalidArgument.described(str(bad), ((bad.field, bad.message),)) from None
 
 
 def _outgoing(arrays: Mapping[str, np.ndarray]) -> OutgoingTensors:
     try:
         return OutgoingTensors(arrays)
     except TensorFormatError as bad:
-        raise InvalidArgument(str(bad), ((bad.field, bad.message),)) from None
+        raise InvalidArgument.described(str(bad), ((bad.field, bad.message),)) from None
 
 
 def _step_messages(session_id: str, step_id: int, x, y) -> list:

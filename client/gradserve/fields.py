@@ -78,4 +78,4 @@ def _fill(assign, name: str, value) -> None:
 
 
 def _invalid(name: str, description: str) -> InvalidArgument:
-    return InvalidArgument(f"{name}: {description}", ((name, description),))
+    return InvalidArgument.described(f"{name}: {description}", ((name, description),))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import gradserve
+import gradserve.rpc.status
 from gradserve.rpc.options import CHANNEL_OPTIONS
 from gradserve.v1 import service_pb2, service_pb2_grpc, tensor_pb2
 from gradserve_services.gateway import rpc_status_for
@@ -39,7 +40,7 @@ def raw_step(stub, session, tensors, step_id=1, chunks=()):
 
 def violation_fields(error: grpc.RpcError):
     """Fields of the BadRequest detail, parsed the way the SDK does."""
-    return gradserve.errors._field_violations(error)
+    return gradserve.rpc.status.field_violations(error)
 
 
 def assert_rejected(call, code, field):

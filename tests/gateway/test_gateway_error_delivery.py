@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import gradserve
+import gradserve.rpc.status
 from gradserve.v1 import service_pb2, service_pb2_grpc, tensor_pb2
 from gradserve_services import metrics
 from gradserve_services.gateway.status import DESCRIPTION_BUDGET, FIELD_BUDGET
@@ -67,7 +68,7 @@ def test_oversize_requests_are_answered_and_counted_resource_exhausted(gateway, 
                 stub.Step(iter(inline_step(session, megabytes)), timeout=60)
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value.details()
             assert "message limit" in caught.value.details()
-            assert gradserve.errors._field_violations(caught.value)[0][0] == "request"
+            assert gradserve.rpc.status.field_violations(caught.value)[0][0] == "request"
         with pytest.raises(grpc.RpcError) as caught:
             list(stub.StreamSteps(iter(inline_step(session, 10)), timeout=60))
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -156,7 +157,7 @@ def test_huge_tensor_name_is_invalid_argument(client, session, stub):
     header = service_pb2.StepHeader(session_id=session, step_id=1, tensors=tensors)
     with pytest.raises(grpc.RpcError) as caught:
         stub.Step(iter([service_pb2.StepRequest(header=header)]), timeout=60)
-    assert_delivered(gradserve.errors.from_rpc_error(caught.value), gradserve.InvalidArgument, "batch.zzz")
+    assert_delivered(gradserve.rpc.status.from_rpc_error(caught.value), gradserve.InvalidArgument, "batch.zzz")
     assert client.pull_parameters(session)[0] == 0
 
 
@@ -197,7 +198,7 @@ def test_huge_tensor_dtype_and_checkpoint_name_are_invalid_argument(client, sess
     header = service_pb2.StepHeader(session_id=session, step_id=1, tensors=tensors)
     with pytest.raises(grpc.RpcError) as caught:
         stub.Step(iter([service_pb2.StepRequest(header=header)]), timeout=60)
-    assert_delivered(gradserve.errors.from_rpc_error(caught.value), gradserve.InvalidArgument, "batch.x")
+    assert_delivered(gradserve.rpc.status.from_rpc_error(caught.value), gradserve.InvalidArgument, "batch.x")
     with pytest.raises(gradserve.GradserveError) as caught:
         client.restore_checkpoint(session, "v" * HUGE)
     assert_delivered(caught.value, gradserve.InvalidArgument, "checkpoint", echoed=False)

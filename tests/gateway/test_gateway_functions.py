@@ -97,7 +97,7 @@ def client_spec():
 
 
 def field_of(error: grpc.RpcError) -> str:
-    from gradserve.errors import from_rpc_error
+    from gradserve.rpc.status import from_rpc_error
     return from_rpc_error(error).field
 
 

@@ -7,8 +7,9 @@ runtime listening on 127.0.0.1 only) and stops it at the end.
 Output: stdout gets exactly one line, a JSON object, when the job is done:
   {"steps": 840, "epochs": 30, "train_loss": 0.02, "test_loss": 0.08, "test_accuracy": 0.98,
    "samples_per_s": 5400.0, "wall_s": 25.1}
-(test_accuracy for classification only). stderr gets a progress bar per epoch (on a terminal) and
-one line when the embedded Ray runtime starts; OUT/metrics.jsonl gets one JSON object per epoch,
+(test_accuracy for classification only; test_auc for a binary task with one output; for synthetic_ctr
+planted_test_loss and planted_test_auc, the planted model's own on the same rows). stderr gets a
+progress bar per epoch (on a terminal) and one line when the embedded Ray runtime starts; OUT/metrics.jsonl gets one JSON object per epoch,
 OUT/metrics.png the loss/accuracy plot, OUT/parameters.npz the final parameters.
 Exit codes: 0 done; 2 the job file or its data is wrong (one line on stderr naming the problem,
 nothing trained); 1 training failed.
@@ -110,7 +111,6 @@ def run(args) -> int:
     if prepared.job.target is None:
         _embed_quietly()
 
-    from gradserve import GradserveError as ServiceError
     from gradserve_services.jobs.runner import run_job
     from gradserve_services.jobs.state import CheckpointMismatch
 
@@ -122,7 +122,7 @@ def run(args) -> int:
     except CheckpointMismatch as problem:
         print(f"gradserve train: {args.job}: {problem}", file=sys.stderr)
         return EXIT_BAD_JOB
-    except (GradserveError, ServiceError) as problem:
+    except GradserveError as problem:  # the SDK's and the service's: one tree
         print(f"gradserve train: training failed: {type(problem).__name__}: {problem}", file=sys.stderr)
         return EXIT_FAILED
     print(json.dumps(summary), file=stdout, flush=True)

@@ -13,6 +13,8 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from gradserve.rpc.status import status_code_of
+
 from gradserve_services import errors
 
 __all__ = ["status_code_for", "rpc_status_for", "capped", "abort_with", "abort_internal"]
@@ -25,24 +27,10 @@ FIELD_BUDGET = 256
 DESCRIPTION_BUDGET = 1024
 ELISION_ROOM = 40  # "...[N characters left out]..."
 
-# Most specific first: SpecError is an InvalidArgument.
-_CODES: tuple[tuple[type[errors.GradserveError], grpc.StatusCode], ...] = (
-    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
-    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
-    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
-    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
-    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
-    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
-)
-
 
 def status_code_for(error: errors.GradserveError) -> grpc.StatusCode:
-    for cls, code in _CODES:
-        if isinstance(error, cls):
-            return code
-    return grpc.StatusCode.INTERNAL  # a GradserveError subclass nobody mapped: our bug
+    # INTERNAL for a GradserveError of no mapped class: our bug, not the caller's
+    return status_code_of(type(error)) or grpc.StatusCode.INTERNAL
 
 
 def rpc_status_for(error: errors.GradserveError) -> grpc.Status:
