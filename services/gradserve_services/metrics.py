@@ -64,7 +64,7 @@ PlatformCollector(registry=REGISTRY)
 # A step is split into these phases by the coordinator; only these become label values.
 STEP_PHASES = ("broadcast", "compute", "gather", "apply")
 UPDATE_OUTCOMES = ("applied", "duplicate", "dropped_stale")
-CONSISTENCY_MODES = ("sync", "async", "bounded")  # the `mode` label: a session's consistency
+CONSISTENCY_MODES = ("sync", "async", "bounded", "local")  # the `mode` label: a session's consistency
 
 # Steps and RPCs range from a millisecond (a tiny MLP on one worker, a health check) to minutes
 # (a large model over a slow or recovering cluster); roughly 2.5x apart so p50/p99 estimated by

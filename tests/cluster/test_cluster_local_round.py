@@ -65,7 +65,7 @@ def test_two_rounds_equal_torch_inner_adamw_and_outer_nesterov(workers):
                    for worker_ranges in ranges]
         for name, value in table.params.items():  # the round leaves the global parameters alone
             np.testing.assert_array_equal(value, start_params[name])
-        parts = [{"kind": "dense", "grads": result.delta_sum} for result in results]
+        parts = [{"kind": "dense", "grads": result.grad_sum} for result in results]
         table.apply(str(round_index), parts, sum(r.count for r in results), table.version)
 
         finals = []

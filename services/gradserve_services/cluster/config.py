@@ -11,11 +11,19 @@ from gradserve_services.optim import OptimizerConfig
 
 from .steplog import DEFAULT_STEP_WINDOW
 
-__all__ = ["TrainerConfig", "StepResult", "CONSISTENCY_MODES", "STALE_POLICIES", "COMPRESSIONS"]
+__all__ = ["TrainerConfig", "StepResult", "CONSISTENCY_MODES", "STALE_POLICIES", "COMPRESSIONS",
+           "ROUND_MODES", "SYNC_ONLY_COMPRESSIONS", "INNER_OPTIMIZER", "OUTER_OPTIMIZER"]
 
-CONSISTENCY_MODES = ("sync", "async", "bounded")
+CONSISTENCY_MODES = ("sync", "async", "bounded", "local")
 STALE_POLICIES = ("drop", "downweight")
-COMPRESSIONS = ("none", "fp16", "topk")
+COMPRESSIONS = ("none", "fp16", "int8", "topk", "powersgd")
+# Modes whose step is a round of local inner steps (local_round.py).
+ROUND_MODES = ("local",)
+# Compressions that need every shard of a step before the update (two phases through the servers).
+SYNC_ONLY_COMPRESSIONS = ("powersgd",)
+# local mode: the workers' inner optimizer and, as `optimizer`, the servers' outer one (DiLoCo's).
+INNER_OPTIMIZER = {"name": "adamw", "lr": 0.001}
+OUTER_OPTIMIZER = {"name": "nesterov", "lr": 0.7, "momentum": 0.9}
 
 
 # Sync steps measure the gradient signals on every SIGNALS_EVERY-th step (see TrainerConfig).
@@ -31,7 +39,12 @@ class TrainerConfig:
     most recent step ids keep their recorded results (see steplog.py). `signals_every`: sync steps
     measure the gradient signals (noise scale, shard cosines, update ratios; signals.py) on every
     Nth step only — they cost a few passes over the gradients, and the noise scale is an average
-    over steps anyway; the other steps report the current smoothed noise scale."""
+    over steps anyway; the other steps report the current smoothed noise scale.
+
+    "local" (local_round.py): a step is a round of `local_steps` inner steps of `inner_optimizer`
+    on each worker; `optimizer` is then the servers' outer optimizer, applied to the
+    sample-weighted mean parameter delta (OUTER_OPTIMIZER is DiLoCo's). `compression` "powersgd"
+    (powersgd.py, sync only) sends each matrix gradient as rank-`powersgd_rank` factors."""
 
     spec: Any
     optimizer: Mapping | OptimizerConfig = field(default_factory=lambda: {"name": "sgd", "lr": 0.1})
@@ -46,6 +59,9 @@ class TrainerConfig:
     topk_fraction: float = 0.01
     step_window: int = DEFAULT_STEP_WINDOW
     signals_every: int = SIGNALS_EVERY
+    local_steps: int = 10
+    inner_optimizer: Mapping | OptimizerConfig = field(default_factory=lambda: dict(INNER_OPTIMIZER))
+    powersgd_rank: int = 4
 
     def validated(self) -> "TrainerConfig":
         """A copy with the optimizer parsed; InvalidArgument names the bad field as `config.X`."""
@@ -60,11 +76,20 @@ class TrainerConfig:
         _integer(self.signals_every, "config.signals_every", low=1)
         if self.micro_batch_size is not None:
             _integer(self.micro_batch_size, "config.micro_batch_size", low=1)
+        _integer(self.local_steps, "config.local_steps", low=1)
+        _integer(self.powersgd_rank, "config.powersgd_rank", low=1)
+        if self.compression in SYNC_ONLY_COMPRESSIONS and self.consistency != "sync":
+            raise InvalidArgument(f"{self.compression} needs consistency 'sync', got "
+                                  f"{self.consistency!r}", "config.compression")
+        try:
+            inner = OptimizerConfig.from_dict(self.inner_optimizer)
+        except InvalidArgument as bad:  # its fields are named optimizer.X: say which optimizer
+            raise InvalidArgument(bad.message, "config.inner_" + (bad.field or "optimizer")) from None
         fraction = self.topk_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
                 or not 0.0 < fraction <= 1.0:
             raise InvalidArgument(f"must be in (0, 1], got {fraction!r}", "config.topk_fraction")
-        return replace(self, optimizer=OptimizerConfig.from_dict(self.optimizer))
+        return replace(self, optimizer=OptimizerConfig.from_dict(self.optimizer), inner_optimizer=inner)
 
 
 def _one_of(value, allowed, field_name):

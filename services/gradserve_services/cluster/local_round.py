@@ -28,13 +28,14 @@ import numpy as np
 from gradserve_services.optim import Optimizer
 
 from .sharding import split_rows
+from .step_tasks import shard_tasks
 
-__all__ = ["RoundResult", "round_ranges", "inner_seed", "run_round"]
+__all__ = ["RoundResult", "round_ranges", "inner_seed", "run_round", "round_tasks", "run_task_round"]
 
 
 @dataclass
 class RoundResult:
-    delta_sum: dict  # (θ - θ_i) * count per parameter
+    grad_sum: dict  # the pseudo-gradient sum (θ - θ_i) * count per parameter, as a GradSum holds
     loss_sum: float  # sum of per-sample losses over the inner steps, each at its own θ
     count: int  # rows trained on
 
@@ -56,22 +57,59 @@ def inner_seed(seed: int, round_index: int, inner_steps: int, step: int) -> int:
 
 
 def run_round(model, params: Mapping[str, np.ndarray], x, y, ranges: list[tuple[int, int]],
-              inner_optimizer, seeds: list[int], *, micro_batch_size=None) -> RoundResult:
-    """The inner steps of one worker: `ranges[h]` is its shard of inner batch h, `seeds[h]` that
-    inner step's dropout seed. `params` is left as it was."""
+              inner_optimizer, seeds: list[int], *, offsets: list[int] | None = None,
+              micro_batch_size=None) -> RoundResult:
+    """The inner steps of one worker: `ranges[h]` is its shard of inner batch h (rows of `x`),
+    `seeds[h]` that inner step's dropout seed, `offsets[h]` the global index of its first row (for
+    the dropout masks; default the range's start). `params` is left as it was."""
     local = {name: np.array(value, copy=True, order="C") for name, value in params.items()}
     optimizer = Optimizer(inner_optimizer, local)
+    offsets = [start for start, _ in ranges] if offsets is None else offsets
     loss_sum, count = 0.0, 0
-    for (start, stop), seed in zip(ranges, seeds):
+    for (start, stop), seed, offset in zip(ranges, seeds, offsets):
         result = model.loss_and_grad_sum(local, x[start:stop], y[start:stop],
                                          micro_batch_size=micro_batch_size, seed=seed,
-                                         sample_offset=start)
+                                         sample_offset=offset)
         optimizer.step(local, [result.grad_sum], grad_scale=1.0 / result.count)
         loss_sum += result.loss_sum
         count += result.count
-    delta_sum = {}
+    grad_sum = {}
     for name, value in params.items():
         delta = np.subtract(value, local[name], out=local[name])
         delta *= delta.dtype.type(count)
-        delta_sum[name] = delta
-    return RoundResult(delta_sum, loss_sum, count)
+        grad_sum[name] = delta
+    return RoundResult(grad_sum, loss_sum, count)
+
+
+def round_tasks(config, table: str, partition, rows: int, num_workers: int, rounds_run: int
+                ) -> list[tuple[dict, list[tuple[int, int]]]]:
+    """`(task, rows)` per worker with something to train on: the sync step's worker task
+    (step_tasks.py) plus its round (`local`), and the global row ranges it trains on. The worker
+    is sent those rows only, one after the other: its task's ranges index that array, `offsets`
+    keep the global sample index for dropout. (Workers left without a range, with fewer rows per
+    inner batch than workers, get no task; inner batches shrink from first to last, so a worker
+    misses only the last ones and `seeds` is cut to its length.)"""
+    ranges = [worker for worker in round_ranges(rows, config.local_steps, num_workers) if worker]
+    seeds = [inner_seed(config.seed, rounds_run, config.local_steps, h)
+             for h in range(config.local_steps)]
+    tasks = shard_tasks(config, table, partition, rows, len(ranges), rounds_run)
+    out = []
+    for task, global_ranges in zip(tasks, ranges):
+        local_ranges, at = [], 0
+        for start, stop in global_ranges:
+            local_ranges.append((at, at + stop - start))
+            at += stop - start
+        task.update(start=0, stop=at, count=at, compression=config.compression,
+                    local={"ranges": local_ranges, "offsets": [start for start, _ in global_ranges],
+                           "seeds": seeds[:len(global_ranges)],
+                           "inner_optimizer": config.inner_optimizer.to_dict()})
+        out.append((task, global_ranges))
+    return out
+
+
+def run_task_round(model, params, x, y, task: dict) -> RoundResult:
+    """`run_round` of a worker task made by `round_tasks`."""
+    local = task["local"]
+    return run_round(model, params, x, y, [tuple(r) for r in local["ranges"]],
+                     local["inner_optimizer"], local["seeds"], offsets=local["offsets"],
+                     micro_batch_size=task.get("micro_batch_size"))

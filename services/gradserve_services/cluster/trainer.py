@@ -36,6 +36,7 @@ from .shard_runner import ShardRunner
 from .shared import remove_prefixed
 from .sharding import partition_parameters
 from .steplog import StepLog, step_number, update_key
+from .local_step import LocalRounds
 from .sync_step import SyncSteps
 from .two_phase import ForwardPhase, TwoPhaseSteps
 
@@ -67,6 +68,8 @@ class Trainer:
         if self.config.consistency == "sync":
             self._steps = SyncSteps(backend, self.config, list(self._model.parameter_shapes()), runner,
                                     self._shards, self._area)
+        elif self.config.consistency == "local":
+            self._steps = LocalRounds(backend, self.config, runner, self._shards)
         else:
             self._steps = ArrivalSteps(backend, self.config, runner, self._shards)
         self._two_phase = TwoPhaseSteps(self.config, self._model, self._shards)  # client-side losses
@@ -198,7 +201,7 @@ class Trainer:
     def _rule(self) -> dict:
         if self.config.consistency == "async":
             return {"bound": None, "policy": self.config.stale_policy}
-        bound = 0 if self.config.consistency == "sync" else self.config.staleness
+        bound = self.config.staleness if self.config.consistency == "bounded" else 0
         return {"bound": bound, "policy": self.config.stale_policy}
 
     def _check_open(self) -> None:

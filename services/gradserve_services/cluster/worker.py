@@ -21,6 +21,7 @@ from gradserve_services.errors import FailedPrecondition
 from gradserve_services.optim import all_finite
 
 from .compression import ErrorFeedback, encode
+from .local_round import run_task_round
 from .shared import Attachments, BlockRef, area_visible, remove_block, visible, write_block
 
 __all__ = ["GradientWorker", "AreaNotVisible", "ModelCache", "limit_blas_threads", "spec_key"]
@@ -124,8 +125,11 @@ class GradientWorker:
             stats["jvp_sum"] = derivative * (stop - start)
             computed = encoded = time.perf_counter()
         else:
-            result = model.loss_and_grad_sum(params, x[start:stop], y[start:stop], **options)
-            stats["loss_sum"] = result.loss_sum
+            if "local" in task:  # a round: the pseudo-gradient of this worker's inner steps
+                result = run_task_round(model, params, x, y, task)
+            else:
+                result = model.loss_and_grad_sum(params, x[start:stop], y[start:stop], **options)
+            stats["loss_sum"], stats["count"] = result.loss_sum, result.count
             computed = time.perf_counter()
             feedback = self._feedback.setdefault(task["table"], ErrorFeedback()) \
                 if task.get("compression") == "topk" else None
