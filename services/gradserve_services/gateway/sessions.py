@@ -19,6 +19,7 @@ import numpy as np
 
 from gradserve_services import metrics
 from gradserve_services.cluster import DEFAULT_STEP_WINDOW, StepResult, TrainerConfig
+from gradserve_services.cluster.handover import hand_over
 from gradserve_services.engine import Model
 from gradserve_services.engine.spec import parse_spec
 from gradserve_services.errors import (
@@ -248,7 +249,8 @@ class SessionRegistry:
         name, arrays, meta = self._store.load(session, name)
         with session.lock:
             self._check_open(session)
-            session.trainer.restore(arrays, meta)  # validates before changing anything
+            # validates before changing anything; the loaded arrays become the servers' (handover.py)
+            session.trainer.restore(hand_over(arrays), meta)
             session.base_checkpoint = name
             session.replay.clear()
             self._store.write_manifest(session)
