@@ -24,6 +24,7 @@ from gradserve_services.errors import NotFound
 from gradserve_services.optim import Optimizer, global_norm
 
 from .compression import decode
+from .handover import take
 from .shared import Attachments, BlockRef, allocate_block, area_visible, remove_block
 from .steplog import DEFAULT_STEP_WINDOW, StepLog
 
@@ -54,8 +55,10 @@ class ParameterTable:
                  step_window: int = DEFAULT_STEP_WINDOW):
         # Own writable, contiguous copies: the optimizer updates them in place. `allocate` maps
         # `{name: (dtype, shape)}` to writable arrays (shared-memory views) to hold them instead.
+        # Arrays handed over (handover.py: received or loaded for this table) are kept as they are.
         if allocate is None:
-            self.params = {name: np.array(value, copy=True, order="C") for name, value in params.items()}
+            self.params = {name: value if take(value) else np.array(value, copy=True, order="C")
+                           for name, value in params.items()}
         else:
             self.params = allocate({name: (value.dtype, value.shape) for name, value in params.items()})
             for name, value in params.items():
