@@ -1,4 +1,5 @@
-"""Datasets for jobs: scikit-learn's bundled digits and diabetes, `.npz` files and `.csv` files.
+"""Datasets for jobs: scikit-learn's bundled digits and diabetes, the synthetic click-through set,
+`.npz`, `.csv` and `.parquet` files.
 
 Everything is checked before training: a missing column, a label of the wrong type, a NaN, a file
 that is not there — each is one `InvalidArgument` naming the field (and the row and column where
@@ -6,6 +7,10 @@ there is one), so the CLI prints one line and exits 2.
 
 The task decides the label layout the engine expects (docs/ARCHITECTURE.md, losses):
 classification -> int64 `(n,)` class indices; regression and binary -> float32 `(n, width)`.
+
+Categorical columns (`dataset.categorical`) are hashed into table rows (hashing.py) and kept as
+`ids`, int64 `(n, columns)`: the model then reads two named inputs, `dense` (the float features, when
+there are any) and `categorical` (the ids), instead of the single `input`.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from gradserve_services.errors import InvalidArgument
 
 from .jobfile import DatasetConfig
 
-__all__ = ["Dataset", "LOSS_FOR_TASK", "TASK_FOR_LOSS", "load_dataset"]
+__all__ = ["Dataset", "LOSS_FOR_TASK", "TASK_FOR_LOSS", "DENSE_INPUT", "CATEGORICAL_INPUT", "load_dataset"]
 
 TASK_FOR_LOSS = {
     "softmax_cross_entropy": "classification",
@@ -30,6 +35,7 @@ TASK_FOR_LOSS = {
 LOSS_FOR_TASK = {task: loss for loss, task in TASK_FOR_LOSS.items()}
 BUILTIN_TASKS = {"digits": "classification", "diabetes": "regression"}
 MISSING_TEXTS = frozenset({"", "nan", "na", "n/a", "null", "none", "?"})
+DENSE_INPUT, CATEGORICAL_INPUT = "dense", "categorical"  # the named inputs of a dataset with ids
 
 
 @dataclass(frozen=True)
@@ -40,26 +46,76 @@ class Dataset:
     num_outputs: int  # classes for classification, target width otherwise
     feature_names: tuple[str, ...]
     source: str  # what the data is, for messages and the report
+    ids: np.ndarray | None = None  # int64 (n, columns): hashed categorical values (or synthetic ids)
+    categorical_names: tuple[str, ...] = ()
+    table_rows: int = 0  # ids lie in [0, table_rows)
+    click_probability: np.ndarray | None = None  # synthetic_ctr: the planted model's, (n,)
 
 
-def load_dataset(config: DatasetConfig, loss: str | None = None) -> Dataset:
-    """Load and check the configured dataset; `loss` (if given) fixes the task it must fit."""
+def load_dataset(config: DatasetConfig, loss: str | None = None, *, seed: int = 0) -> Dataset:
+    """Load and check the configured dataset; `loss` (if given) fixes the task it must fit; `seed`
+    draws the synthetic set."""
+    if config.name == "synthetic_ctr":
+        return _load_synthetic_ctr(config, loss, seed)
+    raw_columns: list = []  # categorical columns, raw values, in dataset.categorical's order
     if config.name in BUILTIN_TASKS:
         x, y, names, label_texts = _load_builtin(config.name)
         source, default_task = config.name, BUILTIN_TASKS[config.name]
     elif config.name == "npz":
-        x, y, names = _load_npz(config)
+        x, y, names, raw_columns = _load_npz(config)
+        label_texts, source, default_task = None, str(config.path), _task_from_dtype(y)
+    elif config.name == "parquet":
+        from .parquet_data import load_parquet
+
+        x, y, names, raw_columns = load_parquet(config)
         label_texts, source, default_task = None, str(config.path), _task_from_dtype(y)
     else:
-        x, y, names, label_texts = _load_csv(config)
+        x, y, names, label_texts, raw_columns = _load_csv(config)
         source, default_task = str(config.path), _task_from_texts(label_texts)
     task = _resolve_task(config.task, loss, default_task)
-    x, y, label_texts = _handle_missing(x, y, label_texts, config, source)
+    ids = _hashed_ids(raw_columns, config, len(x))
+    x, y, label_texts, ids = _handle_missing(x, y, label_texts, ids, config, source)
     y, num_outputs = _shape_labels(y, label_texts, task, config, source)
     if len(x) < 2:
         raise InvalidArgument(f"{source} has {len(x)} usable rows; a train/test split needs at least 2", field="dataset")
+    categorical = {} if ids is None else {"ids": ids, "categorical_names": _column_names(config, ids),
+                                          "table_rows": config.hash_rows}
     return Dataset(x=x.astype(np.float32), y=y, task=task, num_outputs=num_outputs,
-                   feature_names=tuple(names), source=source)
+                   feature_names=tuple(names), source=source, **categorical)
+
+
+def _load_synthetic_ctr(config: DatasetConfig, loss: str | None, seed: int) -> Dataset:
+    from .synthetic_ctr import DEFAULT_DENSE, make_synthetic_ctr
+
+    if _resolve_task(config.task, loss, "binary") != "binary":
+        raise InvalidArgument("synthetic_ctr's labels are clicks: a binary task (binary_cross_entropy)",
+                              field="dataset.task")
+    data = make_synthetic_ctr(config.samples, seed=seed, fields=config.fields, vocab=config.vocab,
+                              zipf=config.zipf)
+    return Dataset(
+        x=data.dense.astype(np.float32), y=data.clicks.astype(np.float32).reshape(-1, 1), task="binary",
+        num_outputs=1, feature_names=tuple(f"dense{i}" for i in range(DEFAULT_DENSE)),
+        source=f"synthetic_ctr({config.samples} rows, {config.fields} fields of {config.vocab} ids, zipf {config.zipf})",
+        ids=data.ids, categorical_names=tuple(f"field{f}" for f in range(config.fields)),
+        table_rows=config.vocab, click_probability=data.click_probability,
+    )
+
+
+def _hashed_ids(raw_columns: list, config: DatasetConfig, rows: int) -> np.ndarray | None:
+    from .hashing import hash_column
+
+    if not config.categorical:
+        return None
+    ids = np.empty((rows, len(raw_columns)), dtype=np.int64)
+    for column, values in enumerate(raw_columns):
+        ids[:, column] = hash_column(values, config.hash_rows, seed=config.hash_seed, column=column)
+    return ids
+
+
+def _column_names(config: DatasetConfig, ids: np.ndarray) -> tuple[str, ...]:
+    if len(config.categorical) == ids.shape[1]:
+        return config.categorical
+    return tuple(f"categorical{column}" for column in range(ids.shape[1]))  # npz arrays of several columns
 
 
 def _load_builtin(name: str):
@@ -86,8 +142,13 @@ def _load_npz(config: DatasetConfig):
                     f"{config.path} has no array {key!r} (arrays: {', '.join(archive.files) or 'none'})",
                     field=key_field,
                 )
+        for key in config.categorical:
+            if key not in archive.files:
+                raise InvalidArgument(f"{config.path} has no array {key!r} (arrays: {', '.join(archive.files)})",
+                                      field="dataset.categorical")
         try:
             x, y = archive[config.x_key], archive[config.y_key]
+            categorical = [archive[key] for key in config.categorical]
         except ValueError as failure:  # object arrays need pickle, which is refused
             raise InvalidArgument(f"{config.path}: {failure}", field=field) from None
     if x.dtype.kind not in "iufb" or x.ndim < 2:
@@ -105,7 +166,19 @@ def _load_npz(config: DatasetConfig):
             f"{config.x_key!r} has {len(x)} rows but {config.y_key!r} has {len(y)}", field="dataset.y_key"
         )
     x = x.reshape(len(x), -1).astype(np.float64)  # images (n, h, w) become (n, h*w) features
-    return x, y, [f"f{i}" for i in range(x.shape[1])]
+    return x, y, [f"f{i}" for i in range(x.shape[1])], _npz_columns(config, categorical, len(x))
+
+
+def _npz_columns(config: DatasetConfig, arrays, rows: int) -> list:
+    """Each categorical array as its columns: (n,) is one, (n, k) is k."""
+    columns = []
+    for key, array in zip(config.categorical, arrays):
+        if array.dtype.kind not in "iubUS" or array.ndim not in (1, 2) or len(array) != rows:
+            raise InvalidArgument(
+                f"array {key!r} must hold integers or strings, shape ({rows},) or ({rows}, k); "
+                f"got {array.dtype} {array.shape}", field="dataset.categorical")
+        columns.extend([array] if array.ndim == 1 else list(array.T))
+    return columns
 
 
 def _load_csv(config: DatasetConfig):
@@ -126,7 +199,15 @@ def _load_csv(config: DatasetConfig):
         raise InvalidArgument(
             f"column {config.label!r} is not in {config.path} (columns: {', '.join(header)})", field="dataset.label"
         )
-    features = list(config.features) if config.features else [c for c in header if c != config.label]
+    for column in config.categorical:
+        if column not in header:
+            raise InvalidArgument(
+                f"column {column!r} is not in {config.path} (columns: {', '.join(header)})", field="dataset.categorical"
+            )
+    if config.label in config.categorical or set(config.features or ()) & set(config.categorical):
+        raise InvalidArgument("a categorical column is also the label or a dense feature", field="dataset.categorical")
+    features = list(config.features) if config.features else [
+        c for c in header if c != config.label and c not in config.categorical]
     for column in features:
         if column not in header:
             raise InvalidArgument(
@@ -134,12 +215,14 @@ def _load_csv(config: DatasetConfig):
             )
     if config.label in features:
         raise InvalidArgument(f"the label column {config.label!r} is also a feature", field="dataset.features")
-    if not features:
+    if not features and not config.categorical:
         raise InvalidArgument(f"{config.path} has no feature columns besides the label", field="dataset.features")
     positions = [header.index(column) for column in features]
+    categorical_positions = [header.index(column) for column in config.categorical]
     label_position = header.index(config.label)
     x = np.empty((len(body), len(features)), dtype=np.float64)
     label_texts = []
+    categorical = [[None] * len(body) for _ in categorical_positions]
     for row_index, (line, row) in enumerate(body):
         if len(row) != len(header):
             raise InvalidArgument(
@@ -149,7 +232,9 @@ def _load_csv(config: DatasetConfig):
         for column_index, position in enumerate(positions):
             x[row_index, column_index] = _cell_number(row[position], config, line, features[column_index])
         label_texts.append((line, row[label_position].strip()))
-    return x, None, features, label_texts
+        for column, position in enumerate(categorical_positions):
+            categorical[column][row_index] = row[position]  # missing stays text: a category of its own
+    return x, None, features, label_texts, [np.array(values, dtype=object) for values in categorical]
 
 
 def _cell_number(text: str, config: DatasetConfig, line: int, column: str) -> float:
@@ -184,7 +269,7 @@ def _resolve_task(configured: str | None, loss: str | None, default: str) -> str
     return from_loss or configured or default
 
 
-def _handle_missing(x, y, label_texts, config: DatasetConfig, source: str):
+def _handle_missing(x, y, label_texts, ids, config: DatasetConfig, source: str):
     """Refuse rows with a NaN/missing value (naming the first), or drop them with `drop_missing`."""
     bad_rows = ~np.isfinite(x).all(axis=1)
     if label_texts is not None:
@@ -192,11 +277,11 @@ def _handle_missing(x, y, label_texts, config: DatasetConfig, source: str):
     elif y.dtype.kind == "f":
         bad_rows |= ~np.isfinite(y.reshape(len(y), -1)).all(axis=1)
     if not bad_rows.any():
-        return x, y, label_texts
+        return x, y, label_texts, ids
     if config.drop_missing:
         keep = ~bad_rows
         kept_texts = None if label_texts is None else [t for t, k in zip(label_texts, keep) if k]
-        return x[keep], None if y is None else y[keep], kept_texts
+        return x[keep], None if y is None else y[keep], kept_texts, None if ids is None else ids[keep]
     first = int(np.flatnonzero(bad_rows)[0])
     where = f"line {label_texts[first][0]}" if label_texts is not None else f"row {first}"
     raise InvalidArgument(

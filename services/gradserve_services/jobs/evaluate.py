@@ -2,7 +2,9 @@
 
 This is evaluation, not training: no update is applied, so it need not go through the service. It
 uses the engine's own loss (via `loss_and_grad_sum` in eval mode) so the test loss means exactly
-what the training loss means.
+what the training loss means. A binary task with one output also gets the ROC AUC of its logits.
+The inputs are the features, or a mapping of named inputs (categorical data), cut into row ranges
+alike.
 """
 
 from __future__ import annotations
@@ -21,19 +23,27 @@ class Evaluator:
         self.model = Model(spec)
         self.task = task
 
-    def evaluate(self, params: dict, x: np.ndarray, y: np.ndarray) -> dict:
-        """{"loss": mean loss, "accuracy": fraction correct (classification and binary only)}."""
+    def evaluate(self, params: dict, x, y: np.ndarray) -> dict:
+        """{"loss": mean loss, "accuracy": fraction correct (classification and binary only),
+        "auc": binary with one output only}."""
         loss_sum, correct, count = 0.0, 0.0, 0
-        for start in range(0, len(x), EVAL_ROWS):
-            x_part, y_part = x[start : start + EVAL_ROWS], y[start : start + EVAL_ROWS]
+        scores = []
+        for start in range(0, len(y), EVAL_ROWS):
+            x_part, y_part = _rows(x, start, start + EVAL_ROWS), y[start : start + EVAL_ROWS]
             grad_sum = self.model.loss_and_grad_sum(params, x_part, y_part, train=False)
             loss_sum += grad_sum.loss_sum
             count += grad_sum.count
             if self.task != "regression":
-                correct += self._correct(self.model.forward(params, x_part, train=False), y_part)
+                outputs = self.model.forward(params, x_part, train=False)
+                correct += self._correct(outputs, y_part)
+                scores.append(outputs)
         result = {"loss": loss_sum / max(count, 1)}
         if self.task != "regression":
             result["accuracy"] = correct / max(count, 1)
+        if self.task == "binary" and scores and scores[0].shape[1] == 1:
+            from .synthetic_ctr import roc_auc
+
+            result["auc"] = roc_auc(y, np.concatenate(scores))
         return result
 
     def _correct(self, outputs: np.ndarray, y: np.ndarray) -> float:
@@ -41,3 +51,21 @@ class Evaluator:
             return float(np.sum(outputs.argmax(axis=1) == y))
         # Binary: a logit > 0 predicts 1; a row counts by the fraction of its outputs that are right.
         return float(np.mean((outputs > 0) == (y > 0.5), axis=1).sum())
+
+
+def _rows(x, start: int, stop: int):
+    if isinstance(x, dict):
+        return {name: values[start:stop] for name, values in x.items()}
+    return x[start:stop]
+
+
+def planted_figures(split) -> dict:
+    """synthetic_ctr: the planted model's log-loss and AUC on the held-out rows, the floor a trained
+    model is measured against; {} for other data."""
+    if split.click_probability_test is None:
+        return {}
+    from .synthetic_ctr import log_loss, roc_auc
+
+    probability = np.clip(split.click_probability_test, 1e-15, 1 - 1e-15)
+    logits = np.log(probability) - np.log1p(-probability)
+    return {"planted_test_loss": log_loss(split.y_test, logits), "planted_test_auc": roc_auc(split.y_test, logits)}

@@ -8,7 +8,7 @@ Every key, its default and its meaning: `JOB_FILE_KEYS` (`gradserve train --prin
 it; the README's job-file reference is that text). In outline:
 
     seed: 0
-    dataset:    {name, path, label, features, x_key, y_key, task, test_fraction, standardize, ...}
+    dataset:    {name, path, label, features, categorical, hash_rows, x_key, y_key, task, test_fraction, ...}
     model:      {mlp: {hidden, activation, dropout, layernorm} | nodes: [...], output: NAME ; loss}
     optimizer:  {name, lr, momentum, beta1, beta2, eps, weight_decay, clip_norm, schedule: {...}}
     train:      {epochs, batch_size, workers, consistency, staleness, micro_batch_size}
@@ -50,7 +50,8 @@ __all__ = [
     "load_job",
 ]
 
-DATASET_NAMES = ("digits", "diabetes", "npz", "csv")
+DATASET_NAMES = ("digits", "diabetes", "synthetic_ctr", "npz", "csv", "parquet")
+FILE_DATASETS = ("npz", "csv", "parquet")
 TASKS = ("classification", "regression", "binary")
 # The names the engine, the optimizer and the cluster define: the job file restates none of them.
 ACTIVATIONS = tuple(kind for kind, op in OPS.items() if isinstance(op, Elementwise))
@@ -58,7 +59,8 @@ ACTIVATIONS = tuple(kind for kind, op in OPS.items() if isinstance(op, Elementwi
 TOP_LEVEL_KEYS = ("seed", "dataset", "model", "optimizer", "train", "checkpoint", "service", "out")
 DATASET_KEYS = (
     "name", "path", "label", "features", "x_key", "y_key", "task", "test_fraction",
-    "standardize", "standardize_target", "drop_missing",
+    "standardize", "standardize_target", "drop_missing", "categorical", "hash_rows", "hash_seed",
+    "samples", "fields", "vocab", "zipf",
 )
 MODEL_KEYS = ("mlp", "input_features", "nodes", "output", "loss")
 MLP_KEYS = ("hidden", "activation", "dropout", "layernorm")
@@ -79,12 +81,25 @@ class KeyDoc:
 # The reference of every key above, in file order; a test checks it against the key lists and that
 # each literal default is what parsing gives when the key is left out.
 JOB_FILE_KEYS = (
-    KeyDoc("seed", "seeds the train/test split, the batch order, initial parameters and dropout masks", 0),
-    KeyDoc("dataset.name", "`digits`, `diabetes` (scikit-learn's, bundled), `npz` or `csv`",
-           default_rule="from `dataset.path`'s suffix"),
-    KeyDoc("dataset.path", "the `.npz` / `.csv` file, relative to the job file's folder"),
-    KeyDoc("dataset.label", "csv: the label column (header name)", "label"),
-    KeyDoc("dataset.features", "csv: the feature columns", default_rule="every column but the label"),
+    KeyDoc("seed", "seeds the train/test split, the batch order, initial parameters, dropout masks and synthetic data", 0),
+    KeyDoc("dataset.name", "`digits`, `diabetes` (scikit-learn's, bundled), `synthetic_ctr` (clicks from a planted "
+           "model, below), `npz`, `csv` or `parquet`", default_rule="from `dataset.path`'s suffix"),
+    KeyDoc("dataset.path", "the `.npz` / `.csv` / `.parquet` file, relative to the job file's folder"),
+    KeyDoc("dataset.label", "csv, parquet: the label column (header name)", "label"),
+    KeyDoc("dataset.features", "csv, parquet: the dense feature columns (input `dense` when there are categorical ones)",
+           default_rule="every column but the label and the categorical ones"),
+    KeyDoc("dataset.categorical", "categorical columns (csv, parquet) or arrays (npz, each `(n,)` or `(n, k)`), "
+           "strings or integers, hashed into `hash_rows` rows each; the model reads them as the ids input "
+           "`categorical` `(batch, columns)` and needs the graph form", []),
+    KeyDoc("dataset.hash_rows", "categorical: the rows each column's values hash into: BLAKE2b (8-byte digest, "
+           "keyed by `hash_seed`) of `POSITION:TEXT` (the column's position in `categorical`; an integer's digits "
+           "or a string stripped; missing: empty), modulo `hash_rows`", 65536),
+    KeyDoc("dataset.hash_seed", "categorical: the hashing key; the same seed gives the same rows in any process", 0),
+    KeyDoc("dataset.samples", "synthetic_ctr: rows generated", 200000),
+    KeyDoc("dataset.fields", "synthetic_ctr: categorical fields (input `categorical`, ids in `[0, vocab)`), "
+           "beside 13 dense features (input `dense`)", 26),
+    KeyDoc("dataset.vocab", "synthetic_ctr: distinct ids per field", 1000),
+    KeyDoc("dataset.zipf", "synthetic_ctr: Zipf exponent of the ids' frequencies", 1.5),
     KeyDoc("dataset.x_key", "npz: the array of features", "x"),
     KeyDoc("dataset.y_key", "npz: the array of labels or targets", "y"),
     KeyDoc("dataset.task", "`classification` (integer class labels), `regression` or `binary`",
@@ -164,6 +179,13 @@ class DatasetConfig:
     standardize: bool
     standardize_target: bool  # regression targets scaled to unit variance (fitted on train)
     drop_missing: bool  # drop rows with missing/NaN values instead of refusing the file
+    categorical: tuple[str, ...] = ()  # columns / arrays hashed into table rows
+    hash_rows: int = 65536
+    hash_seed: int = 0
+    samples: int = 200000  # synthetic_ctr's size and shape
+    fields: int = 26
+    vocab: int = 1000
+    zipf: float = 1.5
 
 
 @dataclass(frozen=True)
@@ -279,7 +301,7 @@ def _parse_dataset(raw: Mapping, base_dir: Path) -> DatasetConfig:
         name = Path(path).suffix.lstrip(".").lower()  # `path: data.csv` alone is enough
     _choice(name, DATASET_NAMES, "dataset.name", what="dataset")
     resolved = None
-    if name in ("npz", "csv"):
+    if name in FILE_DATASETS:
         if not isinstance(path, str) or not path:
             raise InvalidArgument(f"a {name} dataset needs a file path", field="dataset.path")
         resolved = Path(path) if Path(path).is_absolute() else base_dir / path
@@ -296,6 +318,16 @@ def _parse_dataset(raw: Mapping, base_dir: Path) -> DatasetConfig:
     fraction = _number(raw.get("test_fraction", 0.2), "dataset.test_fraction")
     if not 0.0 < fraction < 1.0:
         raise InvalidArgument(f"must be between 0 and 1 (exclusive), got {fraction}", field="dataset.test_fraction")
+    categorical = raw.get("categorical", [])
+    if not isinstance(categorical, list) or not all(isinstance(c, str) and c for c in categorical) \
+            or len(set(categorical)) != len(categorical):
+        raise InvalidArgument("must be a list of distinct column names", field="dataset.categorical")
+    if categorical and name not in FILE_DATASETS:
+        raise InvalidArgument(f"the built-in {name!r} dataset has no categorical columns to choose",
+                              field="dataset.categorical")
+    zipf = _number(raw.get("zipf", 1.5), "dataset.zipf")
+    if zipf <= 0:
+        raise InvalidArgument(f"must be > 0, got {zipf}", field="dataset.zipf")
     return DatasetConfig(
         name=name,
         path=resolved,
@@ -308,6 +340,13 @@ def _parse_dataset(raw: Mapping, base_dir: Path) -> DatasetConfig:
         standardize=_boolean(raw.get("standardize", True), "dataset.standardize"),
         standardize_target=_boolean(raw.get("standardize_target", True), "dataset.standardize_target"),
         drop_missing=_boolean(raw.get("drop_missing", False), "dataset.drop_missing"),
+        categorical=tuple(categorical),
+        hash_rows=_integer(raw.get("hash_rows", 65536), "dataset.hash_rows", minimum=1),
+        hash_seed=_integer(raw.get("hash_seed", 0), "dataset.hash_seed", minimum=0, maximum=2**64 - 1),
+        samples=_integer(raw.get("samples", 200000), "dataset.samples", minimum=2),
+        fields=_integer(raw.get("fields", 26), "dataset.fields", minimum=1),
+        vocab=_integer(raw.get("vocab", 1000), "dataset.vocab", minimum=1),
+        zipf=zipf,
     )
 
 
@@ -455,9 +494,11 @@ def _choice(value, choices, field: str, *, what: str) -> None:
         raise InvalidArgument(f"unknown {what} {value!r}; known: {', '.join(choices)}", field=field)
 
 
-def _integer(value, field: str, *, minimum: int) -> int:
+def _integer(value, field: str, *, minimum: int, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise InvalidArgument(f"must be an integer >= {minimum}, got {value!r}", field=field)
+    if maximum is not None and value > maximum:
+        raise InvalidArgument(f"must be an integer <= {maximum}, got {value!r}", field=field)
     return value
 
 

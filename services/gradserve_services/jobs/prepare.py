@@ -49,7 +49,7 @@ class PreparedJob:
 
 
 def prepare_job(job: Job) -> PreparedJob:
-    dataset = load_dataset(job.dataset, job.model.loss)
+    dataset = load_dataset(job.dataset, job.model.loss, seed=job.seed)
     loss = job.model.loss or LOSS_FOR_TASK[dataset.task]
     split = split_dataset(
         dataset,
@@ -60,7 +60,9 @@ def prepare_job(job: Job) -> PreparedJob:
     )
     if len(split.x_train) == 0 or len(split.x_test) == 0:
         raise InvalidArgument("the split leaves an empty train or test set", field="dataset.test_fraction")
-    spec = build_spec(job.model, input_features=dataset.x.shape[1], output_width=dataset.num_outputs, loss=loss)
+    fields = 0 if dataset.ids is None else dataset.ids.shape[1]
+    spec = build_spec(job.model, input_features=dataset.x.shape[1], output_width=dataset.num_outputs, loss=loss,
+                      categorical_fields=fields, table_rows=dataset.table_rows)
     order = BatchOrder(num_samples=len(split.x_train), batch_size=job.train.batch_size, seed=job.seed)
     optimizer = _complete_optimizer(job.optimizer, job.train.epochs * order.steps_per_epoch)
     return PreparedJob(job=job, dataset=dataset, split=split, spec=spec, optimizer=optimizer, order=order)

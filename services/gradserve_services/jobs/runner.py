@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from gradserve_services.checkpoint import save_checkpoint
 from gradserve_services.errors import FailedPrecondition
 
-from .evaluate import Evaluator
+from .evaluate import Evaluator, planted_figures
 from .prepare import PreparedJob
 from .progress import EpochProgress
 from .report import EpochSignals, MetricsLog, plot_metrics
@@ -72,7 +72,7 @@ def run_job(prepared: PreparedJob, *, resume: bool = False, progress: bool | Non
         loop.run(first_step)
         final_version, params = session.parameters()
 
-    final = evaluator.evaluate(params, prepared.split.x_test, prepared.split.y_test)
+    final = evaluator.evaluate(params, prepared.split.test_inputs(), prepared.split.y_test)
     rows = metrics.read()
     plot_metrics(rows, job.out_dir / "metrics.png", title=f"{job.name}: {prepared.dataset.source}")
     save_checkpoint(job.out_dir / "parameters.npz", params, {"spec": prepared.spec, "step": prepared.total_steps, "version": final_version})
@@ -84,6 +84,13 @@ def run_job(prepared: PreparedJob, *, resume: bool = False, progress: bool | Non
     }
     if "accuracy" in final and prepared.dataset.task == "classification":
         summary["test_accuracy"] = final["accuracy"]
+    if "auc" in final:
+        summary["test_auc"] = final["auc"]
+    summary.update(planted_figures(prepared.split))
+    if "planted_test_loss" in summary:
+        print(f"gradserve train: held-out log-loss {final['loss']:.4f} (planted model {summary['planted_test_loss']:.4f}, "
+              f"ratio {final['loss'] / summary['planted_test_loss']:.4f}), AUC {final.get('auc', float('nan')):.4f} "
+              f"(planted {summary['planted_test_auc']:.4f})", file=log)
     summary["samples_per_s"] = round(loop.samples / loop.step_seconds, 1) if loop.step_seconds > 0 else 0.0
     summary["wall_s"] = round(time.perf_counter() - started, 3)
     return summary
@@ -123,7 +130,7 @@ class _Loop:
         """Send steps [first, stop) as one stream; returns `stop`."""
         split, order = self.prepared.split, self.prepared.order
         batches = (
-            (step, split.x_train[rows], split.y_train[rows])
+            (step, split.train_inputs(rows), split.y_train[rows])
             for step in range(first, stop)
             for rows in (order.indices(step, permutation),)
         )
@@ -138,11 +145,13 @@ class _Loop:
 
     def _finish_epoch(self, epoch: int) -> str:
         _, params = self.session.parameters()
-        result = self.evaluator.evaluate(params, self.prepared.split.x_test, self.prepared.split.y_test)
+        result = self.evaluator.evaluate(params, self.prepared.split.test_inputs(), self.prepared.split.y_test)
         row = {"epoch": epoch, "step": (epoch + 1) * self.prepared.order.steps_per_epoch,
                "train_loss": self.totals.mean, "test_loss": result["loss"]}
         if "accuracy" in result:
             row["test_accuracy"] = result["accuracy"]
+        if "auc" in result:
+            row["test_auc"] = result["auc"]
         row.update(self.signals.row())
         self.metrics.append(row)
         print(f"gradserve train: epoch {epoch + 1}/{self.prepared.job.train.epochs} "

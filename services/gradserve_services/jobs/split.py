@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .datasets import Dataset
+from .datasets import CATEGORICAL_INPUT, DENSE_INPUT, Dataset
 
 __all__ = ["Split", "Standardizer", "BatchOrder", "split_dataset"]
 
@@ -25,6 +25,25 @@ class Split:
     y_test: np.ndarray
     feature_scaler: "Standardizer | None"
     target_scaler: "Standardizer | None"  # regression targets; losses are reported in scaled units
+    ids_train: np.ndarray | None = None  # categorical ids, split with the same rows
+    ids_test: np.ndarray | None = None
+    click_probability_test: np.ndarray | None = None  # synthetic_ctr: the planted model's, test rows
+
+    def train_inputs(self, rows) -> "np.ndarray | dict[str, np.ndarray]":
+        """The model's batch of training rows `rows`: the features, or with categorical ids the
+        named inputs (`dense`, `categorical`)."""
+        return _inputs(self.x_train, self.ids_train, rows)
+
+    def test_inputs(self) -> "np.ndarray | dict[str, np.ndarray]":
+        return _inputs(self.x_test, self.ids_test, slice(None))
+
+
+def _inputs(x, ids, rows):
+    if ids is None:
+        return x[rows]
+    named = {DENSE_INPUT: x[rows]} if x.shape[1] else {}
+    named[CATEGORICAL_INPUT] = ids[rows]
+    return named
 
 
 @dataclass(frozen=True)
@@ -59,9 +78,10 @@ def split_dataset(
         counts = np.bincount(dataset.y)
         if counts[counts > 0].min() >= 2:
             stratify = dataset.y
-    x_train, x_test, y_train, y_test = train_test_split(
-        dataset.x, dataset.y, test_size=test_fraction, random_state=seed, stratify=stratify
+    rows_train, rows_test = train_test_split(
+        np.arange(len(dataset.x)), test_size=test_fraction, random_state=seed, stratify=stratify
     )
+    x_train, x_test, y_train, y_test = dataset.x[rows_train], dataset.x[rows_test], dataset.y[rows_train], dataset.y[rows_test]
     feature_scaler = Standardizer.fit(x_train) if standardize else None
     if feature_scaler is not None:
         x_train, x_test = feature_scaler.transform(x_train), feature_scaler.transform(x_test)
@@ -76,6 +96,9 @@ def split_dataset(
         y_test=np.ascontiguousarray(y_test),
         feature_scaler=feature_scaler,
         target_scaler=target_scaler,
+        ids_train=None if dataset.ids is None else np.ascontiguousarray(dataset.ids[rows_train]),
+        ids_test=None if dataset.ids is None else np.ascontiguousarray(dataset.ids[rows_test]),
+        click_probability_test=None if dataset.click_probability is None else dataset.click_probability[rows_test],
     )
 
 
