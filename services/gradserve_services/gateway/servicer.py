@@ -27,11 +27,7 @@ from .functions import INPUT_GRADIENTS, OUTPUT_GRADIENT, OUTPUTS, ModelFunctions
 from .sessions import SessionRegistry, activation_features, check_activations
 from .status import abort_internal, abort_with
 
-__all__ = ["GradserveServicer", "TABLE_STEP_FIELDS"]
-
-# StepResult fields StepResponse carries under the same names (the tables' row traffic).
-TABLE_STEP_FIELDS = ("rows_pulled", "rows_pushed", "rows_updated", "row_lookups", "bytes_pulled",
-                     "bytes_pushed", "dense_table_bytes", "table_rows", "table_bytes")
+__all__ = ["GradserveServicer"]
 
 log = logging.getLogger(__name__)
 
@@ -100,19 +96,16 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
     @_answering_errors
     def ComputeGradients(self, request_iterator, context):
         header, arrays = wire.read_one(request_iterator, self._max_bytes)
-        tensors = wire.group(arrays, (wire.PARAMETERS, wire.TANGENT, wire.BATCH_PREFIX), exact=(OUTPUT_GRADIENT,))
-        spec = spec_from_proto(header.model)
-        x, y = wire.batch_tensors(tensors[wire.BATCH_PREFIX], spec)  # named inputs: a mapping
-        if y is None and OUTPUT_GRADIENT not in tensors:
+        tensors = wire.group(arrays, (wire.PARAMETERS, wire.TANGENT), exact=wire.BATCH + (OUTPUT_GRADIENT,))
+        _require(tensors, ("batch.x",))
+        if "batch.y" not in tensors and OUTPUT_GRADIENT not in tensors:
             raise InvalidArgument("missing tensor: send batch.y (a built-in loss) or output_gradient "
                                   "(a vector-Jacobian product)", "batch.y")
-        tensors["batch.x"], tensors["batch.y"] = x, y
+        spec = spec_from_proto(header.model)
         check_activations(activation_features(spec), tensors["batch.x"], header.micro_batch_size,
                           self._sessions.limits.activation_elements_per_call)
         _check_deadline(context)
         if OUTPUT_GRADIENT in tensors:
-            if y is None:
-                del tensors["batch.y"]
             yield from self._vjp(spec, header, tensors)
             return
         if header.input_gradient:
@@ -133,7 +126,7 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
         reply.timings_ms.update({k: float(v) for k, v in result["timings"].items()})
         if result["jvp"] is not None:
             reply.jvp = result["jvp"]
-        gradients = wire.gradient_arrays(result["grads"] or {})  # tables as (ids, rows)
+        gradients = {wire.GRADIENTS + name: value for name, value in (result["grads"] or {}).items()}
         yield from wire.send(reply, gradients, service_pb2.ComputeGradientsResponse)
 
     def _vjp(self, spec, header, tensors):
@@ -145,7 +138,7 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
                                      micro_batch_size=header.micro_batch_size or None)
         reply = service_pb2.ComputeGradientsResult(loss=0.0, count=tensors["batch.x"].shape[0])
         reply.timings_ms["total"] = (time.perf_counter() - started) * 1e3
-        arrays = wire.gradient_arrays(result.gradients)
+        arrays = {wire.GRADIENTS + name: value for name, value in dense_gradients(result.gradients).items()}
         arrays.update({INPUT_GRADIENTS + name: value for name, value in (result.input_gradients or {}).items()})
         yield from wire.send(reply, arrays, service_pb2.ComputeGradientsResponse)
 
@@ -202,10 +195,10 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
 
     def _step(self, owner, header, arrays, context) -> service_pb2.StepResponse:
         session = self._sessions.get(owner, header.session_id)
-        x, y = wire.batch_tensors(wire.group(arrays, (wire.BATCH_PREFIX,))[wire.BATCH_PREFIX], session.config.spec)
-        if y is None:
-            raise InvalidArgument("missing tensor", "batch.y")
-        result = self._sessions.step(session, header.step_id, x, y, _seconds_left(context))
+        batch = wire.group(arrays, (), exact=wire.BATCH)
+        _require(batch, wire.BATCH)
+        result = self._sessions.step(session, header.step_id, batch["batch.x"], batch["batch.y"],
+                                     _seconds_left(context))
         reply = service_pb2.StepResponse(
             step_id=header.step_id, loss=result.loss, version=result.version, duplicate=result.duplicate,
             applied=result.applied and not result.duplicate, samples=result.samples,
@@ -213,7 +206,6 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
             worker_failures=result.worker_failures, noise_scale=result.noise_scale,
             shard_cosines=result.shard_cosines, compute_spread=result.compute_spread,
             slowest_worker=result.slowest_worker,
-            **{name: getattr(result, name) for name in TABLE_STEP_FIELDS},
         )
         reply.timings_ms.update({k: float(v) for k, v in result.timings.items()})
         reply.update_ratios.update({k: float(v) for k, v in result.update_ratios.items()})
@@ -226,16 +218,6 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
         arrays = {wire.PARAMETERS + name: value for name, value in params.items()}
         yield from wire.send(service_pb2.ParametersHeader(version=version), arrays,
                              service_pb2.PullParametersResponse)
-
-    @_answering_errors
-    def PullRows(self, request_iterator, context):
-        header, arrays = wire.read_one(request_iterator, self._max_bytes)
-        session = self._sessions.get(self._auth.identity(context), header.session_id)
-        tensors = wire.group(arrays, (), exact=("ids",))
-        _require(tensors, ("ids",))
-        version, rows = self._sessions.table_rows(session, header.table, tensors["ids"])
-        yield from wire.send(service_pb2.PullRowsResult(version=version), {"rows": rows},
-                             service_pb2.PullRowsResponse)
 
     @_answering_errors
     def SaveCheckpoint(self, request, context):
