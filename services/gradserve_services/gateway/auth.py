@@ -12,11 +12,12 @@ import os
 
 import grpc
 
-from gradserve.rpc.methods import rewrapped
+from gradserve.rpc.methods import behavior_of, rewrapped
 
 from gradserve_services.errors import InvalidArgument
 
-__all__ = ["LOCAL_IDENTITY", "TOKENS_ENV", "Authenticator", "AuthInterceptor", "parse_tokens", "load_tokens"]
+__all__ = ["LOCAL_IDENTITY", "TOKENS_ENV", "Authenticator", "AuthInterceptor", "CallContext", "parse_tokens",
+           "load_tokens"]
 
 LOCAL_IDENTITY = "local"  # every caller's identity when auth is off
 TOKENS_ENV = "GRADSERVE_AUTH_TOKENS"
@@ -73,13 +74,6 @@ class Authenticator:
                 identity = owner
         return identity
 
-    def identity(self, context: grpc.ServicerContext) -> str:
-        """The caller of a call the interceptor let through."""
-        identity = self.identity_for(context.invocation_metadata())
-        if identity is None:  # unreachable behind AuthInterceptor; kept as a second lock
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
-        return identity
-
 
 def bearer_token(metadata) -> str | None:
     for key, value in metadata or ():
@@ -88,8 +82,22 @@ def bearer_token(metadata) -> str | None:
     return None
 
 
+class CallContext:
+    """A call's gRPC context plus `identity`, who is calling, established once by the interceptor
+    and passed along: servicer methods read `context.identity`."""
+
+    def __init__(self, context: grpc.ServicerContext, identity: str):
+        self._context = context
+        self.identity = identity
+
+    def __getattr__(self, name: str):
+        return getattr(self._context, name)
+
+
 class AuthInterceptor(grpc.ServerInterceptor):
-    """Answers UNAUTHENTICATED before any servicer code runs when the token is missing or unknown."""
+    """Establishes each call's identity from its metadata, once: a call with a missing or unknown
+    token is answered UNAUTHENTICATED before any servicer code runs; the others get a CallContext.
+    Health probes carry no token and pass as they are."""
 
     def __init__(self, authenticator: Authenticator):
         self._authenticator = authenticator
@@ -97,10 +105,14 @@ class AuthInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation, handler_call_details):
         if handler_call_details.method.startswith(UNAUTHENTICATED_METHODS):
             return continuation(handler_call_details)
-        if self._authenticator.identity_for(handler_call_details.invocation_metadata) is not None:
-            return continuation(handler_call_details)
+        identity = self._authenticator.identity_for(handler_call_details.invocation_metadata)
         handler = continuation(handler_call_details)
-        return None if handler is None else _refusing(handler)
+        if handler is None:
+            return None
+        if identity is None:
+            return _refusing(handler)
+        behavior = behavior_of(handler)
+        return rewrapped(handler, lambda request, context: behavior(request, CallContext(context, identity)))
 
 
 def _refuse(request_or_iterator, context):

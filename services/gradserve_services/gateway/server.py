@@ -17,6 +17,7 @@ from gradserve_services import metrics
 
 from . import wire
 from .auth import AuthInterceptor, Authenticator
+from .error_status import ErrorStatusInterceptor
 from .observe import MetricsInterceptor
 from .reflection import enable_reflection
 from .servicer import GradserveServicer
@@ -68,9 +69,9 @@ def create_server(
     """
     authenticator = Authenticator(auth_tokens)
     metrics.declare_rpc_methods(m.name for m in SERVICE.methods)
-    interceptors = [MetricsInterceptor()]
-    if authenticator.enabled:
-        interceptors.append(AuthInterceptor(authenticator))
+    # outermost first: metrics see the final status; identity is established before any method
+    # runs; errors become statuses innermost, where the method raised them
+    interceptors = [MetricsInterceptor(), AuthInterceptor(authenticator), ErrorStatusInterceptor(SERVICE_NAME)]
     server = grpc.server(
         # Streaming calls hold a thread each; one per allowed call, the cap is the limit.
         futures.ThreadPoolExecutor(max_workers=max_concurrent_calls, thread_name_prefix="gateway"),
@@ -84,7 +85,7 @@ def create_server(
     if recovered:
         log.info("recovered %d sessions from %s", recovered, checkpoint_dir)
     # undecodable bytes reach the servicer as a marker: INVALID_ARGUMENT, not gRPC's INTERNAL
-    add_service(server, SERVICE, GradserveServicer(executor, registry, authenticator, max_request_bytes),
+    add_service(server, SERVICE, GradserveServicer(executor, registry, max_request_bytes),
                 request_deserializer=wire.tolerant)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

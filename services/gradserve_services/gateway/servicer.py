@@ -1,14 +1,11 @@
 """The Gradserve servicer: each method decodes, delegates (executor or session registry), encodes.
 
-Failures leave through one place: a GradserveError becomes its status (status.py); anything else
-is logged and answered INTERNAL without internals.
+Failures leave through one place, the ErrorStatusInterceptor (error_status.py), which also hands
+each method its request decoded; the caller's identity arrives as `context.identity` (auth.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import inspect
 import logging
 import time
 
@@ -19,59 +16,15 @@ from gradserve.v1 import service_pb2, service_pb2_grpc
 
 from gradserve_services.cluster.handover import hand_over
 from gradserve_services.engine import dense_gradients
-from gradserve_services.errors import DeadlineExceeded, GradserveError, InvalidArgument
+from gradserve_services.errors import DeadlineExceeded, InvalidArgument
 
 from . import wire
-from .auth import Authenticator
 from .functions import INPUT_GRADIENTS, OUTPUT_GRADIENT, OUTPUTS, ModelFunctions
 from .sessions import SessionRegistry, activation_features, check_activations
-from .status import abort_internal, abort_with
 
 __all__ = ["GradserveServicer"]
 
 log = logging.getLogger(__name__)
-
-
-def _answering_errors(method):
-    """Map failures of a servicer method (plain or generator) to statuses."""
-    name = method.__name__
-
-    if inspect.isgeneratorfunction(method):  # a streaming handler must itself be a generator
-        @functools.wraps(method)
-        def streaming(self, request, context):
-            with _statuses(context, name):
-                yield from method(self, wire.decoded(request), context)
-        return streaming
-
-    @functools.wraps(method)
-    def unary(self, request, context):
-        with _statuses(context, name):
-            return method(self, wire.decoded(request), context)
-    return unary
-
-
-@contextlib.contextmanager
-def _statuses(context, name: str):
-    try:
-        yield
-    except GradserveError as error:
-        abort_with(context, error)
-    except Exception as error:  # noqa: BLE001 - the one catch-all, logged
-        if _is_abort(context) or _ended_by_grpc(context, error):
-            raise
-        abort_internal(context, name, error)
-
-
-def _is_abort(context) -> bool:
-    """context.abort raises a plain Exception after setting the code; let it through as is."""
-    return context.code() not in (None, grpc.StatusCode.OK)
-
-
-def _ended_by_grpc(context, error: Exception) -> bool:
-    """The request stream raises RpcError once gRPC has ended the call (the caller cancelled, its
-    deadline passed, a message was over gRPC's limit): the caller has its status already, there
-    is nothing to answer and nothing went wrong here."""
-    return isinstance(error, grpc.RpcError) and not context.is_active()
 
 
 def _seconds_left(context: grpc.ServicerContext):
@@ -86,14 +39,12 @@ def _check_deadline(context: grpc.ServicerContext) -> None:
 
 
 class GradserveServicer(service_pb2_grpc.GradserveServicer):
-    def __init__(self, executor, registry: SessionRegistry, authenticator: Authenticator, max_request_bytes: int):
+    def __init__(self, executor, registry: SessionRegistry, max_request_bytes: int):
         self._executor = executor
         self._sessions = registry
-        self._auth = authenticator
         self._max_bytes = max_request_bytes
         self._functions = ModelFunctions()
 
-    @_answering_errors
     def ComputeGradients(self, request_iterator, context):
         header, arrays = wire.read_one(request_iterator, self._max_bytes)
         tensors = wire.group(arrays, (wire.PARAMETERS, wire.TANGENT), exact=wire.BATCH + (OUTPUT_GRADIENT,))
@@ -142,14 +93,13 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
         arrays.update({INPUT_GRADIENTS + name: value for name, value in (result.input_gradients or {}).items()})
         yield from wire.send(reply, arrays, service_pb2.ComputeGradientsResponse)
 
-    @_answering_errors
     def Forward(self, request_iterator, context):
         header, arrays = wire.read_one(request_iterator, self._max_bytes)
         tensors = wire.group(arrays, (wire.PARAMETERS,), exact=("batch.x",))
         _require(tensors, ("batch.x",))
         version = 0
         if header.session_id:
-            session = self._sessions.get(self._auth.identity(context), header.session_id)
+            session = self._sessions.get(context.identity, header.session_id)
             if tensors[wire.PARAMETERS]:
                 name = next(iter(tensors[wire.PARAMETERS]))
                 raise InvalidArgument("a session's forward runs at its own parameters; send none",
@@ -165,9 +115,8 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
         outputs = {OUTPUTS + name: value for name, value in values.items()}
         yield from wire.send(service_pb2.ForwardResult(version=version), outputs, service_pb2.ForwardResponse)
 
-    @_answering_errors
     def CreateSession(self, request_iterator, context):
-        owner = self._auth.identity(context)
+        owner = context.identity
         header, arrays = wire.read_one(request_iterator, self._max_bytes)
         # the received buffers are nobody else's: the parameter server keeps them (handover.py)
         params = hand_over(wire.group(arrays, (wire.PARAMETERS,))[wire.PARAMETERS])
@@ -181,15 +130,13 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
         )
         return service_pb2.CreateSessionResponse(session_id=session.session_id, version=session.version)
 
-    @_answering_errors
     def Step(self, request_iterator, context):
-        owner = self._auth.identity(context)
+        owner = context.identity
         header, arrays = wire.read_one(request_iterator, self._max_bytes)
         return self._step(owner, header, arrays, context)
 
-    @_answering_errors
     def StreamSteps(self, request_iterator, context):
-        owner = self._auth.identity(context)
+        owner = context.identity
         for header, arrays in wire.read_each(request_iterator, self._max_bytes):
             yield self._step(owner, header, arrays, context)
 
@@ -211,34 +158,29 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
         reply.update_ratios.update({k: float(v) for k, v in result.update_ratios.items()})
         return reply
 
-    @_answering_errors
     def PullParameters(self, request, context):
-        session = self._sessions.get(self._auth.identity(context), request.session_id)
+        session = self._sessions.get(context.identity, request.session_id)
         version, params = self._sessions.parameters(session)
         arrays = {wire.PARAMETERS + name: value for name, value in params.items()}
         yield from wire.send(service_pb2.ParametersHeader(version=version), arrays,
                              service_pb2.PullParametersResponse)
 
-    @_answering_errors
     def SaveCheckpoint(self, request, context):
-        session = self._sessions.get(self._auth.identity(context), request.session_id)
+        session = self._sessions.get(context.identity, request.session_id)
         name, version = self._sessions.save_checkpoint(session)
         return service_pb2.SaveCheckpointResponse(checkpoint=name, version=version)
 
-    @_answering_errors
     def RestoreCheckpoint(self, request, context):
-        session = self._sessions.get(self._auth.identity(context), request.session_id)
+        session = self._sessions.get(context.identity, request.session_id)
         name, version = self._sessions.restore_checkpoint(session, request.checkpoint)
         return service_pb2.RestoreCheckpointResponse(checkpoint=name, version=version)
 
-    @_answering_errors
     def CloseSession(self, request, context):
-        version = self._sessions.close(self._auth.identity(context), request.session_id)
+        version = self._sessions.close(context.identity, request.session_id)
         return service_pb2.CloseSessionResponse(version=version)
 
-    @_answering_errors
     def ListSessions(self, request, context):
-        sessions = self._sessions.list(self._auth.identity(context))
+        sessions = self._sessions.list(context.identity)
         return service_pb2.ListSessionsResponse(sessions=[
             service_pb2.SessionInfo(
                 session_id=s.session_id, version=s.version, steps=s.steps, consistency=s.config.consistency,
