@@ -15,10 +15,40 @@ import numpy as np
 from gradserve_services.errors import InvalidArgument
 
 __all__ = ["OPTIMIZER_NAMES", "SCHEDULE_NAMES", "ScheduleConfig", "OptimizerConfig",
-           "check_fits_dtype"]
+           "check_fits_dtype", "Range", "OPTIMIZER_RANGES", "SCHEDULE_RANGES"]
 
 OPTIMIZER_NAMES = ("sgd", "momentum", "nesterov", "adam", "adamw")
 SCHEDULE_NAMES = ("constant", "step", "cosine")
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting takes (None: unbounded on that side)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_inclusive: bool = True
+    high_inclusive: bool = True
+
+
+# Every numeric setting's range: the validation below and GetServerInfo both read these.
+OPTIMIZER_RANGES = {
+    "lr": Range(low=0.0, low_inclusive=False),
+    "momentum": Range(low=0.0, high=1.0),
+    "beta1": Range(low=0.0, high=1.0, high_inclusive=False),
+    "beta2": Range(low=0.0, high=1.0, high_inclusive=False),
+    "eps": Range(low=0.0),
+    "weight_decay": Range(low=0.0),
+    "clip_norm": Range(low=0.0, low_inclusive=False),  # or null: no clipping
+}
+SCHEDULE_RANGES = {
+    "warmup_steps": Range(low=0),
+    "step_size": Range(low=0),  # >= 1 for the step schedule
+    "gamma": Range(low=0.0),
+    "total_steps": Range(low=0),
+    "min_lr": Range(low=0.0),
+}
+_INTEGER_SCHEDULE_SETTINGS = ("warmup_steps", "step_size", "total_steps")
 
 
 @dataclass(frozen=True)
@@ -66,27 +96,24 @@ class OptimizerConfig:
         if self.name not in OPTIMIZER_NAMES:
             raise InvalidArgument(f"unknown optimizer {self.name!r}; one of {OPTIMIZER_NAMES}",
                                   "optimizer.name")
-        _check_number(self.lr, "optimizer.lr", low=0.0, low_inclusive=False)
-        _check_number(self.momentum, "optimizer.momentum", low=0.0, high=1.0)
-        _check_number(self.beta1, "optimizer.beta1", low=0.0, high=1.0, high_inclusive=False)
-        _check_number(self.beta2, "optimizer.beta2", low=0.0, high=1.0, high_inclusive=False)
-        _check_number(self.eps, "optimizer.eps", low=0.0)
-        _check_number(self.weight_decay, "optimizer.weight_decay", low=0.0)
-        if self.clip_norm is not None:
-            _check_number(self.clip_norm, "optimizer.clip_norm", low=0.0, low_inclusive=False)
+        for name, allowed in OPTIMIZER_RANGES.items():
+            value = getattr(self, name)
+            if not (name == "clip_norm" and value is None):
+                _check_number(value, f"optimizer.{name}", allowed)
         schedule = self.schedule
         if schedule.name not in SCHEDULE_NAMES:
             raise InvalidArgument(f"unknown schedule {schedule.name!r}; one of {SCHEDULE_NAMES}",
                                   "optimizer.schedule.name")
-        for name in ("warmup_steps", "step_size", "total_steps"):
+        for name in _INTEGER_SCHEDULE_SETTINGS:
             value = getattr(schedule, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise InvalidArgument(f"must be a non-negative integer, got {value!r}",
                                       f"optimizer.schedule.{name}")
         if schedule.name == "step" and schedule.step_size < 1:
             raise InvalidArgument("must be >= 1", "optimizer.schedule.step_size")
-        _check_number(schedule.gamma, "optimizer.schedule.gamma", low=0.0)
-        _check_number(schedule.min_lr, "optimizer.schedule.min_lr", low=0.0)
+        for name, allowed in SCHEDULE_RANGES.items():
+            if name not in _INTEGER_SCHEDULE_SETTINGS:
+                _check_number(getattr(schedule, name), f"optimizer.schedule.{name}", allowed)
 
 
 def _reject_unknown(config: Mapping, known: set, prefix: str) -> None:
@@ -95,10 +122,11 @@ def _reject_unknown(config: Mapping, known: set, prefix: str) -> None:
             raise InvalidArgument(f"unknown field {key!r}", f"{prefix}.{key}")
 
 
-def _check_number(value, field_name: str, *, low=None, high=None, low_inclusive=True,
-                  high_inclusive=True) -> None:
+def _check_number(value, field_name: str, allowed: Range) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise InvalidArgument(f"must be a finite number, got {value!r}", field_name)
+    low, high, low_inclusive, high_inclusive = (allowed.low, allowed.high, allowed.low_inclusive,
+                                                allowed.high_inclusive)
     if low is not None and (value < low or (value == low and not low_inclusive)):
         raise InvalidArgument(f"must be {'>=' if low_inclusive else '>'} {low}, got {value}",
                               field_name)
