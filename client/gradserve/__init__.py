@@ -26,7 +26,7 @@ from .errors import (
 # engine raising it must not load grpc or protobuf through this package's import.
 _LAZY = {
     "Client": "client", "Gradients": "client", "StepResult": "client", "SessionInfo": "client",
-    "Checkpoint": "client",
+    "Checkpoint": "client", "TableRows": "client",
     "mlp": "builders", "GraphBuilder": "builders", "INPUT": "builders",
     "DTYPES": "codec", "encode_tensor": "codec", "decode_tensor": "codec",
     "TensorFormatError": "codec", "TensorTooLarge": "codec",
@@ -58,6 +58,7 @@ __all__ = [
     "StepResult",
     "SessionInfo",
     "Checkpoint",
+    "TableRows",
     "mlp",
     "GraphBuilder",
     "INPUT",

@@ -18,13 +18,13 @@ from gradserve.v1 import model_pb2, service_pb2
 from .codec import TensorFormatError
 from .errors import GradserveError, InvalidArgument, Unavailable
 from .fields import build
-from .spec import SpecFormatError, optimizer_to_proto, spec_to_proto
+from .spec import SpecFormatError, optimizer_to_proto, spec_to_proto, table_optimizer_to_proto
 from .rpc.methods import stub
 from .rpc.options import open_channel
 from .rpc.status import from_rpc_error
 from .transfer import DEFAULT_MAX_REQUEST_BYTES, OutgoingTensors, read_messages
 
-__all__ = ["Client", "Gradients", "StepResult", "SessionInfo", "Checkpoint"]
+__all__ = ["Client", "Gradients", "StepResult", "SessionInfo", "Checkpoint", "TableRows"]
 
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["Gradserve"]
 PARAMETERS = "parameters."
@@ -33,6 +33,24 @@ TANGENT = "tangent."
 OUTPUT_GRADIENT = "output_gradient"
 INPUT_GRADIENTS = "input_gradients."
 OUTPUTS = "outputs."
+# StepResponse's table traffic fields, StepResult's under the same names.
+TABLE_STEP_FIELDS = ("rows_pulled", "rows_pushed", "rows_updated", "row_lookups", "bytes_pulled",
+                     "bytes_pushed", "dense_table_bytes", "table_rows", "table_bytes")
+
+
+@dataclass(frozen=True)
+class TableRows:
+    """Some rows of a table: a table's gradient as the service answers it (the sorted unique ids
+    the batch read and one row each, summed over that id's lookups), never the whole table."""
+
+    ids: np.ndarray  # int64 (n,)
+    rows: np.ndarray  # (n, dim)
+
+    def dense(self, num_rows: int) -> np.ndarray:
+        """The whole (num_rows, dim) table: these rows in place, zeros elsewhere."""
+        table = np.zeros((num_rows, self.rows.shape[1]), dtype=self.rows.dtype)
+        table[self.ids] = self.rows
+        return table
 
 
 @dataclass(frozen=True)
@@ -65,6 +83,17 @@ class StepResult:
     update_ratios: dict[str, float] = field(default_factory=dict)  # |update| / |weight| per parameter
     compute_spread: float = math.nan  # slowest worker's compute time / the median one
     slowest_worker: int = -1  # pool position of the slowest worker
+    # A model with tables: their row traffic (service.proto, StepResponse); wire bytes of the
+    # tables per step are bytes_pulled + bytes_pushed.
+    rows_pulled: int = 0
+    rows_pushed: int = 0
+    rows_updated: int = 0
+    row_lookups: int = 0
+    bytes_pulled: int = 0
+    bytes_pushed: int = 0
+    dense_table_bytes: int = 0
+    table_rows: int = 0
+    table_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -137,7 +166,7 @@ class Client:
     ) -> Gradients:
         """Mean loss and gradients of `spec` at `parameters` on (x, y); with `tangent`, the JVP."""
         arrays = {PARAMETERS + name: value for name, value in parameters.items()}
-        arrays.update({"batch.x": x, "batch.y": y})
+        arrays.update(_batch_arrays(x, y))
         arrays.update({TANGENT + name: value for name, value in (tangent or {}).items()})
         outgoing = _outgoing(arrays)
         header = build(service_pb2.ComputeGradientsHeader, model=_spec(spec), tensors=outgoing.entries,
@@ -170,7 +199,7 @@ class Client:
             has_jvp = result.HasField("jvp")
             return Gradients(
                 loss=result.loss,
-                gradients=None if has_jvp else _strip(arrays, GRADIENTS),
+                gradients=None if has_jvp else _gradients(_strip(arrays, GRADIENTS)),
                 jvp=result.jvp if has_jvp else None,
                 count=result.count,
                 timings_ms=dict(result.timings_ms),
@@ -239,9 +268,12 @@ class Client:
         compression: str = "none",
         micro_batch_size: int | None = None,
         checkpoint_every_steps: int = 0,
+        table_optimizer: Mapping | None = None,
         timeout: float | None = None,
     ) -> str:
-        """Start a training session; returns its id. Without `parameters`, they start from `seed`."""
+        """Start a training session; returns its id. Without `parameters`, they start from `seed`
+        (a model's tables then start on the service, never sent). `table_optimizer`: the tables'
+        per-row rule, {"name": "sgd" | "adagrad" | "sparse_adam", "lr", ...}."""
         config = build(
             service_pb2.SessionConfig,
             model=_spec(spec),
@@ -257,6 +289,8 @@ class Client:
             init=build(service_pb2.ParameterInit, seed=seed, dtype=dtype),
             checkpoint_every_steps=checkpoint_every_steps,
         )
+        if table_optimizer is not None:
+            config.table_optimizer.CopyFrom(_table_optimizer(table_optimizer))
         outgoing = _outgoing({PARAMETERS + name: value for name, value in (parameters or {}).items()})
         wrap = service_pb2.CreateSessionRequest
         requests = itertools.chain(
@@ -318,6 +352,21 @@ class Client:
                     raise from_rpc_error(failed) from None
                 attempts_left -= 1
                 time.sleep(self.retry_backoff_s)
+
+    def pull_rows(self, session_id: str, table: str, ids, *, timeout: float | None = None) -> tuple[int, np.ndarray]:
+        """(version, rows): rows `ids` (int64, any order, repeats allowed) of a session's table
+        `table` (e.g. "emb.weight"), as the service holds them now; for lookups by a serving system."""
+        outgoing = _outgoing({"ids": np.asarray(ids, dtype=np.int64) if not isinstance(ids, np.ndarray) else ids})
+        header = build(service_pb2.PullRowsHeader, session_id=session_id, table=table, tensors=outgoing.entries)
+        wrap = service_pb2.PullRowsRequest
+
+        def attempt(deadline_s: float):
+            requests = itertools.chain([wrap(header=header)], outgoing.chunks())
+            responses = self._stub.PullRows(requests, timeout=deadline_s, metadata=self._metadata)
+            result, arrays = _single(responses)
+            return result.version, arrays["rows"]
+
+        return self._with_retries(attempt, timeout)
 
     def pull_parameters(self, session_id: str, *, timeout: float | None = None) -> tuple[int, dict[str, np.ndarray]]:
         """(version, parameters) of the session, as the service holds them now."""
@@ -412,6 +461,33 @@ def _optimizer(config) -> model_pb2.OptimizerConfig:
         raise InvalidArgument.described(str(bad), ((bad.field, bad.message),)) from None
 
 
+def _table_optimizer(config) -> model_pb2.TableOptimizerConfig:
+    try:
+        return table_optimizer_to_proto(config)
+    except SpecFormatError as bad:
+        raise InvalidArgument.described(str(bad), ((bad.field, bad.message),)) from None
+
+
+def _batch_arrays(x, y) -> dict:
+    """`batch.x` (and `batch.y`), or for a model with named inputs a mapping of tensor name to
+    array (`{"dense": ..., "cats": ..., "tags.values": ...}`) as `batch.<name>` each."""
+    arrays = {f"batch.{name}": value for name, value in x.items()} if isinstance(x, Mapping) else {"batch.x": x}
+    if y is not None:
+        arrays["batch.y"] = y
+    return arrays
+
+
+def _gradients(arrays: dict) -> dict:
+    """Gradients by parameter; a table's `<table>.ids` + `<table>.rows` pair as one `TableRows`."""
+    out = {}
+    for name, value in arrays.items():
+        if name.endswith(".ids") and name[:-4] + ".rows" in arrays:
+            out[name[:-4]] = TableRows(value, arrays[name[:-4] + ".rows"])
+        elif not (name.endswith(".rows") and name[:-5] + ".ids" in arrays):
+            out[name] = value
+    return out
+
+
 def _outgoing(arrays: Mapping[str, np.ndarray]) -> OutgoingTensors:
     try:
         return OutgoingTensors(arrays)
@@ -420,7 +496,7 @@ def _outgoing(arrays: Mapping[str, np.ndarray]) -> OutgoingTensors:
 
 
 def _step_messages(session_id: str, step_id: int, x, y) -> list:
-    outgoing = _outgoing({"batch.x": x, "batch.y": y})
+    outgoing = _outgoing(_batch_arrays(x, y))
     header = build(service_pb2.StepHeader, session_id=session_id, step_id=step_id, tensors=outgoing.entries)
     wrap = service_pb2.StepRequest
     return [wrap(header=header), *outgoing.chunks()]
@@ -444,6 +520,7 @@ def _step_result(reply: service_pb2.StepResponse) -> StepResult:
         update_ratios=dict(reply.update_ratios),
         compute_spread=reply.compute_spread,
         slowest_worker=reply.slowest_worker,
+        **{name: getattr(reply, name) for name in TABLE_STEP_FIELDS},
     )
 
 

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 
 from gradserve_services.errors import InvalidArgument
 from gradserve_services.optim import OptimizerConfig
+from gradserve_services.optim.rows import TableOptimizerConfig, default_table_optimizer
 
 from .steplog import DEFAULT_STEP_WINDOW
 
@@ -59,6 +60,8 @@ class TrainerConfig:
     topk_fraction: float = 0.01
     step_window: int = DEFAULT_STEP_WINDOW
     signals_every: int = SIGNALS_EVERY
+    # The per-row rule of the model's tables (optim/rows.py); None: derived from `optimizer`.
+    table_optimizer: Mapping | TableOptimizerConfig | None = None
     local_steps: int = 10
     inner_optimizer: Mapping | OptimizerConfig = field(default_factory=lambda: dict(INNER_OPTIMIZER))
     powersgd_rank: int = 4
@@ -89,6 +92,9 @@ class TrainerConfig:
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
                 or not 0.0 < fraction <= 1.0:
             raise InvalidArgument(f"must be in (0, 1], got {fraction!r}", "config.topk_fraction")
+        tables = default_table_optimizer(OptimizerConfig.from_dict(self.optimizer).to_dict()) \
+            if self.table_optimizer is None else TableOptimizerConfig.from_dict(self.table_optimizer)
+        self = replace(self, table_optimizer=tables)
         return replace(self, optimizer=OptimizerConfig.from_dict(self.optimizer), inner_optimizer=inner)
 
 
@@ -133,6 +139,18 @@ class StepResult:
     # Stragglers: max / median of worker_compute_ms, and the pool position of the slowest worker.
     compute_spread: float = math.nan
     slowest_worker: int = -1
+    # Tables (table_lane.py; 0 without): rows and bytes workers pulled and pushed (each its
+    # shard's distinct rows), distinct rows updated, lookups the batch made, what pulling and
+    # pushing the tables whole would have moved, and what the servers hold after the step.
+    rows_pulled: int = 0
+    rows_pushed: int = 0
+    rows_updated: int = 0
+    row_lookups: int = 0
+    bytes_pulled: int = 0
+    bytes_pushed: int = 0
+    dense_table_bytes: int = 0
+    table_rows: int = 0
+    table_bytes: int = 0
 
     @property
     def bytes_saved(self) -> int:

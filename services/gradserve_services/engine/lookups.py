@@ -11,7 +11,7 @@ from __future__ import annotations
 from .batch import Bag, Batch
 from .spec import Graph
 
-__all__ = ["rows_read"]
+__all__ = ["rows_read", "lookup_count"]
 
 
 def rows_read(xp, graph: Graph, batch: Batch) -> dict:
@@ -31,3 +31,17 @@ def rows_read(xp, graph: Graph, batch: Batch) -> dict:
             looked_up[table].append(ids)
     return {name: xp.unique(xp.concatenate(parts)) if parts else xp.zeros(0, dtype=xp.int64)
             for name, parts in looked_up.items()}
+
+
+def lookup_count(graph: Graph, batch: Batch) -> int:
+    """Table lookups the batch makes (repeats counted): what a dense gather would read."""
+    total = 0
+    for node in graph.nodes:
+        if not node.op.table_names(node):
+            continue
+        feed = batch.feeds[node.inputs[0]]
+        if isinstance(feed, Bag):
+            total += int(feed.values.shape[0])
+        else:
+            total += int(feed.shape[0] if node.attrs.get("field") is not None else feed.size)
+    return total

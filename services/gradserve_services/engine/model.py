@@ -65,16 +65,18 @@ class Model:
         """Ordered like the nodes run (topological, ties in listed order), weight before bias."""
         return dict(self.graph.parameter_shapes)
 
-    def init_parameters(self, seed: int = 0, dtype="float32") -> dict:
+    def init_parameters(self, seed: int = 0, dtype="float32", *, tables: bool = True) -> dict:
         """He-normal dense weights (suits ReLU), zero biases, layernorm weight 1 and bias 0; tables
         from `table_init` (a function of seed, table and row; they draw nothing from the stream the
-        dense weights come from, so adding a table leaves those unchanged)."""
+        dense weights come from, so adding a table leaves those unchanged). `tables=False` leaves
+        them out (a parameter server makes their rows where they live)."""
         dtype = _float_dtype(dtype, "dtype")
         rng = numpy.random.default_rng(seed)
         params = {}
         for name, shape in self.graph.parameter_shapes.items():
             if name in self.graph.tables:
-                params[name] = init_table(self.xp, seed, name, shape, dtype)
+                if tables:
+                    params[name] = init_table(self.xp, seed, name, shape, dtype)
                 continue
             if len(shape) == 2:
                 value = rng.standard_normal(shape) * math.sqrt(2.0 / shape[0])

@@ -51,6 +51,11 @@ class SparseRows:
         return self.rows.dtype
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of the ids and rows (what moving these rows costs, never the table's)."""
+        return int(self.ids.nbytes + self.rows.nbytes)
+
+    @property
     def xp(self):
         """The array namespace the rows live in (numpy, cupy, ...)."""
         return self.rows.__array_namespace__()

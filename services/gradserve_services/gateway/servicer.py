@@ -11,11 +11,11 @@ import time
 
 import grpc
 
+from gradserve.client import TABLE_STEP_FIELDS
 from gradserve.spec import spec_from_proto
 from gradserve.v1 import service_pb2, service_pb2_grpc
 
 from gradserve_services.cluster.handover import hand_over
-from gradserve_services.engine import dense_gradients
 from gradserve_services.errors import DeadlineExceeded, InvalidArgument
 
 from . import wire
@@ -47,16 +47,19 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
 
     def ComputeGradients(self, request_iterator, context):
         header, arrays = wire.read_one(request_iterator, self._max_bytes)
-        tensors = wire.group(arrays, (wire.PARAMETERS, wire.TANGENT), exact=wire.BATCH + (OUTPUT_GRADIENT,))
-        _require(tensors, ("batch.x",))
-        if "batch.y" not in tensors and OUTPUT_GRADIENT not in tensors:
+        tensors = wire.group(arrays, (wire.PARAMETERS, wire.TANGENT, wire.BATCH_PREFIX), exact=(OUTPUT_GRADIENT,))
+        spec = spec_from_proto(header.model)
+        x, y = wire.batch_tensors(tensors[wire.BATCH_PREFIX], spec)  # named inputs: a mapping
+        if y is None and OUTPUT_GRADIENT not in tensors:
             raise InvalidArgument("missing tensor: send batch.y (a built-in loss) or output_gradient "
                                   "(a vector-Jacobian product)", "batch.y")
-        spec = spec_from_proto(header.model)
+        tensors["batch.x"], tensors["batch.y"] = x, y
         check_activations(activation_features(spec), tensors["batch.x"], header.micro_batch_size,
                           self._sessions.limits.activation_elements_per_call)
         _check_deadline(context)
         if OUTPUT_GRADIENT in tensors:
+            if y is None:
+                del tensors["batch.y"]
             yield from self._vjp(spec, header, tensors)
             return
         if header.input_gradient:
@@ -77,7 +80,7 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
         reply.timings_ms.update({k: float(v) for k, v in result["timings"].items()})
         if result["jvp"] is not None:
             reply.jvp = result["jvp"]
-        gradients = {wire.GRADIENTS + name: value for name, value in (result["grads"] or {}).items()}
+        gradients = wire.gradient_arrays(result["grads"] or {})  # tables as (ids, rows)
         yield from wire.send(reply, gradients, service_pb2.ComputeGradientsResponse)
 
     def _vjp(self, spec, header, tensors):
@@ -89,7 +92,7 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
                                      micro_batch_size=header.micro_batch_size or None)
         reply = service_pb2.ComputeGradientsResult(loss=0.0, count=tensors["batch.x"].shape[0])
         reply.timings_ms["total"] = (time.perf_counter() - started) * 1e3
-        arrays = {wire.GRADIENTS + name: value for name, value in dense_gradients(result.gradients).items()}
+        arrays = wire.gradient_arrays(result.gradients)
         arrays.update({INPUT_GRADIENTS + name: value for name, value in (result.input_gradients or {}).items()})
         yield from wire.send(reply, arrays, service_pb2.ComputeGradientsResponse)
 
@@ -142,10 +145,10 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
 
     def _step(self, owner, header, arrays, context) -> service_pb2.StepResponse:
         session = self._sessions.get(owner, header.session_id)
-        batch = wire.group(arrays, (), exact=wire.BATCH)
-        _require(batch, wire.BATCH)
-        result = self._sessions.step(session, header.step_id, batch["batch.x"], batch["batch.y"],
-                                     _seconds_left(context))
+        x, y = wire.batch_tensors(wire.group(arrays, (wire.BATCH_PREFIX,))[wire.BATCH_PREFIX], session.config.spec)
+        if y is None:
+            raise InvalidArgument("missing tensor", "batch.y")
+        result = self._sessions.step(session, header.step_id, x, y, _seconds_left(context))
         reply = service_pb2.StepResponse(
             step_id=header.step_id, loss=result.loss, version=result.version, duplicate=result.duplicate,
             applied=result.applied and not result.duplicate, samples=result.samples,
@@ -153,6 +156,7 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
             worker_failures=result.worker_failures, noise_scale=result.noise_scale,
             shard_cosines=result.shard_cosines, compute_spread=result.compute_spread,
             slowest_worker=result.slowest_worker,
+            **{name: getattr(result, name) for name in TABLE_STEP_FIELDS},
         )
         reply.timings_ms.update({k: float(v) for k, v in result.timings.items()})
         reply.update_ratios.update({k: float(v) for k, v in result.update_ratios.items()})
@@ -164,6 +168,15 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
         arrays = {wire.PARAMETERS + name: value for name, value in params.items()}
         yield from wire.send(service_pb2.ParametersHeader(version=version), arrays,
                              service_pb2.PullParametersResponse)
+
+    def PullRows(self, request_iterator, context):
+        header, arrays = wire.read_one(request_iterator, self._max_bytes)
+        session = self._sessions.get(context.identity, header.session_id)
+        tensors = wire.group(arrays, (), exact=("ids",))
+        _require(tensors, ("ids",))
+        version, rows = self._sessions.table_rows(session, header.table, tensors["ids"])
+        yield from wire.send(service_pb2.PullRowsResult(version=version), {"rows": rows},
+                             service_pb2.PullRowsResponse)
 
     def SaveCheckpoint(self, request, context):
         session = self._sessions.get(context.identity, request.session_id)

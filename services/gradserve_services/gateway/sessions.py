@@ -19,6 +19,7 @@ import numpy as np
 
 from gradserve_services import metrics
 from gradserve_services.cluster import DEFAULT_STEP_WINDOW, StepResult, TrainerConfig
+from gradserve_services.cluster.table_lane import InitialRows
 from gradserve_services.cluster.handover import hand_over
 from gradserve_services.engine import Model
 from gradserve_services.engine.spec import parse_spec
@@ -118,7 +119,7 @@ class SessionRegistry:
         model = Model(config.spec)  # SpecError names the node
         if not params:
             self._check_parameter_bytes(model, init_dtype or "float32")
-            params = model.init_parameters(seed=init_seed, dtype=init_dtype or "float32")
+            params = _initial_parameters(model, init_seed, init_dtype or "float32")
         trainer = self._executor.create_trainer(config, params)
         session = Session(secrets.token_urlsafe(24), owner, trainer, config, checkpoint_every_steps, time.time())
         try:
@@ -156,7 +157,9 @@ class SessionRegistry:
 
     def _restored(self, saved: SavedSession) -> Session:
         model = Model(saved.config.spec)
-        params = {name: saved.arrays[f"param/{name}"] for name in model.parameter_shapes()}
+        dtype = saved.arrays[next(key for key in saved.arrays if key.startswith(("param/", "rows/")))].dtype
+        params = {name: InitialRows(0, dtype) if name in model.graph.tables else saved.arrays[f"param/{name}"]
+                  for name in model.parameter_shapes()}  # restore() loads the tables' stored rows
         trainer = self._executor.create_trainer(saved.config, params)
         try:
             trainer.restore(saved.arrays, saved.meta)
@@ -259,13 +262,21 @@ class SessionRegistry:
     # ----- helpers ------------------------------------------------------------------------------
 
     def _add(self, session: Session) -> None:
+    def table_rows(self, session: Session, table: str, ids) -> tuple[int, np.ndarray]:
+        """`(version, rows)` of a session's table by id (PullRows)."""
+        with session.lock:
+            self._check_open(session)
+            return session.trainer.table_rows(table, ids)
+
         """Register `session` (with `_lock` held)."""
         self._sessions[session.session_id] = session
         metrics.set_active_sessions(len(self._sessions))
 
     def _check_parameter_bytes(self, model: Model, dtype: str) -> None:
         itemsize = 8 if dtype == "float64" else 4
-        total = sum(math.prod(shape) for shape in model.parameter_shapes().values()) * itemsize
+        tables = model.graph.tables  # held row by row as steps touch them: a 4-byte slot per row to start
+        total = sum(math.prod(shape) * itemsize if name not in tables else shape[0] * 4
+                    for name, shape in model.parameter_shapes().items())
         if total > self.limits.parameter_bytes_per_session:
             raise ResourceExhausted(f"the model has {total} bytes of parameters; at most "
                                     f"{self.limits.parameter_bytes_per_session} per session", "config.model")
@@ -318,6 +329,13 @@ def record_step_metrics(result: StepResult, elapsed_s: float) -> None:
         metrics.record_step(duration_s=elapsed_s, phases_s={}, samples=0, loss=result.loss,
                             grad_norm=result.grad_norm, version=result.version, applied=0, duplicate=1,
                             mode=result.mode)
+def _initial_parameters(model: Model, seed: int, dtype: str) -> dict:
+    """`init_parameters` without making the tables: their servers make each row from the seed
+    (table_lane.py), so a table of millions of rows is never built here nor sent whole."""
+    made = model.init_parameters(seed=seed, dtype=dtype, tables=False)
+    return {name: made.get(name, InitialRows(seed, dtype)) for name in model.parameter_shapes()}
+
+
         return
     metrics.record_step(
         duration_s=elapsed_s,

@@ -8,11 +8,12 @@ from collections.abc import Callable, Iterator, Mapping
 import numpy as np
 
 from gradserve.codec import TensorFormatError, TensorTooLarge
-from gradserve.spec import optimizer_from_proto, spec_from_proto
+from gradserve.spec import optimizer_from_proto, spec_from_proto, table_optimizer_from_proto
 from gradserve.transfer import INLINE_TENSOR_BYTES, MAX_MESSAGE_BYTES, OutgoingTensors, read_messages
 from gradserve.v1 import service_pb2
 
 from gradserve_services.cluster import TrainerConfig
+from gradserve_services.engine import SparseRows
 from gradserve_services.errors import GradserveError, InvalidArgument, ResourceExhausted
 
 __all__ = [
@@ -33,6 +34,7 @@ PARAMETERS = "parameters."
 GRADIENTS = "gradients."
 TANGENT = "tangent."
 BATCH = ("batch.x", "batch.y")
+BATCH_PREFIX = "batch."
 
 
 class RefusedRequest:
@@ -118,6 +120,32 @@ def group(arrays: Mapping[str, np.ndarray], prefixes: tuple[str, ...], exact: tu
     return grouped
 
 
+def batch_tensors(batch: Mapping[str, np.ndarray], spec) -> tuple[object, object]:
+    """`(x, y)` of a request's `batch.*` tensors (prefix stripped; y None if absent). A spec with
+    one input takes `batch.x`; one with named inputs takes every tensor but `batch.y` as the
+    mapping the engine checks (naming a missing or unknown tensor `batch.<tensor>`)."""
+    if "inputs" in spec:
+        return {name: value for name, value in batch.items() if name != "y"}, batch.get("y")
+    for name in batch:
+        if name not in ("x", "y"):
+            raise InvalidArgument("unexpected tensor name; expected batch.x, batch.y", BATCH_PREFIX + name)
+    if "x" not in batch:
+        raise InvalidArgument("missing tensor", "batch.x")
+    return batch["x"], batch.get("y")
+
+
+def gradient_arrays(grads: Mapping) -> dict[str, np.ndarray]:
+    """`gradients.<param>` tensors; a table's gradient (SparseRows) as `gradients.<table>.ids` and
+    `gradients.<table>.rows`, the rows the batch read, never the whole table."""
+    arrays = {}
+    for name, grad in grads.items():
+        if isinstance(grad, SparseRows):
+            arrays[f"{GRADIENTS}{name}.ids"], arrays[f"{GRADIENTS}{name}.rows"] = grad.ids, grad.rows
+        else:
+            arrays[GRADIENTS + name] = grad
+    return arrays
+
+
 def send(header, arrays: Mapping[str, np.ndarray], wrap: Callable[..., object]) -> Iterator:
     """The reply stream: `wrap(header=header)` carrying the descriptors, then the chunks (as
     `Chunk` views, which the method's PartCodec frames; see gradserve.rpc.methods)."""
@@ -141,4 +169,6 @@ def trainer_config(config: service_pb2.SessionConfig, *, default_workers: int) -
         compression=config.compression or "none",
         micro_batch_size=config.micro_batch_size or None,
         seed=config.seed,
+        table_optimizer=table_optimizer_from_proto(config.table_optimizer)
+        if config.HasField("table_optimizer") else None,
     )

@@ -1,0 +1,60 @@
+"""A worker's side of the tables: the rows it pulled become `SparseRows` parameters, and its
+tables' gradients (`SparseRows` of the ids its shard read) are cut into one push per server shard.
+
+The coordinator tells each worker, in `task["tables"]`, the sorted unique ids its shard of the batch
+reads per table (`read`), the tables' shapes and the number of server shards; it asked every shard
+for its part of those ids (`pull_rows`), and the answers arrive as the extra arguments of `compute`,
+one `{table: rows}` per server shard, straight from the servers' object store.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gradserve_services.engine import SparseRows
+
+from .row_placement import RowPlacement
+
+__all__ = ["pull_requests", "table_parameters", "row_pushes"]
+
+ID_BYTES = np.dtype(np.int64).itemsize
+
+
+def pull_requests(read: dict, shards: int) -> list[dict]:
+    """Per server shard, `{table: its ids}` out of `{table: sorted unique ids}`."""
+    placement = RowPlacement(shards)
+    requests = [{} for _ in range(shards)]
+    for name, ids in read.items():
+        for shard, positions in enumerate(placement.split(ids)):
+            requests[shard][name] = ids[positions]
+    return requests
+
+
+def table_parameters(tables: dict, pulled: list) -> tuple[dict, int, int]:
+    """`({table: SparseRows}, rows pulled, bytes pulled)` from the servers' answers."""
+    placement = RowPlacement(tables["shards"])
+    params, rows_pulled, bytes_pulled = {}, 0, 0
+    for name, ids in tables["read"].items():
+        shape = tuple(tables["shapes"][name])
+        answers = [answer[name] for answer in pulled]
+        rows = np.empty((ids.shape[0], shape[1]), dtype=answers[0].dtype)
+        for positions, answer in zip(placement.split(ids), answers):
+            rows[positions] = answer
+        params[name] = SparseRows(ids, rows, shape)
+        rows_pulled += ids.shape[0]
+        bytes_pulled += rows.nbytes + ids.nbytes
+    return params, rows_pulled, bytes_pulled
+
+
+def row_pushes(tables: dict, grad_sum: dict) -> tuple[list[dict], int, int]:
+    """`(pushes, rows pushed, bytes pushed)`: per server shard `{table: (ids, row sums)}`."""
+    placement = RowPlacement(tables["shards"])
+    pushes = [{} for _ in range(placement.shards)]
+    rows_pushed = bytes_pushed = 0
+    for name in tables["read"]:
+        grad = grad_sum[name]
+        for shard, positions in enumerate(placement.split(grad.ids)):
+            pushes[shard][name] = (grad.ids[positions], grad.rows[positions])
+        rows_pushed += grad.ids.shape[0]
+        bytes_pushed += grad.rows.nbytes + grad.ids.shape[0] * ID_BYTES
+    return pushes, rows_pushed, bytes_pushed
