@@ -1,0 +1,132 @@
+"""Lookups in embedding tables: one id per field (`embedding`) or a bag of ids per row
+(`embedding_bag`). A table's gradient goes to `param_grads.add_rows`, one row per lookup."""
+
+from __future__ import annotations
+
+from gradserve_services.errors import InvalidArgument, SpecError
+
+from ..inputs import BAG, IDS
+from ..sparse_rows import gather_rows
+from .base import Attribute, Choice, Op
+
+__all__ = ["MAX_TABLE_ROWS", "Lookup", "Embedding", "EmbeddingBag"]
+
+
+MAX_TABLE_ROWS = 1 << 31
+
+
+class Lookup(Op):
+    """Shared by the table lookups: the table `NODE.weight` (rows, dim), like torch's."""
+
+    attributes = {"rows": Attribute(int, low=1, high=MAX_TABLE_ROWS), "dim": Attribute(int, low=1, high=1 << 20)}
+
+    def parameter_suffixes(self, node):
+        return ("weight",)
+
+    def parameter_shapes(self, node, input_widths):
+        return {f"{node.name}.weight": (node.attrs["rows"], node.attrs["dim"])}
+
+    def table_names(self, node):
+        return (f"{node.name}.weight",)
+
+    def check_ids(self, node, xp, ids, field: str, what: str) -> None:
+        rows = node.attrs["rows"]
+        if ids.size and int(ids.max()) >= rows:
+            raise InvalidArgument(
+                f"{what} must lie in [0, {rows}) (the rows of {node.name}.weight), got {int(ids.max())}", field=field
+            )
+
+    def rows_of(self, node, ctx, table, ids, field_prefix: str):
+        return gather_rows(ctx.xp, table, ids, f"{field_prefix}.{node.name}.weight")
+
+
+class Embedding(Lookup):
+    """One table row per id. Reads an ids input (batch, fields): with `field`, that column's ids,
+    out (batch, dim); without, every column through the one table, rows side by side, out
+    (batch, fields * dim). A table per field is a node per field (`field` set on each)."""
+
+    kind = "embedding"
+    reads = IDS
+    attributes = {**Lookup.attributes, "field": Attribute(int, default=None, low=0)}
+
+    def output_width(self, node, input_widths):
+        field, fields = node.attrs["field"], input_widths[0]
+        if field is not None and field >= fields:
+            raise SpecError(f"field {field} is outside the input's {fields} fields", field=node.name)
+        return node.attrs["dim"] * (1 if field is not None else fields)
+
+    def check_batch(self, node, xp, inputs, sources):
+        field = node.attrs["field"]
+        ids = inputs[0] if field is None else inputs[0][:, field]
+        what = "ids" if field is None else f"ids of field {field}"
+        self.check_ids(node, xp, ids, f"batch.{sources[0].tensor}", what)
+
+    def _ids(self, node, ids):
+        field = node.attrs["field"]
+        return ids.reshape(-1) if field is None else ids[:, field]
+
+    def forward(self, node, ctx, inputs, params):
+        (ids,) = inputs
+        looked_up = self._ids(node, ids)  # row-major: lookup b * fields + f is ids[b, f]
+        rows = self.rows_of(node, ctx, params[f"{node.name}.weight"], looked_up, "parameters")
+        return rows.reshape(ids.shape[0], -1), looked_up
+
+    def backward(self, node, ctx, grad_out, saved, params, param_grads, wants):
+        param_grads.add_rows(f"{node.name}.weight", saved, grad_out.reshape(-1, node.attrs["dim"]))
+        return [None]  # ids have no gradient
+
+    def tangent(self, node, ctx, inputs, tangents, out, saved, params, param_tangents):
+        return self.rows_of(node, ctx, param_tangents[f"{node.name}.weight"], saved, "tangent").reshape(out.shape)
+
+
+class EmbeddingBag(Lookup):
+    """Per row, the sum (mode "sum") or mean (mode "mean") of the table rows of its bag; a weighted
+    bag input scales each row by its value's weight first (torch's per_sample_weights, which torch
+    takes with mode "sum" only, and so does this op). An empty bag gives zeros."""
+
+    kind = "embedding_bag"
+    reads = BAG
+    attributes = {**Lookup.attributes, "mode": Choice(("sum", "mean"), default="sum")}
+
+    def output_width(self, node, input_widths):
+        return node.attrs["dim"]
+
+    def check_sources(self, node, sources):
+        if sources[0].weighted and node.attrs["mode"] != "sum":
+            raise SpecError(f"a weighted bag ({sources[0].name!r}) takes mode 'sum'", field=node.name)
+
+    def check_batch(self, node, xp, inputs, sources):
+        self.check_ids(node, xp, inputs[0].values, f"batch.{sources[0].name}.values", "ids")
+
+    def _value_scale(self, node, ctx, bag):
+        """What each looked-up row is multiplied by before the sum: weights, 1 / bag length, or None."""
+        if bag.weights is not None:
+            return bag.weights
+        if node.attrs["mode"] == "mean":
+            per_row = ctx.xp.divide(1, ctx.xp.maximum(bag.lengths, 1), dtype=ctx.dtype)
+            return per_row[bag.row_of_value]
+        return None
+
+    def _bag_sums(self, node, ctx, table, bag, scale, role: str, field_prefix: str):
+        rows = self.rows_of(node, ctx, table, bag.values, field_prefix)  # a fresh (n, dim) array
+        if scale is not None:
+            rows *= scale[:, None]
+        out = ctx.buffer(node.name, role, (bag.rows, node.attrs["dim"]))
+        return bag.sum_per_row(ctx.xp, rows, out)
+
+    def forward(self, node, ctx, inputs, params):
+        (bag,) = inputs
+        scale = self._value_scale(node, ctx, bag)
+        return self._bag_sums(node, ctx, params[f"{node.name}.weight"], bag, scale, "out", "parameters"), (bag, scale)
+
+    def backward(self, node, ctx, grad_out, saved, params, param_grads, wants):
+        bag, scale = saved
+        row_grads = grad_out[bag.row_of_value]  # every value of a row gets that row's gradient
+        if scale is not None:
+            row_grads *= scale[:, None]
+        param_grads.add_rows(f"{node.name}.weight", bag.values, row_grads)
+        return [None]
+
+    def tangent(self, node, ctx, inputs, tangents, out, saved, params, param_tangents):
+        bag, scale = saved
+        return self._bag_sums(node, ctx, param_tangents[f"{node.name}.weight"], bag, scale, "tangent", "tangent")
