@@ -13,7 +13,7 @@ import pytest
 import ray
 
 from gradserve_services.cluster import LocalExecutor, RayExecutor, TrainerConfig
-from gradserve_services.cluster.remote import RemoteServer, RemoteWorker
+from gradserve_services.cluster.remote import RayCalls, RemoteServer, RemoteWorker
 from gradserve_services.cluster.shared import Attachments, BlockRef, SharedArea
 from gradserve_services.engine import Model
 
@@ -38,19 +38,21 @@ def test_near_and_far_workers_feed_one_shared_server(executor):
     model = Model(MLP_SPEC)
     params = model.init_parameters(seed=3, dtype="float64")
     (x, y), = batches(1, rows=96, seed=5)
-    server = RemoteServer.remote()
-    near = RemoteWorker.remote()
-    far = RemoteWorker.options(runtime_env={"env_vars": {"GRADSERVE_SHARED_MEMORY": "off"}}).remote()
+    lane = {"area": (area.path, area.token)}
+    server = RemoteServer.remote(**lane)
+    near = RemoteWorker.remote(**lane, calls=RayCalls())
+    far = RemoteWorker.options(runtime_env={"env_vars": {"GRADSERVE_SHARED_MEMORY": "off"}}).remote(
+        **lane, calls=RayCalls())
     try:
-        published = server.create_table.remote("t", params, OPTIMIZER, RULE, (area.path, area.token))
+        published = server.create_table.remote("t", params, OPTIMIZER, RULE, True)
         version, block = ray.get(published)
         assert version == 0 and isinstance(block, BlockRef) and os.path.exists(block.path)
         x_ref, y_ref = ray.put(x), ray.put(y)
-        task = {"spec": MLP_SPEC, "table": "t", "partition": [list(params)], "area": (area.path, area.token),
+        task = {"spec": MLP_SPEC, "table": "t", "partition": [list(params)], "shared_memory": True,
                 "servers": [server]}
         outputs = {name: worker.compute.options(num_returns=2).remote(
-                       dict(task, start=start, stop=stop, slot=slot), [published], x_ref, y_ref)
-                   for name, worker, start, stop, slot in (("near", near, 0, 40, 0), ("far", far, 40, 96, 1))}
+                       dict(task, start=start, stop=stop, batch_shard=shard), [published], x_ref, y_ref)
+                   for name, worker, start, stop, shard in (("near", near, 0, 40, 0), ("far", far, 40, 96, 1))}
         parts = {name: ray.get(part) for name, (part, _) in outputs.items()}
         assert parts["near"]["kind"] == "shared" and parts["far"]["kind"] == "dense"
 
@@ -120,9 +122,9 @@ def test_executor_removes_its_area():
 
 @pytest.mark.parametrize("compression", ["none", "fp16"])
 def test_a_far_worker_joining_mid_training_gets_batches_by_store(executor, monkeypatch, compression):
-    """A worker that cannot see the area (a replacement on another machine) gets a batch block it
-    cannot read: its shard is sent again through the object store, and the step's result is the
-    one without the lane."""
+    """A worker that cannot map the area (a replacement on another machine) gets the batch and the
+    parameters through the object store from its first step, never a block it cannot read, and the
+    step's result is the one without the lane."""
     params = Model(MLP_SPEC).init_parameters(seed=4, dtype="float64")
     data = batches(4, rows=64, seed=6)
     config = TrainerConfig(MLP_SPEC, {"name": "sgd", "lr": 0.1}, num_workers=2, compression=compression)
@@ -135,12 +137,14 @@ def test_a_far_worker_joining_mid_training_gets_batches_by_store(executor, monke
             for step, (x, y) in enumerate(data):
                 if step == swap_in_far_worker_after:
                     far = RemoteWorker.options(
-                        num_cpus=1, runtime_env={"env_vars": {"GRADSERVE_SHARED_MEMORY": "off"}}).remote()
-                    ray.get(far.pid.remote())
+                        num_cpus=1, runtime_env={"env_vars": {"GRADSERVE_SHARED_MEMORY": "off"}}).remote(
+                        area=backend.shared_area, calls=RayCalls())
+                    backend._metadata[far] = ray.get(far.metadata.remote())  # as the pool records a start
+                    assert not backend._metadata[far]["shared_memory"]
                     backend._workers[1], near = far, backend._workers[1]
                 result = trainer.step(step, x, y)
                 if step == swap_in_far_worker_after:
-                    assert result.retries == 1 and result.worker_failures == 0  # sent again, nobody lost
+                    assert result.retries == 0 and result.worker_failures == 0  # nothing sent twice
             return trainer.parameters()
         finally:
             trainer.close()
@@ -165,10 +169,10 @@ def test_no_room_in_the_tmpfs_means_copies(monkeypatch):
     area = SharedArea.create()
     params = Model(MLP_SPEC).init_parameters(seed=0, dtype="float64")
     try:
-        roomy = ParameterServer().create_table("t", params, OPTIMIZER, RULE, (area.path, area.token))
+        roomy = ParameterServer(area=(area.path, area.token)).create_table("t", params, OPTIMIZER, RULE, True)
         assert isinstance(roomy[1], BlockRef)
         monkeypatch.setattr(shared, "RESERVE_BYTES", 1 << 62)
-        cramped = ParameterServer().create_table("t", params, OPTIMIZER, RULE, (area.path, area.token))
+        cramped = ParameterServer(area=(area.path, area.token)).create_table("t", params, OPTIMIZER, RULE, True)
         assert not isinstance(cramped[1], BlockRef)
         for name, value in params.items():
             np.testing.assert_array_equal(cramped[1][name], value)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .config import StepResult, TrainerConfig
 from .parameter_shards import ParameterShards
-from .shard_runner import Failures, ShardRunner
+from .shard_runner import Failures, ShardInputs, ShardRunner
 from .step_report import Clock, step_result
 from .step_tasks import shard_tasks
 from .steplog import update_key
@@ -38,10 +38,10 @@ class ArrivalSteps:
     def _run(self, step: int, x, y, steps_run: int, num_workers: int) -> StepResult:
         shards, runner, clock = self._shards, self._runner, Clock()
         batch = self._backend.put(x), self._backend.put(y)
+        inputs = ShardInputs(shards.published, lambda: batch)
         clock.mark("put")
         tasks = shard_tasks(self._config, shards.table, shards.partition, x.shape[0], num_workers, steps_run)
-        pending = {index: runner.dispatch(index, task, shards.published, batch)
-                   for index, task in enumerate(tasks)}
+        pending = {index: runner.dispatch(index, task, inputs) for index, task in enumerate(tasks)}
         stats, positions, report_futures, failures = [], [], [], Failures()
         while pending:
             indices = list(pending)
@@ -59,7 +59,9 @@ class ArrivalSteps:
             norm = shards.clipping_norm(grads_per_shard, count, self._config.optimizer.clip_norm)
             shards.check(grads_per_shard, count, computed_on, norm)
             outputs = shards.apply(update_key(step, index), count, computed_on, norm, grads_per_shard)
-            shards.published = [output[0] for output in outputs]
+            # later dispatches (re-runs) read the newest parameters, as every shard computed
+            # after this one does
+            shards.published = inputs.params = [output[0] for output in outputs]
             # the first shard's report describes the update; the others' only matter for errors:
             # all are fetched together below
             report_futures.extend(output[1] for output in outputs)

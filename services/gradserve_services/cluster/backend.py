@@ -7,22 +7,22 @@ staleness, retries, timings.
 
 Futures are opaque (Ray ObjectRefs, or completed local results). Actor handles are addressed by
 their position in the backend's pool, which is stable: a replacement takes the dead one's place.
+
+Actors learn where they run when they start (`metadata()`: pid, node, whether the process maps the
+executor's shared-memory area), and the backend records it, as Ray Train's `WorkerMetadata`; the
+coordinator sends shared-memory blocks only to workers whose record says they can map them.
+A worker reaches other actors (a server's parameter copies) only through `ActorCalls`.
 """
 
 from __future__ import annotations
 
 from typing import Any, Protocol, Sequence
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "ActorCalls"]
 
 
-class Backend(Protocol):
-    # `(folder, token)` of the shared-memory area for actors on the coordinator's machine, or None
-    # (see shared.py).
-    shared_area: tuple[str, str] | None
-
-    def put(self, value) -> Any:
-        """A future holding `value`, shared by every call that receives it."""
+class ActorCalls(Protocol):
+    """What an actor may call itself: other actors and the futures they hand it."""
 
     def submit(self, handle, method: str, *args, num_returns: int = 1) -> list:
         """Call `handle.method(*args)`; top-level future arguments arrive resolved. Always a list
@@ -30,6 +30,18 @@ class Backend(Protocol):
 
     def get(self, futures):
         """The value(s) of one future or a list of futures; raises what the call raised."""
+
+    def node_id(self) -> str:
+        """The node this process runs on."""
+
+
+class Backend(ActorCalls, Protocol):
+    # `(folder, token)` of the shared-memory area for actors on the coordinator's machine, or None
+    # (see shared.py).
+    shared_area: tuple[str, str] | None
+
+    def put(self, value) -> Any:
+        """A future holding `value`, shared by every call that receives it."""
 
     def wait_one(self, futures: Sequence) -> int:
         """Index in `futures` of one that is complete (blocks until there is one)."""
@@ -46,6 +58,10 @@ class Backend(Protocol):
     def watch_workers(self, on_alive) -> None:
         """Call `on_alive(number of pool workers running)` now and whenever that number changes:
         workers started or stopped, a lost one replaced (one fewer until its replacement runs)."""
+
+    def shares_memory(self, worker) -> bool:
+        """Whether `worker` maps the shared-memory area, as its metadata said when it started
+        (False for one whose start was not recorded yet: it gets everything by store)."""
 
     def servers(self, count: int) -> list:
         """The first `count` parameter-server handles, started if missing."""

@@ -14,7 +14,7 @@ from gradserve_services.engine import Model
 from gradserve_services.errors import InvalidArgument
 
 from .config import TrainerConfig
-from .shard_runner import Failures, ShardRunner
+from .shard_runner import Failures, ShardInputs, ShardRunner
 from .sharding import split_rows
 from .trainer import Trainer
 from .worker import ModelCache
@@ -59,12 +59,12 @@ class Executor:
         params_refs = [backend.put((None, dict(params)))]
         tangent_refs = None if tangent is None else [backend.put((None, dict(tangent)))]
         batch = backend.put(x), backend.put(y)
+        inputs = ShardInputs(params_refs, lambda: batch, tangent=tangent_refs)
         put = time.perf_counter()
         task_base = {"spec": spec, "table": ONE_OFF_TABLE, "partition": [list(params)],
                      "micro_batch_size": micro_batch_size, "seed": seed}
         shards = split_rows(x.shape[0], num_workers or self.num_workers)
-        calls = [self._runner.dispatch(position, dict(task_base, start=start, stop=stop), params_refs,
-                                       batch, tangent_refs)
+        calls = [self._runner.dispatch(position, dict(task_base, start=start, stop=stop), inputs)
                  for position, (start, stop) in enumerate(shards)]
         failures = Failures()
         stats = self._runner.gather(calls, failures, len(calls))

@@ -77,6 +77,12 @@ class LocalBackend:
     def release_workers(self, owner: str) -> None:
         self._reserved.pop(owner, None)
 
+    def shares_memory(self, worker) -> bool:
+        return False  # no area: nothing to map
+
+    def node_id(self) -> str:
+        return "local"
+
     def servers(self, count: int) -> list:
         while len(self._servers) < count:
             self._servers.append(ParameterServer())

@@ -27,7 +27,7 @@ from gradserve_services.errors import InvalidArgument
 from .config import StepResult, TrainerConfig
 from .local_round import round_tasks
 from .parameter_shards import ParameterShards
-from .shard_runner import Failures, ShardRunner
+from .shard_runner import Failures, ShardInputs, ShardRunner
 from .step_report import Clock, step_result
 from .steplog import update_key
 
@@ -48,7 +48,7 @@ class LocalRounds:
                               steps_run)
         batches = [self._rows(x, y, rows) for _, rows in planned]
         clock.mark("put")
-        calls = [self._runner.dispatch(position, task, shards.published, batch)
+        calls = [self._runner.dispatch(position, task, ShardInputs(shards.published, lambda batch=batch: batch))
                  for position, ((task, _), batch) in enumerate(zip(planned, batches))]
         failures = Failures()
         stats = self._runner.gather(calls, failures, num_workers)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import uuid
 from typing import Mapping
 
 import numpy as np
@@ -25,7 +24,7 @@ from gradserve_services.optim import Optimizer, global_norm
 
 from .compression import decode
 from .handover import take
-from .shared import Attachments, BlockRef, allocate_block, area_visible, remove_block
+from .shared import BlockRef, SharedMemoryLane, remove_block
 from .steplog import DEFAULT_STEP_WINDOW, StepLog
 
 __all__ = ["ParameterTable", "ParameterServer", "StalenessRule"]
@@ -142,35 +141,39 @@ class ParameterTable:
 class ParameterServer:
     """Hosts `ParameterTable`s by table id (one per trainer); the Ray actor class.
 
-    A table created with a shared `area` (`(folder, token)`, sync mode only) keeps its parameters in
-    a shared-memory block: what it publishes for the workers is then `(version, BlockRef)`, a few
-    bytes, instead of a copy of every parameter; and gradient parts may arrive as blocks too."""
+    A server started with the executor's shared-memory `area` it can map (its lane, chosen once
+    here) keeps the parameters of a table created `in_shared_memory` (sync mode only) in a block:
+    what it publishes for the workers is then `(version, BlockRef)`, a few bytes, instead of a copy
+    of every parameter; and gradient parts may arrive as blocks too."""
 
-    def __init__(self):
+    def __init__(self, area: tuple[str, str] | None = None):
         self.tables: dict[str, ParameterTable] = {}
         self._blocks: dict[str, BlockRef] = {}  # table id -> its parameter block
-        self._attached = Attachments()
+        self._lane = SharedMemoryLane.joined(area)
 
     def pid(self) -> int:
         return os.getpid()
 
-    def create_table(self, table_id: str, params: Mapping, optimizer_config, rule: dict, area=None,
+    def metadata(self) -> dict:
+        return {"pid": os.getpid(), "shared_memory": self._lane is not None}
+
+    def create_table(self, table_id: str, params: Mapping, optimizer_config, rule: dict, in_shared_memory: bool = False,
                      step_window: int = DEFAULT_STEP_WINDOW):
         """Create (or replace) a table; returns what the workers read its parameters from."""
-        return self._install(table_id, area, lambda allocate: ParameterTable(
+        return self._install(table_id, in_shared_memory, lambda allocate: ParameterTable(
             params, optimizer_config, StalenessRule(**rule), allocate, step_window))
 
-    def load_table(self, table_id: str, arrays: Mapping, meta: Mapping, names, area=None,
+    def load_table(self, table_id: str, arrays: Mapping, meta: Mapping, names, in_shared_memory: bool = False,
                    step_window: int = DEFAULT_STEP_WINDOW):
-        return self._install(table_id, area, lambda allocate: ParameterTable.from_state(
+        return self._install(table_id, in_shared_memory, lambda allocate: ParameterTable.from_state(
             arrays, meta, names, allocate, step_window))
 
-    def _install(self, table_id: str, area, build):
-        """Build a table (its parameters in a new block where `area` allows), then replace the old
-        one and its block; if building fails, the old table and block stay as they were."""
+    def _install(self, table_id: str, in_shared_memory: bool, build):
+        """Build a table (its parameters in a new block where the lane allows), then replace the
+        old one and its block; if building fails, the old table and block stay as they were."""
         new_blocks: list[BlockRef] = []
         try:
-            table = build(self._allocator(table_id, area, new_blocks))
+            table = build(self._allocator(table_id, in_shared_memory, new_blocks))
         except BaseException:
             for block in new_blocks:
                 remove_block(block)
@@ -188,7 +191,8 @@ class ParameterServer:
         block = self._blocks.pop(table_id, None)
         if block is not None:
             remove_block(block)
-        self._attached.forget(table_id)
+        if self._lane is not None:
+            self._lane.forget(table_id)
 
     def published(self, table_id: str):
         """`(version, params)`, or `(version, BlockRef)` for a table in shared memory."""
@@ -196,18 +200,17 @@ class ParameterServer:
         block = self._blocks.get(table_id)
         return (table.version, block) if block is not None else table.snapshot()
 
-    def _allocator(self, table_id: str, area, new_blocks: list):
-        if area is None or not area_visible(*area):  # not on the coordinator's machine
+    def _allocator(self, table_id: str, in_shared_memory: bool, new_blocks: list):
+        if not in_shared_memory or self._lane is None:
             return None
-        folder, token = area
+        lane = self._lane
 
         def allocate(arrays):
-            try:
-                ref, views = allocate_block(folder, token, f"{table_id}-params-{uuid.uuid4().hex[:8]}", arrays)
-            except OSError:  # no room in the tmpfs: plain arrays, published by copy
+            block = lane.allocate(f"{table_id}-params", arrays)
+            if block is None:  # no room in the tmpfs: plain arrays, published by copy
                 return {name: np.empty(shape, dtype) for name, (dtype, shape) in arrays.items()}
-            new_blocks.append(ref)
-            return views
+            new_blocks.append(block[0])
+            return block[1]
 
         return allocate
 
@@ -230,7 +233,7 @@ class ParameterServer:
 
     def _dense(self, parts) -> list:
         """Parts that arrived as shared blocks become dense parts (views into the blocks)."""
-        return [{"kind": "dense", "grads": self._attached.arrays(part["block"])}
+        return [{"kind": "dense", "grads": self._lane.read(part["block"])}
                 if part["kind"] == "shared" else part for part in parts]
 
     def snapshot(self, table_id: str):

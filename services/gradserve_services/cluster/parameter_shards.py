@@ -21,11 +21,13 @@ __all__ = ["ParameterShards"]
 
 
 class ParameterShards:
-    def __init__(self, backend: Backend, table: str, partition: list[list[str]], area, step_window: int):
+    def __init__(self, backend: Backend, table: str, partition: list[list[str]], in_shared_memory: bool,
+                 step_window: int):
         self._backend = backend
         self.table = table
         self.partition = partition
-        self._area = area
+        # the servers keep the parameters in shared memory and publish blocks (sync mode)
+        self._in_shared_memory = in_shared_memory
         self._step_window = step_window
         # Futures of each shard's `(version, params)` (or `(version, BlockRef)`): the workers'
         # input, and the version they hold (updates applied so far).
@@ -49,7 +51,7 @@ class ParameterShards:
     def create(self, params: Mapping[str, np.ndarray], optimizer: dict, rule: dict) -> None:
         self.published = [
             self._backend.submit(server, "create_table", self.table, {n: params[n] for n in names},
-                                 optimizer, rule, self._area, self._step_window)[0]
+                                 optimizer, rule, self._in_shared_memory, self._step_window)[0]
             for server, names in zip(self.servers, self.partition)]
         self.get(self.published)
 
@@ -59,7 +61,7 @@ class ParameterShards:
         for position, names in enumerate(self.partition):
             shard_arrays = {key: value for key, value in arrays.items() if key.split("/")[1] in names}
             published.append(load_replacing_lost(self._backend, position, lambda server: self._backend.submit(
-                server, "load_table", self.table, shard_arrays, table_meta, names, self._area,
+                server, "load_table", self.table, shard_arrays, table_meta, names, self._in_shared_memory,
                 self._step_window)[0]))
         self.published = published
 
@@ -69,7 +71,7 @@ class ParameterShards:
 
     def copies(self) -> list[tuple[int, dict]]:
         """Each shard's `(version, params)`, never the live shared blocks (they change in place)."""
-        if self._area is None:
+        if not self._in_shared_memory:
             return self.get(self.published)
         return self.get([self._backend.submit(server, "snapshot", self.table)[0] for server in self.servers])
 

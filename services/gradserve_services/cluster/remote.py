@@ -1,5 +1,6 @@
 """The one place `ray.remote` is applied: `GradientWorker` and `ParameterServer` become actors here,
-and `RayBackend` manages their pools for the coordinator."""
+`RayCalls` is what an actor calls other actors with, and `RayBackend` manages the pools for the
+coordinator, recording each actor's metadata when it starts."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from .parameter_server import ParameterServer
 from .shared import SharedArea
 from .worker import GradientWorker
 
-__all__ = ["RayBackend", "RemoteWorker", "RemoteServer"]
+__all__ = ["RayBackend", "RayCalls", "RemoteWorker", "RemoteServer"]
 
 RemoteWorker = ray.remote(GradientWorker)
 RemoteServer = ray.remote(ParameterServer)
@@ -55,17 +56,8 @@ def _server_options() -> dict:
             **_NO_TASK_EVENTS}
 
 
-class RayBackend:
-    def __init__(self):
-        self._lock = threading.RLock()
-        self._workers: list = []
-        self._servers: list = []
-        self._reserved: dict[str, int] = {}
-        self._starting: set = set()  # replacement workers not yet running
-        self._on_workers_alive = None
-        # The fast lane for actors on this machine (parameter servers always are: see below).
-        self._area = SharedArea.create()
-        self.shared_area = None if self._area is None else (self._area.path, self._area.token)
+class RayCalls:
+    """`ActorCalls` over Ray: the coordinator's, and each worker's (it travels to the actor)."""
 
     def put(self, value):
         return ray.put(value)
@@ -77,20 +69,39 @@ class RayBackend:
     def get(self, futures):
         return ray.get(futures)
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+class RayBackend(RayCalls):
+    def __init__(self):
+        self._lock = threading.RLock()
+        self._workers: list = []
+        self._servers: list = []
+        self._reserved: dict[str, int] = {}
+        self._starting: set = set()  # replacement workers not yet running
+        self._metadata: dict = {}  # actor handle -> what it said when it started
+        self._on_workers_alive = None
+        # The fast lane for actors on this machine (parameter servers always are: see below).
+        self._area = SharedArea.create()
+        self.shared_area = None if self._area is None else (self._area.path, self._area.token)
+        self._worker_args = {"area": self.shared_area, "calls": RayCalls()}
+        self._server_args = {"area": self.shared_area}
+
     def wait_one(self, futures) -> int:
         ready, _ = ray.wait(list(futures), num_returns=1)
         return list(futures).index(ready[0])
 
     def workers(self, count: int) -> list:
         with self._lock:
-            self._grow(self._workers, count, RemoteWorker, _worker_options())
+            self._grow(self._workers, count, RemoteWorker, _worker_options(), self._worker_args)
             self._report_workers()
             return list(self._workers[:count])
 
     def reserve_workers(self, owner: str, count: int) -> None:
         with self._lock:
             self._reserved[owner] = count
-            self._grow(self._workers, count, RemoteWorker, _worker_options())
+            self._grow(self._workers, count, RemoteWorker, _worker_options(), self._worker_args)
             self._report_workers()
 
     def release_workers(self, owner: str) -> None:
@@ -100,6 +111,7 @@ class RayBackend:
             while len(self._workers) > needed:
                 lost = self._workers.pop()
                 self._starting.discard(lost)
+                self._metadata.pop(lost, None)
                 _kill(lost)
             self._report_workers()
 
@@ -110,23 +122,30 @@ class RayBackend:
 
     def servers(self, count: int) -> list:
         with self._lock:
-            self._grow(self._servers, count, RemoteServer, _server_options())
+            self._grow(self._servers, count, RemoteServer, _server_options(), self._server_args)
             return list(self._servers[:count])
+
+    def shares_memory(self, worker) -> bool:
+        with self._lock:
+            metadata = self._metadata.get(worker)
+        return metadata is not None and metadata["shared_memory"]
 
     def replace_worker(self, position: int, lost):
         with self._lock:
-            handle = self._replace(self._workers, position, lost, RemoteWorker, _worker_options())
+            handle = self._replace(self._workers, position, lost, RemoteWorker, _worker_options(),
+                                   self._worker_args)
             if handle is not lost and handle not in self._starting:
                 # Alive once it answers; the count shows the loss until then.
                 self._starting.add(handle)
                 self._starting.discard(lost)
-                handle.pid.remote().future().add_done_callback(
+                handle.metadata.remote().future().add_done_callback(
                     lambda answer, handle=handle: self._worker_started(handle, answer))
             self._report_workers()
             return handle
 
     def replace_server(self, position: int, lost):
-        return self._replace(self._servers, position, lost, RemoteServer, _server_options())
+        return self._replace(self._servers, position, lost, RemoteServer, _server_options(),
+                             self._server_args)
 
     def is_lost(self, error: BaseException) -> bool:
         return isinstance(error, _LOST_ERRORS)
@@ -145,6 +164,7 @@ class RayBackend:
                 _kill(handle)
             self._workers, self._servers, self._reserved = [], [], {}
             self._starting.clear()
+            self._metadata.clear()
             self._report_workers()
             if self._area is not None:
                 self._area.remove()
@@ -155,6 +175,7 @@ class RayBackend:
         with self._lock:
             if handle in self._starting:
                 self._starting.discard(handle)
+                self._metadata[handle] = answer.result()
                 self._report_workers()
 
     def _report_workers(self) -> None:
@@ -163,14 +184,14 @@ class RayBackend:
         if self._on_workers_alive is not None:
             self._on_workers_alive(len(self._workers) - len(self._starting))
 
-    def _grow(self, pool: list, count: int, actor_class, options: dict) -> None:
-        """Start actors up to `count` and wait until they run, so a cluster too small for them
-        fails here, with a clear error, rather than hanging a step."""
-        started = [actor_class.options(**options).remote() for _ in range(count - len(pool))]
+    def _grow(self, pool: list, count: int, actor_class, options: dict, args: dict) -> None:
+        """Start actors up to `count` and wait until they run (recording their metadata), so a
+        cluster too small for them fails here, with a clear error, rather than hanging a step."""
+        started = [actor_class.options(**options).remote(**args) for _ in range(count - len(pool))]
         if not started:
             return
         try:
-            ray.get([handle.pid.remote() for handle in started], timeout=START_TIMEOUT_S)
+            metadata = ray.get([handle.metadata.remote() for handle in started], timeout=START_TIMEOUT_S)
         except ray_errors.GetTimeoutError:
             for handle in started:
                 _kill(handle)
@@ -178,14 +199,16 @@ class RayBackend:
                               f"{START_TIMEOUT_S:.0f}s; the cluster has {ray.cluster_resources()}",
                               "workers") from None
         pool.extend(started)
+        self._metadata.update(zip(started, metadata))
 
-    def _replace(self, pool: list, position: int, lost, actor_class, options: dict):
+    def _replace(self, pool: list, position: int, lost, actor_class, options: dict, args: dict):
         # Not waited for: the coordinator re-runs the lost shard on a live worker meanwhile, and
         # calls queued on the new actor run once it has started.
         with self._lock:
             if position < len(pool) and pool[position] is lost:
                 _kill(lost)
-                pool[position] = actor_class.options(**options).remote()
+                self._metadata.pop(lost, None)
+                pool[position] = actor_class.options(**options).remote(**args)
             return pool[position]
 
 

@@ -3,23 +3,62 @@ and re-run a shard whose worker was lost on a live one (the pool replaces the de
 
 Shared by the trainer's steps and the stateless `Executor.compute_gradients`: a shard's inputs (its
 task, the parameter references, the batch) are kept with its call, so a re-run is the same call
-on another worker and its result is the fault-free one.
+on another worker and its result is the fault-free one. Each worker gets the inputs in the form its
+lane takes (`ShardInputs.batch_for`), from what the backend recorded when the worker started.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from gradserve_services.errors import Unavailable
 
 from .backend import Backend
-from .worker import AreaNotVisible
+from .shared import BlockRef
 
-__all__ = ["ShardCall", "ShardRunner", "Failures", "MAX_SHARD_ATTEMPTS"]
+__all__ = ["ShardInputs", "ShardCall", "ShardRunner", "Failures", "MAX_SHARD_ATTEMPTS"]
 
 # How many times one shard may be re-run after losing its worker before the step gives up.
 MAX_SHARD_ATTEMPTS = 4
+
+
+class ShardInputs:
+    """What every shard of one batch reads: the parameter references (one per server shard), the
+    batch, a tangent. The batch goes as one shared-memory block to a worker that maps the area
+    (`shared_batch()` writes it; None where there is no room) and through the object store to any
+    other (`store_batch()` puts x and y); each form is made once, when a worker first needs it.
+    `servers`, where the parameters are published as blocks, let a worker without a lane ask for
+    copies."""
+
+    def __init__(self, params: list, store_batch: Callable[[], tuple], *,
+                 shared_batch: Callable[[], BlockRef | None] | None = None, tangent: list | None = None,
+                 servers: list | None = None):
+        self.params = list(params)
+        self.tangent = tangent
+        self._servers = servers
+        self._store_batch, self._shared_batch = store_batch, shared_batch
+        self._by_store: tuple | None = None
+        self._block: list = []  # [] until written, then [BlockRef or None]
+
+    def prepare(self, shares_memory: list[bool]) -> None:
+        """Make now the forms these workers will take (so the step's put phase times them)."""
+        for shares in set(shares_memory):
+            self.batch_for(shares)
+
+    def batch_for(self, shares_memory: bool) -> tuple:
+        """`(x_ref, y_ref)`, or `(block, None)` for a worker that maps the block."""
+        if shares_memory and self._shared_batch is not None:
+            if not self._block:
+                self._block.append(self._shared_batch())
+            if self._block[0] is not None:
+                return self._block[0], None
+        if self._by_store is None:
+            self._by_store = self._store_batch()
+        return self._by_store
+
+    def task_for(self, task: dict, shares_memory: bool) -> dict:
+        return task if shares_memory or self._servers is None else {**task, "servers": self._servers}
 
 
 @dataclass
@@ -28,11 +67,10 @@ class ShardCall:
 
     position: int  # worker pool position running it
     task: dict
-    params: list  # references to the `(version, params)` snapshots, one per server shard
-    batch: tuple  # (x_ref, y_ref), or (block_ref, None) for a batch in shared memory
-    tangent: list | None
+    inputs: ShardInputs
     grads: list  # one gradient-part future per parameter-server shard
     stats: object  # future of the small stats dict
+    rows: list = field(default_factory=list)  # pulled table rows, one future per server shard
 
 
 @dataclass
@@ -53,18 +91,21 @@ class ShardRunner:
         self._backend = backend
         self._check_inputs = check_inputs
 
-    def dispatch(self, position: int, task: dict, params: list, batch: tuple,
-                 tangent: list | None = None) -> ShardCall:
-        worker = self._backend.workers(position + 1)[position]
-        futures = self._backend.submit(worker, "compute", task, list(params), *batch, tangent,
-                                       num_returns=len(task["partition"]) + 1)
-        return ShardCall(position, task, list(params), batch, tangent, futures[:-1], futures[-1])
+    def shares_memory(self, workers: int) -> list[bool]:
+        """Per pool position `< workers`: whether that worker maps the shared-memory area."""
+        return [self._backend.shares_memory(worker) for worker in self._backend.workers(workers)]
 
-    def gather(self, calls: list[ShardCall], failures: Failures, workers: int,
-               prepare_rerun: Callable[[ShardCall], ShardCall] | None = None) -> list[dict]:
+    def dispatch(self, position: int, task: dict, inputs: ShardInputs, rows: list = ()) -> ShardCall:
+        worker = self._backend.workers(position + 1)[position]
+        shares = self._backend.shares_memory(worker)
+        futures = self._backend.submit(worker, "compute", inputs.task_for(task, shares), inputs.params,
+                                       *inputs.batch_for(shares), inputs.tangent, *rows,
+                                       num_returns=len(task["partition"]) + 1)
+        return ShardCall(position, task, inputs, futures[:-1], futures[-1], list(rows))
+
+    def gather(self, calls: list[ShardCall], failures: Failures, workers: int) -> list[dict]:
         """Every shard's stats, in shard order, over a pool of `workers`; `calls` is updated in
-        place with the re-runs. `prepare_rerun(call)` gives the call as a re-run may land anywhere
-        (the batch by store)."""
+        place with the re-runs."""
         stats: list = [None] * len(calls)
         while any(s is None for s in stats):
             for index, call in enumerate(calls):
@@ -73,13 +114,6 @@ class ShardRunner:
                 try:
                     stats[index] = self._backend.get(call.stats)
                 except Exception as error:  # noqa: BLE001 - classified by the backend
-                    if prepare_rerun is not None:
-                        call = prepare_rerun(call)
-                    if isinstance(self._backend.cause(error), AreaNotVisible):
-                        failures.reruns += 1  # a re-run on the same worker, with the batch by store
-                        calls[index] = self.dispatch(call.position, call.task, call.params,
-                                                     call.batch, call.tangent)
-                        continue
                     healthy = [c.position for c, s in zip(calls, stats) if s is not None]
                     calls[index] = self.rerun(call, error, healthy, failures, workers)
         return stats
@@ -108,5 +142,4 @@ class ShardRunner:
         others = [p for p in range(workers) if p != call.position]
         candidates = healthy or others or [call.position]
         position = candidates[attempts % len(candidates)]
-        return self.dispatch(position, {**call.task, "attempt": attempts}, call.params, call.batch,
-                             call.tangent)
+        return self.dispatch(position, {**call.task, "attempt": attempts}, call.inputs, call.rows)

@@ -12,6 +12,12 @@ This is safe only while nobody writes a block someone else is reading. The coord
 that in sync mode alone: a worker reads parameters only between two applies, and writes a gradient
 block again only after the server has applied the last one (the next step waits for that apply).
 A process that cannot see the area (another machine) falls back to the object store.
+
+`SharedMemoryLane` is a process's way into the area: put a batch, put gradients, allocate a server's
+parameters, read a block by its reference. A process makes it once, when it starts (`joined`: the
+area's marker holds its token where this process sees the same tmpfs); one without it uses the
+object store only, and the coordinator, which knows from each worker's start which it is, sends
+blocks only to workers that have one.
 """
 
 from __future__ import annotations
@@ -28,8 +34,8 @@ import numpy as np
 
 from gradserve_services.owned_folder import OwnedFolder, remove_orphans
 
-__all__ = ["BlockRef", "SharedArea", "area_visible", "visible", "write_block", "allocate_block", "Attachments",
-           "remove_block", "remove_prefixed"]
+__all__ = ["BlockRef", "SharedArea", "SharedMemoryLane", "area_visible", "write_block", "allocate_block",
+           "Attachments", "remove_block", "remove_prefixed"]
 
 ALIGNMENT = 64  # bytes; each array starts on a cache line
 RESERVE_BYTES = 64 << 20  # left free in the tmpfs for everyone else
@@ -104,11 +110,6 @@ def area_visible(folder: str, token: str) -> bool:
             return handle.read() == token
     except OSError:
         return False
-
-
-def visible(ref: BlockRef) -> bool:
-    """Whether this process sees the area the block lies in."""
-    return area_visible(os.path.dirname(ref.path), ref.area)
 
 
 def _layout(arrays: Mapping[str, tuple]) -> tuple[tuple, int]:
@@ -202,3 +203,49 @@ def _views(buffer, layout, *, writable: bool) -> dict[str, np.ndarray]:
             array.flags.writeable = False
         views[name] = array
     return views
+
+
+class SharedMemoryLane:
+    """One process's use of an area `(folder, token)`: the blocks it writes (reused while their
+    layout holds, removed with `forget`) and its read-only maps of other processes' blocks."""
+
+    def __init__(self, area: tuple[str, str]):
+        self.area = area
+        self._written: dict[str, tuple] = {}  # block name -> (BlockRef, writable views)
+        self._mapped = Attachments()
+
+    @classmethod
+    def joined(cls, area: tuple[str, str] | None) -> "SharedMemoryLane | None":
+        """The lane of this process into `area`, or None where it does not see it (another
+        machine, or `GRADSERVE_SHARED_MEMORY=off`): asked once, when the process starts."""
+        return cls(area) if area is not None and area_visible(*area) else None
+
+    def put(self, name: str, arrays: Mapping[str, np.ndarray]) -> BlockRef | None:
+        """`arrays` copied into this process's block `name` (a batch, a gradient sum); None where
+        the tmpfs has no room for it (the caller sends them through the object store)."""
+        try:
+            return write_block(self.area[0], self.area[1], name, arrays, self._written)
+        except OSError:
+            return None
+
+    def allocate(self, name: str, arrays: Mapping[str, tuple]) -> tuple[BlockRef, dict] | None:
+        """A new block for `{name: (dtype, shape)}`, its ref and writable views; None without room."""
+        try:
+            return allocate_block(self.area[0], self.area[1], f"{name}-{uuid.uuid4().hex[:8]}", arrays)
+        except OSError:
+            return None
+
+    def read(self, ref: BlockRef) -> dict[str, np.ndarray]:
+        """Read-only views of another process's block (mapped once, the newest few kept)."""
+        return self._mapped.arrays(ref)
+
+    def forget(self, prefix: str) -> None:
+        """Drop the maps of blocks named `prefix...` and remove this process's own."""
+        self._mapped.forget(prefix)
+        for name in [name for name in self._written if name.startswith(prefix)]:
+            remove_block(self._written.pop(name)[0])
+
+    def remove_all(self, prefix: str) -> None:
+        """Remove every block named `prefix...` whoever wrote it (a closed trainer's)."""
+        self.forget(prefix)
+        remove_prefixed(self.area[0], prefix)

@@ -14,20 +14,15 @@ def dropout_seed(config: TrainerConfig, steps_run: int) -> int:
 
 
 def shard_tasks(config: TrainerConfig, table: str, partition: list[list[str]], rows: int,
-                num_workers: int, steps_run: int, area=None, servers=None) -> list[dict]:
-    """One task per shard of `rows`, in pool order. With a shared `area` the worker may write its
-    gradients there; `servers`, given where a worker may not see the area, lets it ask them for
-    copies of the parameters."""
+                num_workers: int, steps_run: int, shared_memory: bool = False) -> list[dict]:
+    """One task per shard of `rows`, in pool order. With `shared_memory` (sync steps on a machine
+    with an area) a worker with a lane writes its gradients into blocks."""
     seed = dropout_seed(config, steps_run)
     tasks = []
     for position, (start, stop) in enumerate(split_rows(rows, num_workers)):
         task = {"spec": config.spec, "table": table, "start": start, "stop": stop, "finite_only": True,
                 "partition": partition, "micro_batch_size": config.micro_batch_size, "seed": seed,
                 "compression": config.compression, "topk_fraction": config.topk_fraction,
-                "slot": position}
-        if area is not None:
-            task["area"] = area
-            if servers is not None:
-                task["servers"] = servers
+                "batch_shard": position, "shared_memory": shared_memory}
         tasks.append(task)
     return tasks

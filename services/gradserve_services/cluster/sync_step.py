@@ -20,10 +20,12 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import numpy as np
+
 from .config import StepResult, TrainerConfig
 from .parameter_shards import ParameterShards
-from .shard_runner import Failures, ShardCall, ShardRunner
-from .shared import write_block
+from .shard_runner import Failures, ShardCall, ShardInputs, ShardRunner
+from .shared import SharedMemoryLane
 from .signals import NoiseScale, add_products, noise_terms, shard_cosines
 from .step_report import Clock, step_result
 from .step_tasks import shard_tasks
@@ -34,38 +36,33 @@ __all__ = ["SyncSteps"]
 
 class SyncSteps:
     def __init__(self, backend, config: TrainerConfig, parameter_names: list[str], runner: ShardRunner,
-                 shards: ParameterShards, area):
+                 shards: ParameterShards, lane: SharedMemoryLane | None):
         self._backend = backend
         self._config = config
         self._parameter_names = parameter_names
         self._runner = runner
         self._shards = shards
-        self._area = area
-        # Batches go through the area too once every worker of the last step could see it.
-        self.workers_near = False
-        self._batch_blocks: dict = {}
+        self._lane = lane  # this trainer's own into shared memory (the batch); None: store only
         self._noise_scale = NoiseScale()  # smoothed over this trainer's sync steps
 
     def run(self, step: int, x, y, *, steps_run: int, num_workers: int) -> StepResult:
         shards, key, clock = self._shards, update_key(step), Clock()
-        batch = self._batch_refs(x, y)
+        inputs = self._inputs(x, y)
+        inputs.prepare(self._runner.shares_memory(num_workers))
         clock.mark("put")
-        servers = None if self._area is None or self.workers_near else shards.servers
         tasks = shard_tasks(self._config, shards.table, shards.partition, x.shape[0], num_workers,
-                            steps_run, self._area, servers)
-        calls = [self._runner.dispatch(position, task, shards.published, batch)
+                            steps_run, self._lane is not None)
+        calls = [self._runner.dispatch(position, task, inputs)
                  for position, task in enumerate(tasks)]
         applying = self._apply(key, calls, steps_run, None) if len(shards.partition) == 1 else None
         failures = Failures()
         try:
-            stats = self._runner.gather(calls, failures, num_workers, self._rerun_preparer(x, y))
+            stats = self._runner.gather(calls, failures, num_workers)
         except BaseException:  # a refused shard (non-finite loss) or workers lost too often
             if applying is not None:
                 shards.discard([future for output in applying for future in output])
             raise
         clock.mark("gathered")
-        self.workers_near = self._area is not None and failures.none and \
-            all(s.get("sees_area") for s in stats)
         norm = None
         if applying is None or failures.reruns:
             if applying is not None:  # it failed on a lost gradient: submitted again
@@ -96,33 +93,17 @@ class SyncSteps:
         return self._shards.apply(key, counts, self._shards.version, norm,
                                   _grads_per_shard(calls, len(self._shards.partition)))
 
-    def _batch_refs(self, x, y) -> tuple:
-        """`(x_ref, y_ref)`: one shared block holding both (y_ref None) while every worker is near,
-        else two object-store entries."""
-        if self._area is None or not self.workers_near:
-            return self._backend.put(x), self._backend.put(y)
-        folder, token = self._area
-        try:
-            return write_block(folder, token, f"{self._shards.table}-batch", {"x": x, "y": y},
-                               self._batch_blocks), None
-        except OSError:  # no room in the tmpfs
-            return self._backend.put(x), self._backend.put(y)
-
-    def _rerun_preparer(self, x, y):
-        """Re-runs may land anywhere: they get the batch by store (put once per step), and the
-        servers, to ask for parameter copies."""
-        by_store: list = []
-
-        def prepare(call: ShardCall) -> ShardCall:
-            if call.batch[1] is None:
-                if not by_store:
-                    by_store.append((self._backend.put(x), self._backend.put(y)))
-                call = replace(call, batch=by_store[0])
-            if "area" in call.task:
-                call = replace(call, task={**call.task, "servers": self._shards.servers})
-            return call
-
-        return prepare
+    def _inputs(self, x, y) -> ShardInputs:
+        """The step's inputs: the batch as one block for the workers that map shared memory
+        (arrays only), through the object store for the others, who also get the servers to ask
+        for copies of the parameters published as blocks."""
+        backend, lane, shards = self._backend, self._lane, self._shards
+        shared_batch = None
+        if lane is not None and isinstance(x, np.ndarray):
+            def shared_batch():
+                return lane.put(f"{shards.table}-batch", {"x": x, "y": y})
+        return ShardInputs(shards.published, lambda: (backend.put(x), backend.put(y)),
+                           shared_batch=shared_batch, servers=None if lane is None else shards.servers)
 
     def _gradient_signals(self, reports, shard_counts) -> dict:
         """StepResult fields from the server shards' products (each holds a parameter slice)."""

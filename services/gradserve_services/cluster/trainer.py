@@ -33,7 +33,7 @@ from .backend import Backend
 from .config import StepResult, TrainerConfig
 from .parameter_shards import ParameterShards
 from .shard_runner import ShardRunner
-from .shared import remove_prefixed
+from .shared import SharedMemoryLane
 from .sharding import partition_parameters
 from .steplog import StepLog, step_number, update_key
 from .local_step import LocalRounds
@@ -61,13 +61,14 @@ class Trainer:
         self._num_workers = self.config.num_workers
         # Sync steps may share memory with workers on this machine (see shared.py); the on-arrival
         # modes apply while other shards still read the parameters, so they never do.
-        self._area = backend.shared_area if self.config.consistency == "sync" else None
-        self._shards = ParameterShards(backend, self._table, self._partition, self._area,
+        self._shared_memory = SharedMemoryLane(backend.shared_area) \
+            if self.config.consistency == "sync" and backend.shared_area is not None else None
+        self._shards = ParameterShards(backend, self._table, self._partition, self._shared_memory is not None,
                                        self.config.step_window)
         runner = ShardRunner(backend, self._shards.check_inputs)
         if self.config.consistency == "sync":
             self._steps = SyncSteps(backend, self.config, list(self._model.parameter_shapes()), runner,
-                                    self._shards, self._area)
+                                    self._shards, self._shared_memory)
         elif self.config.consistency == "local":
             self._steps = LocalRounds(backend, self.config, runner, self._shards)
         else:
@@ -168,8 +169,6 @@ class Trainer:
             self._check_open()
             self._backend.reserve_workers(self._table, num_workers)
             self._num_workers = num_workers
-            if isinstance(self._steps, SyncSteps):
-                self._steps.workers_near = False
 
     @property
     def num_workers(self) -> int:
@@ -195,8 +194,8 @@ class Trainer:
             for worker in backend.workers(self._num_workers):
                 backend.submit(worker, "forget", self._table)
             backend.release_workers(self._table)
-            if self._area is not None:  # every block of this trainer, whoever wrote it
-                remove_prefixed(self._area[0], f"{self._table}-")
+            if self._shared_memory is not None:  # every block of this trainer, whoever wrote it
+                self._shared_memory.remove_all(f"{self._table}-")
 
     def _rule(self) -> dict:
         if self.config.consistency == "async":

@@ -2,9 +2,14 @@
 
 A plain class; `remote.py` makes it a Ray actor. It returns gradient SUMS, loss sums and sample
 counts (never averages) so any number of uneven shards aggregates exactly, plus its timings.
-Parameters arrive as a box of object references, one per parameter-server shard, each resolving to a
+Parameters arrive as a list of references, one per parameter-server shard, each resolving to a
 `(version, params)` snapshot; the worker fetches them only when the references change, so a version
 crosses the object store once per worker and is used in place (zero-copy, read-only).
+
+Where it runs is settled when it starts: its shared-memory lane (shared.py) where it maps the
+executor's area, else none (every block a server publishes is then asked for as a copy), and the
+`ActorCalls` it reaches other actors with (none in the caller's own process, where arguments
+arrive resolved). `metadata()` reports both for the backend to record.
 """
 
 from __future__ import annotations
@@ -22,18 +27,13 @@ from gradserve_services.optim import all_finite
 
 from .compression import ErrorFeedback, encode
 from .local_round import run_task_round
-from .shared import Attachments, BlockRef, area_visible, remove_block, visible, write_block
+from .shared import BlockRef, SharedMemoryLane
 
-__all__ = ["GradientWorker", "AreaNotVisible", "ModelCache", "limit_blas_threads", "spec_key"]
+__all__ = ["GradientWorker", "ModelCache", "limit_blas_threads", "spec_key"]
 
 # Bounded caches: a worker serves every session of an executor.
 MAX_CACHED_MODELS = 8
 MAX_CACHED_TABLES = 16
-
-
-class AreaNotVisible(RuntimeError):
-    """A batch was sent as a shared block to a worker on another machine; the coordinator sends
-    that shard again through the object store."""
 
 
 def limit_blas_threads() -> bool:
@@ -73,28 +73,32 @@ class ModelCache:
 
 
 class GradientWorker:
-    def __init__(self, limit_threads: bool = True):
+    def __init__(self, limit_threads: bool = True, *, area: tuple[str, str] | None = None, calls=None):
         if limit_threads:
             limit_blas_threads()
         self._models = ModelCache(MAX_CACHED_MODELS)
-        self._params: OrderedDict[str, tuple] = OrderedDict()  # table -> (box ids, version, params)
+        # table -> (the parameter references, version, params)
+        self._params: OrderedDict[str, tuple] = OrderedDict()
         self._feedback: dict[str, ErrorFeedback] = {}
-        self._attached = Attachments()  # parameter blocks of servers on this machine
-        self._grad_blocks: dict[str, tuple] = {}  # name -> (BlockRef, views)
-        self._areas_seen: dict[str, bool] = {}
+        self._lane = SharedMemoryLane.joined(area)
+        self._calls = calls
 
     def pid(self) -> int:
         return os.getpid()
 
+    def metadata(self) -> dict:
+        """Where this worker runs, recorded by the backend when it starts."""
+        return {"pid": os.getpid(), "node_id": "local" if self._calls is None else self._calls.node_id(),
+                "shared_memory": self._lane is not None}
+
     def forget(self, table: str) -> None:
-        """Drop what this worker keeps for a closed trainer (parameters, top-k residuals)."""
+        """Drop what this worker keeps for a closed trainer (parameters, top-k residuals, blocks)."""
         self._params.pop(table, None)
         self._feedback.pop(table, None)
-        self._attached.forget(table)
-        for name in [name for name in self._grad_blocks if name.startswith(table)]:
-            remove_block(self._grad_blocks.pop(name)[0])
+        if self._lane is not None:
+            self._lane.forget(table)
 
-    def compute(self, task: dict, params_box: list, x, y, tangent_box=None):
+    def compute(self, task: dict, params_refs: list, x, y, tangent_refs=None):
         """Gradient sum (or JVP) of rows `task["start"]:task["stop"]` of the batch.
 
         Returns one encoded gradient part per entry of `task["partition"]` followed by a stats dict:
@@ -103,23 +107,20 @@ class GradientWorker:
         """
         started = time.perf_counter()
         started_at = time.time()
-        if isinstance(x, BlockRef):  # the batch, written by the coordinator on this machine
-            if not visible(x):
-                raise AreaNotVisible(f"pid {os.getpid()} cannot see {x.path}")
-            batch = self._attached.arrays(x)
+        if isinstance(x, BlockRef):  # the batch in shared memory: sent only to a worker with a lane
+            batch = self._lane.read(x)
             x, y = batch["x"], batch["y"]
-        version, params = self._parameters(task["table"], params_box, task.get("servers"))
+        version, params = self._parameters(task["table"], params_refs, task.get("servers"))
         fetched = time.perf_counter()
         model = self._model(task["spec"])
         start, stop = task["start"], task["stop"]
         options = {"micro_batch_size": task.get("micro_batch_size"), "seed": task.get("seed", 0),
                    "sample_offset": start}
-        stats = {"count": stop - start, "version": version, "pid": os.getpid(), "jvp_sum": None,
-                 "sees_area": self._sees(task.get("area"))}
+        stats = {"count": stop - start, "version": version, "pid": os.getpid(), "jvp_sum": None}
         parts = [None] * len(task["partition"])
         bytes_raw = bytes_sent = 0
-        if tangent_box is not None:
-            _, tangent = _resolve(tangent_box)
+        if tangent_refs is not None:
+            _, tangent = _merge(self._fetch(tangent_refs))
             mean_loss, derivative = model.jvp(params, tangent, x[start:stop], y[start:stop], **options)
             stats["loss_sum"] = mean_loss * (stop - start)
             stats["jvp_sum"] = derivative * (stop - start)
@@ -136,7 +137,8 @@ class GradientWorker:
             if task.get("finite_only"):
                 _refuse_non_finite(result, start, stop, gradients_too=feedback is not None)
             # compressed parts are small and are what the server must decode: they travel as is
-            shared = self._sees(task.get("area")) and task.get("compression", "none") == "none"
+            shared = self._lane is not None and task.get("shared_memory", False) and \
+                task.get("compression", "none") == "none"
             for index, names in enumerate(task["partition"]):
                 part = self._shared_part(task, index, {n: result.grad_sum[n] for n in names}) \
                     if shared else None  # the server reads the sum where this worker wrote it
@@ -158,38 +160,38 @@ class GradientWorker:
     def _model(self, spec) -> Model:
         return self._models.get(spec)
 
-    def _sees(self, area) -> bool:
-        """Whether the shared area `(folder, token)` is on this machine (asked once per area)."""
-        if area is None:
-            return False
-        seen = self._areas_seen.get(area[1])
-        if seen is None:
-            seen = self._areas_seen[area[1]] = area_visible(*area)
-        return seen
-
     def _shared_part(self, task: dict, index: int, grads: dict) -> dict | None:
-        # One block per (table, shard slot, server shard): a worker re-running another shard in the
-        # same step writes a different block, never one the server may still read.
-        name = f"{task['table']}-grad-{os.getpid()}-{task.get('slot', 0)}-{index}"
-        try:
-            ref = write_block(task["area"][0], task["area"][1], name, grads, self._grad_blocks)
-        except OSError:  # no room in the tmpfs: this part goes through the object store
-            return None
-        # Kept until the trainer is closed (`forget`): a block of another trainer may still be
-        # waiting for its server, so none is evicted here. Slots and shards bound their number.
-        return {"kind": "shared", "block": ref}
+        # One block per (table, batch shard, server shard): a worker re-running another shard in
+        # the same step writes a different block, never one the server may still read. Kept until
+        # the trainer is closed (`forget`): a block of another trainer may still be waiting for its
+        # server, so none is evicted here. Batch and server shards bound their number.
+        ref = self._lane.put(f"{task['table']}-grad-{os.getpid()}-{task.get('batch_shard', 0)}-{index}", grads)
+        return None if ref is None else {"kind": "shared", "block": ref}  # None: no room, by store
 
-    def _parameters(self, table: str, params_box: list, servers=None):
-        """The `(version, params)` the box points at, from cache when the box is unchanged."""
-        if not params_box or not _is_object_ref(params_box[0]):
-            return _resolve(params_box)  # in-process snapshots: nothing to fetch, nothing to cache
-        box_ids = tuple(item.hex() for item in params_box)
+    def _fetch(self, refs: list) -> list:
+        """The snapshots `refs` point at (in the caller's process they arrive resolved)."""
+        return list(refs) if self._calls is None else self._calls.get(list(refs))
+
+    def _parameters(self, table: str, params_refs: list, servers=None):
+        """The `(version, params)` the references point at, from cache while they are unchanged.
+        A server's block this worker cannot map (it has no lane) is asked for as a copy from
+        `servers`: in sync mode the block holds exactly that version until the next apply."""
+        if self._calls is None:
+            return _merge(params_refs)  # in-process snapshots: nothing to fetch, nothing to cache
+        refs = tuple(params_refs)
         cached = self._params.get(table)
-        if cached is not None and cached[0] == box_ids:
+        if cached is not None and cached[0] == refs:
             self._params.move_to_end(table)
             return cached[1], cached[2]
-        version, params = _resolve(params_box, self._attached, servers, table)
-        self._params[table] = (box_ids, version, params)
+        snapshots = self._fetch(params_refs)
+        unmapped = [index for index, (_, held) in enumerate(snapshots)
+                    if isinstance(held, BlockRef) and self._lane is None]
+        copies = self._calls.get([self._calls.submit(servers[index], "snapshot", table)[0]
+                                  for index in unmapped])
+        for index, copy in zip(unmapped, copies):
+            snapshots[index] = copy
+        version, params = _merge(snapshots, self._lane)
+        self._params[table] = (refs, version, params)
         while len(self._params) > MAX_CACHED_TABLES:
             self._params.popitem(last=False)
         return version, params
@@ -209,28 +211,10 @@ def _refuse_non_finite(result, start: int, stop: int, *, gradients_too: bool) ->
                                      "on this batch; nothing was applied", f"gradients.{name}")
 
 
-def _resolve(box: list, attached: Attachments | None = None, servers=None, table=None):
-    """Merge the `(version, params)` snapshots of every parameter-server shard in the box. A shard
-    that published a shared block is read in place where this process sees it, else asked for a
-    copy (`servers`, in sync mode the block holds exactly that version until the next apply)."""
-    snapshots = list(box)
-    if snapshots and _is_object_ref(snapshots[0]):
-        import ray  # only reached inside a Ray worker
-
-        snapshots = ray.get(snapshots)
-        far = [index for index, (_, held) in enumerate(snapshots)
-               if isinstance(held, BlockRef) and not visible(held)]
-        if far and servers is None:  # the coordinator thought this worker near: it resends
-            raise AreaNotVisible(f"pid {os.getpid()} cannot see {snapshots[far[0]][1].path}")
-        if far:
-            copies = ray.get([servers[index].snapshot.remote(table) for index in far])
-            for index, copy in zip(far, copies):
-                snapshots[index] = copy
+def _merge(snapshots: list, lane: SharedMemoryLane | None = None):
+    """One `(version, params)` from every parameter-server shard's snapshot (a shard's block read
+    in place through the lane)."""
     params = {}
     for _, shard_params in snapshots:
-        params.update(attached.arrays(shard_params) if isinstance(shard_params, BlockRef) else shard_params)
+        params.update(lane.read(shard_params) if isinstance(shard_params, BlockRef) else shard_params)
     return snapshots[0][0], params
-
-
-def _is_object_ref(item) -> bool:
-    return type(item).__name__ == "ObjectRef"
