@@ -225,6 +225,45 @@ SLOWEST_WORKER = Counter(
     registry=REGISTRY,
 )
 
+# --- Tables (row-sharded on the parameter servers; cluster/table_lane.py) ------------------------
+TABLE_ROWS = Counter(
+    "gradserve_table_rows",
+    "Table rows moved between workers and parameter servers: pulled (rows workers received, each "
+    "its shard's distinct rows) or pushed (gradient rows they sent, one per distinct id).",
+    ["direction"],
+    registry=REGISTRY,
+)
+TABLE_WIRE_BYTES = Counter(
+    "gradserve_table_wire_bytes",
+    "Bytes of table rows and their ids moved between workers and parameter servers, by direction.",
+    ["direction"],
+    registry=REGISTRY,
+)
+TABLE_DENSE_BYTES = Counter(
+    "gradserve_table_dense_equivalent_bytes",
+    "Bytes the same steps would have moved had every worker pulled and pushed the tables whole "
+    "(minus the wire bytes: what sparse rows saved).",
+    registry=REGISTRY,
+)
+TABLE_UNIQUE_ROW_RATIO = Gauge(
+    "gradserve_table_unique_row_ratio",
+    "Most recent step with tables: distinct rows updated over the table lookups its batch made.",
+    registry=REGISTRY,
+)
+TABLE_STORED_ROWS = Gauge(
+    "gradserve_table_stored_rows",
+    "Rows the parameter servers hold stored (updated at least once) after the most recent step "
+    "with tables, over that session's tables.",
+    registry=REGISTRY,
+)
+TABLE_STORED_BYTES = Gauge(
+    "gradserve_table_stored_bytes",
+    "Bytes the parameter servers hold for the tables (stored rows, optimizer state, row index) "
+    "after the most recent step with tables.",
+    registry=REGISTRY,
+)
+TABLE_DIRECTIONS = ("pulled", "pushed")
+
 # --- Cluster and sessions ---------------------------------------------------------------------
 WORKERS_ALIVE = Gauge(
     "gradserve_workers_alive",
@@ -247,6 +286,9 @@ for _outcome in UPDATE_OUTCOMES:
     UPDATES.labels(outcome=_outcome)
 for _position in range(SLOWEST_POSITIONS + 1):
     SLOWEST_WORKER.labels(position=position_label(_position))
+for _direction in TABLE_DIRECTIONS:
+    TABLE_ROWS.labels(direction=_direction)
+    TABLE_WIRE_BYTES.labels(direction=_direction)
 
 # Exposed names (as scraped, counters with `_total`) so tests and the dashboards can be checked
 # against exactly what this module defines.
@@ -276,6 +318,12 @@ METRIC_NAMES = frozenset(
         "gradserve_worker_compute_spread_ratio",
         "gradserve_slowest_worker_total",
         "gradserve_active_sessions",
+        "gradserve_table_rows_total",
+        "gradserve_table_wire_bytes_total",
+        "gradserve_table_dense_equivalent_bytes_total",
+        "gradserve_table_unique_row_ratio",
+        "gradserve_table_stored_rows",
+        "gradserve_table_stored_bytes",
     }
 )
 
@@ -402,6 +450,21 @@ def _record_signals(mode, noise_scale, shard_cosines, update_ratios, compute_spr
     if slowest_worker >= 0:
         SLOWEST_WORKER.labels(position=position_label(slowest_worker)).inc()
 
+
+
+def record_table_step(*, rows_pulled: int, rows_pushed: int, bytes_pulled: int, bytes_pushed: int,
+                      dense_table_bytes: int, rows_updated: int, row_lookups: int, table_rows: int,
+                      table_bytes: int) -> None:
+    """Record one step's table traffic (StepResult's table fields, cluster/config.py)."""
+    TABLE_ROWS.labels(direction="pulled").inc(rows_pulled)
+    TABLE_ROWS.labels(direction="pushed").inc(rows_pushed)
+    TABLE_WIRE_BYTES.labels(direction="pulled").inc(bytes_pulled)
+    TABLE_WIRE_BYTES.labels(direction="pushed").inc(bytes_pushed)
+    TABLE_DENSE_BYTES.inc(dense_table_bytes)
+    if row_lookups:
+        TABLE_UNIQUE_ROW_RATIO.set(rows_updated / row_lookups)
+    TABLE_STORED_ROWS.set(table_rows)
+    TABLE_STORED_BYTES.set(table_bytes)
 
 
 def set_workers_alive(n: int) -> None:

@@ -16,7 +16,7 @@ from tests.support.promtool import check_metrics, scrape
 from tests.support.recorded_metrics import record_one_step
 
 # Label names a gradserve metric may carry: each has a small, fixed set of values.
-ALLOWED_LABELS = {"method", "code", "phase", "mode", "outcome", "position", "le"}
+ALLOWED_LABELS = {"method", "code", "phase", "mode", "outcome", "position", "direction", "le"}
 
 
 @pytest.fixture

@@ -43,6 +43,11 @@ def record_one_step(step: int, rng: random.Random) -> None:
         compute_spread=rng.uniform(1.0, 1.6),
         slowest_worker=rng.choice((0, 1)),
     )
+    unique = rng.randint(900, 1100)  # a model with tables: 26 lookups per sample, dim 16, float32
+    metrics.record_table_step(rows_pulled=unique + 200, rows_pushed=unique + 200, bytes_pulled=(unique + 200) * 72,
+                              bytes_pushed=(unique + 200) * 72, dense_table_bytes=2 * 2 * 26 * 100_000 * 64,
+                              rows_updated=unique, row_lookups=64 * 26, table_rows=1000 * (step + 1),
+                              table_bytes=1000 * (step + 1) * 200)
     metrics.record_rpc("Step", "OK", rng.uniform(0.01, 0.06), bytes_received=64 * 784 * 4, bytes_sent=32)
     if step % 5 == 4:
         metrics.record_rpc("Step", "INVALID_ARGUMENT", rng.uniform(0.0005, 0.002), bytes_received=900)

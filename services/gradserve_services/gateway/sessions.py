@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from gradserve.client import TABLE_STEP_FIELDS
 from gradserve_services import metrics
 from gradserve_services.cluster import DEFAULT_STEP_WINDOW, StepResult, TrainerConfig
 from gradserve_services.cluster.table_lane import InitialRows
@@ -238,6 +239,36 @@ class SessionRegistry:
                 self._store.after_step(session, step_id, x, y, result)
         return result
 
+    def forward_step(self, session: Session, step_id: int, x):
+        """Phase one of a two-phase step (cluster/two_phase.py): a `ForwardPhase`."""
+        if step_id < 1:
+            raise InvalidArgument("step ids start at 1", "step_id")
+        check_activations(session.features_per_row, x, 0, self.limits.activation_elements_per_call)
+        with session.lock:
+            self._check_open(session)
+            return self._store.recovering(session, lambda: session.trainer.forward_step(step_id, x))
+
+    def backward_step(self, session: Session, step_id: int, output_gradient, loss: float) -> StepResult:
+        """Phase two. A session with a checkpoint policy checkpoints after it: replay after a lost
+        parameter server re-runs steps from their batches, and this update has none to re-run."""
+        if step_id < 1:
+            raise InvalidArgument("step ids start at 1", "step_id")
+        with session.lock:
+            self._check_open(session)
+            started = time.perf_counter()
+            result = self._store.recovering(
+                session, lambda: session.trainer.backward_step(step_id, output_gradient, loss))
+            record_step_metrics(result, time.perf_counter() - started)
+            if result.applied and not result.duplicate and session.checkpoint_every_steps:
+                self._store.save(session)
+        return result
+
+    def table_rows(self, session: Session, table: str, ids) -> tuple[int, np.ndarray]:
+        """`(version, rows)` of a session's table by id (PullRows)."""
+        with session.lock:
+            self._check_open(session)
+            return session.trainer.table_rows(table, ids)
+
     def parameters(self, session: Session) -> tuple[int, dict[str, np.ndarray]]:
         with session.lock:
             self._check_open(session)
@@ -262,12 +293,6 @@ class SessionRegistry:
     # ----- helpers ------------------------------------------------------------------------------
 
     def _add(self, session: Session) -> None:
-    def table_rows(self, session: Session, table: str, ids) -> tuple[int, np.ndarray]:
-        """`(version, rows)` of a session's table by id (PullRows)."""
-        with session.lock:
-            self._check_open(session)
-            return session.trainer.table_rows(table, ids)
-
         """Register `session` (with `_lock` held)."""
         self._sessions[session.session_id] = session
         metrics.set_active_sessions(len(self._sessions))
@@ -358,3 +383,5 @@ def _initial_parameters(model: Model, seed: int, dtype: str) -> dict:
         compute_spread=result.compute_spread,
         slowest_worker=result.slowest_worker,
     )
+    if result.row_lookups:  # a model with tables
+        metrics.record_table_step(**{name: getattr(result, name) for name in TABLE_STEP_FIELDS})
