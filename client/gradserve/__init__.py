@@ -26,7 +26,7 @@ from .errors import (
 # engine raising it must not load grpc or protobuf through this package's import.
 _LAZY = {
     "Client": "client", "Gradients": "client", "StepResult": "client", "SessionInfo": "client",
-    "Checkpoint": "client", "TableRows": "client",
+    "Checkpoint": "client", "TableRows": "client", "ForwardStep": "client",
     "mlp": "builders", "GraphBuilder": "builders", "INPUT": "builders",
     "DTYPES": "codec", "encode_tensor": "codec", "decode_tensor": "codec",
     "TensorFormatError": "codec", "TensorTooLarge": "codec",
@@ -56,6 +56,7 @@ __all__ = [
     "Client",
     "Gradients",
     "StepResult",
+    "ForwardStep",
     "SessionInfo",
     "Checkpoint",
     "TableRows",

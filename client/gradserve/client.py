@@ -13,18 +13,19 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from gradserve.v1 import model_pb2, service_pb2
+from gradserve.v1 import describe_pb2, model_pb2, service_pb2
 
 from .codec import TensorFormatError
-from .errors import GradserveError, InvalidArgument, Unavailable
+from .errors import FailedPrecondition, GradserveError, InvalidArgument, Unavailable
 from .fields import build
+from .messages import message_dict
 from .spec import SpecFormatError, optimizer_to_proto, spec_to_proto, table_optimizer_to_proto
 from .rpc.methods import stub
 from .rpc.options import open_channel
 from .rpc.status import from_rpc_error
 from .transfer import DEFAULT_MAX_REQUEST_BYTES, OutgoingTensors, read_messages
 
-__all__ = ["Client", "Gradients", "StepResult", "SessionInfo", "Checkpoint", "TableRows"]
+__all__ = ["Client", "Gradients", "StepResult", "ForwardStep", "SessionInfo", "Checkpoint", "TableRows"]
 
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["Gradserve"]
 PARAMETERS = "parameters."
@@ -94,6 +95,16 @@ class StepResult:
     dense_table_bytes: int = 0
     table_rows: int = 0
     table_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class ForwardStep:
+    """Phase one of a two-phase step (`Client.step_forward`)."""
+
+    step_id: int
+    version: int  # the parameter version the output was computed at
+    output: np.ndarray | None  # (rows, output width); None when duplicate
+    duplicate: bool  # the step id was applied already: its backward answers the recorded result
 
 
 @dataclass(frozen=True)
@@ -316,6 +327,72 @@ class Client:
             return _step_result(reply)
 
         return self._with_retries(attempt, timeout)
+
+    def step_forward(self, session_id: str, x, *, step_id: int | None = None,
+                     timeout: float | None = None) -> ForwardStep:
+        """Phase one of a two-phase step: the session's output for `x` (training mode); the
+        service holds the activations under the step id until `step_backward`."""
+        step_id = self._claim_step_id(session_id, step_id)
+        outgoing = _outgoing(_batch_arrays(x, None))
+        header = build(service_pb2.StepForwardHeader, session_id=session_id, step_id=step_id,
+                       tensors=outgoing.entries)
+
+        def attempt(deadline_s: float) -> ForwardStep:
+            requests = itertools.chain([service_pb2.StepForwardRequest(header=header)], outgoing.chunks())
+            result, arrays = _single(self._stub.StepForward(requests, timeout=deadline_s, metadata=self._metadata))
+            output = next(iter(_strip(arrays, OUTPUTS).values()), None)
+            return ForwardStep(result.step_id, result.version, output, result.duplicate)
+
+        return self._with_retries(attempt, timeout)
+
+    def step_backward(self, session_id: str, step_id: int, output_gradient, loss: float, *,
+                      timeout: float | None = None) -> StepResult:
+        """Phase two: apply the vector-Jacobian product of `output_gradient` (dL/d output of the
+        caller's loss, never divided by the rows here: a mean loss has its 1/rows in it) through
+        the held forward of `step_id`, once; `loss` is reported back. A retried or repeated id
+        answers the recorded result (`duplicate`)."""
+        arrays = {} if output_gradient is None else {OUTPUT_GRADIENT: output_gradient}
+        outgoing = _outgoing(arrays)
+        header = build(service_pb2.StepBackwardHeader, session_id=session_id, step_id=step_id, loss=loss,
+                       tensors=outgoing.entries)
+
+        def attempt(deadline_s: float) -> StepResult:
+            requests = itertools.chain([service_pb2.StepBackwardRequest(header=header)], outgoing.chunks())
+            return _step_result(self._stub.StepBackward(requests, timeout=deadline_s, metadata=self._metadata))
+
+        return self._with_retries(attempt, timeout)
+
+    def train_step(self, session_id: str, x, loss: Callable, *, step_id: int | None = None,
+                   timeout: float | None = None) -> StepResult:
+        """One training step with a loss the service does not know: `loss(output)` returns (loss
+        value, dL/d output) in numpy. `step_forward`, the loss here, `step_backward`, under one
+        step id (retries reuse it, so the update applies once); the service keeps the forward's
+        activations in between, so nothing is recomputed. If they were evicted, or (sync) another
+        step moved the parameters meanwhile, the forward and the loss run once more."""
+        step_id = self._claim_step_id(session_id, step_id)
+        for attempt_number in range(2):
+            forward = self.step_forward(session_id, x, step_id=step_id, timeout=timeout)
+            if forward.duplicate:  # applied before (a re-run of this client): the recorded result
+                return self.step_backward(session_id, step_id, None, 0.0, timeout=timeout)
+            value, output_gradient = loss(forward.output)
+            try:
+                return self.step_backward(session_id, step_id, np.asarray(output_gradient, forward.output.dtype),
+                                          float(value), timeout=timeout)
+            except FailedPrecondition as refused:
+                if refused.field != "step_id" or attempt_number:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def describe_model(self, spec, *, dtype: str = "float32", timeout: float | None = None) -> dict:
+        """The model's inputs, parameters (name, shape, dtype, layout), counts, FLOPs and
+        activation bytes per row, as describe.proto's DescribeModelResponse fields."""
+        request = build(describe_pb2.DescribeModelRequest, model=_spec(spec), dtype=dtype)
+        return message_dict(self._unary(self._stub.DescribeModel, request, timeout))
+
+    def server_info(self, *, timeout: float | None = None) -> dict:
+        """What the service accepts: version, ops with attributes and ranges, losses, optimizers,
+        consistency modes, compression methods, dtypes, limits (GetServerInfoResponse's fields)."""
+        return message_dict(self._unary(self._stub.GetServerInfo, describe_pb2.GetServerInfoRequest(), timeout))
 
     def stream_steps(
         self, session_id: str, batches: Iterable, *, timeout: float | None = None

@@ -21,7 +21,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 PROTO_ROOT = REPO_ROOT / "protos"
 STUB_DIR = REPO_ROOT / "client" / "gradserve" / "v1"
 PROTO_PACKAGE_DIR = pathlib.Path("gradserve") / "v1"
-PROTO_FILES = ("tensor.proto", "model.proto", "service.proto")
+PROTO_FILES = ("tensor.proto", "model.proto", "describe.proto", "service.proto")
 
 
 def generate(output_dir: pathlib.Path) -> list[pathlib.Path]:

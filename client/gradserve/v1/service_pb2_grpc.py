@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from gradserve.v1 import describe_pb2 as gradserve_dot_v1_dot_describe__pb2
 from gradserve.v1 import service_pb2 as gradserve_dot_v1_dot_service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -58,6 +59,26 @@ class GradserveStub:
                 '/gradserve.v1.Gradserve/StreamSteps',
                 request_serializer=gradserve_dot_v1_dot_service__pb2.StepRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_service__pb2.StepResponse.FromString,
+                _registered_method=True)
+        self.StepForward = channel.stream_stream(
+                '/gradserve.v1.Gradserve/StepForward',
+                request_serializer=gradserve_dot_v1_dot_service__pb2.StepForwardRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_service__pb2.StepForwardResponse.FromString,
+                _registered_method=True)
+        self.StepBackward = channel.stream_unary(
+                '/gradserve.v1.Gradserve/StepBackward',
+                request_serializer=gradserve_dot_v1_dot_service__pb2.StepBackwardRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_service__pb2.StepResponse.FromString,
+                _registered_method=True)
+        self.DescribeModel = channel.unary_unary(
+                '/gradserve.v1.Gradserve/DescribeModel',
+                request_serializer=gradserve_dot_v1_dot_describe__pb2.DescribeModelRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_describe__pb2.DescribeModelResponse.FromString,
+                _registered_method=True)
+        self.GetServerInfo = channel.unary_unary(
+                '/gradserve.v1.Gradserve/GetServerInfo',
+                request_serializer=gradserve_dot_v1_dot_describe__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_describe__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
         self.PullParameters = channel.unary_stream(
                 '/gradserve.v1.Gradserve/PullParameters',
@@ -135,6 +156,40 @@ class GradserveServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StepForward(self, request_iterator, context):
+        """Phase one of a two-phase step, for a loss the caller computes: the session's output for a
+        batch at its current parameters, in training mode (dropout on, with the masks a Step would
+        use). The service keeps the activations under the step id for phase two (see
+        StepForwardHeader for the memory bound and what eviction means). Header + chunks both ways.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StepBackward(self, request_iterator, context):
+        """Phase two: dL/d output for a held forward; one update, exactly once per step id (a repeated
+        step id returns the recorded result with `duplicate` set and applies nothing).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeModel(self, request, context):
+        """A model's inputs, parameters (names, shapes, dtypes, layouts), counts, FLOPs and activation
+        bytes per row. Stateless; nothing runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetServerInfo(self, request, context):
+        """What the service accepts: version, ops with attributes and ranges, losses, optimizers,
+        consistency modes, compression methods, dtypes and limits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PullParameters(self, request, context):
         """The session's current parameters and their version: a header then chunks. Tables come whole
         (every row, assembled from the parameter servers' shards), streamed in 1 MiB chunks.
@@ -207,6 +262,26 @@ def add_GradserveServicer_to_server(servicer, server):
                     servicer.StreamSteps,
                     request_deserializer=gradserve_dot_v1_dot_service__pb2.StepRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_service__pb2.StepResponse.SerializeToString,
+            ),
+            'StepForward': grpc.stream_stream_rpc_method_handler(
+                    servicer.StepForward,
+                    request_deserializer=gradserve_dot_v1_dot_service__pb2.StepForwardRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_service__pb2.StepForwardResponse.SerializeToString,
+            ),
+            'StepBackward': grpc.stream_unary_rpc_method_handler(
+                    servicer.StepBackward,
+                    request_deserializer=gradserve_dot_v1_dot_service__pb2.StepBackwardRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_service__pb2.StepResponse.SerializeToString,
+            ),
+            'DescribeModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeModel,
+                    request_deserializer=gradserve_dot_v1_dot_describe__pb2.DescribeModelRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_describe__pb2.DescribeModelResponse.SerializeToString,
+            ),
+            'GetServerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerInfo,
+                    request_deserializer=gradserve_dot_v1_dot_describe__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_describe__pb2.GetServerInfoResponse.SerializeToString,
             ),
             'PullParameters': grpc.unary_stream_rpc_method_handler(
                     servicer.PullParameters,
@@ -374,6 +449,114 @@ class Gradserve:
             '/gradserve.v1.Gradserve/StreamSteps',
             gradserve_dot_v1_dot_service__pb2.StepRequest.SerializeToString,
             gradserve_dot_v1_dot_service__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StepForward(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/gradserve.v1.Gradserve/StepForward',
+            gradserve_dot_v1_dot_service__pb2.StepForwardRequest.SerializeToString,
+            gradserve_dot_v1_dot_service__pb2.StepForwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StepBackward(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/gradserve.v1.Gradserve/StepBackward',
+            gradserve_dot_v1_dot_service__pb2.StepBackwardRequest.SerializeToString,
+            gradserve_dot_v1_dot_service__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.Gradserve/DescribeModel',
+            gradserve_dot_v1_dot_describe__pb2.DescribeModelRequest.SerializeToString,
+            gradserve_dot_v1_dot_describe__pb2.DescribeModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.Gradserve/GetServerInfo',
+            gradserve_dot_v1_dot_describe__pb2.GetServerInfoRequest.SerializeToString,
+            gradserve_dot_v1_dot_describe__pb2.GetServerInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -103,13 +103,15 @@ class TwoPhaseSteps:
     def backward(self, step: int, output_gradient, loss: float) -> StepResult:
         """Phase two: one update from `output_gradient` through the held forward of `step`."""
         started = time.perf_counter()
+        if output_gradient is None:
+            raise InvalidArgument("missing tensor: the step's dL/d output", "output_gradient")
+        if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+            raise InvalidArgument(f"the caller's loss must be a finite number, got {loss!r}", "loss")
         held = self._held.get(step)
         if held is None:
             raise FailedPrecondition(
                 f"no forward of step {step} is held (never run, evicted by later forwards, or the service "
                 f"restarted); run the step's forward again, then its backward", "step_id")
-        if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
-            raise InvalidArgument(f"the caller's loss must be a finite number, got {loss!r}", "loss")
         shards = self._shards
         if self._config.consistency == "sync" and held.version != shards.version:
             del self._held[step]

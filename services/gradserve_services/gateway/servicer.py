@@ -19,6 +19,7 @@ from gradserve_services.cluster.handover import hand_over
 from gradserve_services.errors import DeadlineExceeded, InvalidArgument
 
 from . import wire
+from .describe import describe_reply, server_info_reply
 from .functions import INPUT_GRADIENTS, OUTPUT_GRADIENT, OUTPUTS, ModelFunctions
 from .sessions import SessionRegistry, activation_features, check_activations
 
@@ -149,18 +150,33 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
         if y is None:
             raise InvalidArgument("missing tensor", "batch.y")
         result = self._sessions.step(session, header.step_id, x, y, _seconds_left(context))
-        reply = service_pb2.StepResponse(
-            step_id=header.step_id, loss=result.loss, version=result.version, duplicate=result.duplicate,
-            applied=result.applied and not result.duplicate, samples=result.samples,
-            grad_norm=result.grad_norm, lr=result.lr, retries=result.retries,
-            worker_failures=result.worker_failures, noise_scale=result.noise_scale,
-            shard_cosines=result.shard_cosines, compute_spread=result.compute_spread,
-            slowest_worker=result.slowest_worker,
-            **{name: getattr(result, name) for name in TABLE_STEP_FIELDS},
-        )
-        reply.timings_ms.update({k: float(v) for k, v in result.timings.items()})
-        reply.update_ratios.update({k: float(v) for k, v in result.update_ratios.items()})
-        return reply
+        return _step_response(header.step_id, result)
+
+    def StepForward(self, request_iterator, context):
+        header, arrays = wire.read_one(request_iterator, self._max_bytes)
+        session = self._sessions.get(context.identity, header.session_id)
+        x, y = wire.batch_tensors(wire.group(arrays, (wire.BATCH_PREFIX,))[wire.BATCH_PREFIX], session.config.spec)
+        if y is not None:
+            raise InvalidArgument("a two-phase step takes no labels: its loss is the caller's", "batch.y")
+        _check_deadline(context)
+        phase = self._sessions.forward_step(session, header.step_id, x)
+        outputs = {} if phase.duplicate else {OUTPUTS + session.config.spec["output"]: phase.output}
+        reply = service_pb2.StepForwardResult(step_id=header.step_id, version=phase.version,
+                                              duplicate=phase.duplicate)
+        yield from wire.send(reply, outputs, service_pb2.StepForwardResponse)
+
+    def StepBackward(self, request_iterator, context):
+        header, arrays = wire.read_one(request_iterator, self._max_bytes)
+        session = self._sessions.get(context.identity, header.session_id)
+        tensors = wire.group(arrays, (), exact=(OUTPUT_GRADIENT,))
+        result = self._sessions.backward_step(session, header.step_id, tensors.get(OUTPUT_GRADIENT), header.loss)
+        return _step_response(header.step_id, result)
+
+    def DescribeModel(self, request, context):
+        return describe_reply(spec_from_proto(request.model), request.dtype)
+
+    def GetServerInfo(self, request, context):
+        return server_info_reply(self._sessions.limits, self._max_bytes)
 
     def PullParameters(self, request, context):
         session = self._sessions.get(context.identity, request.session_id)
@@ -201,6 +217,22 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
             )
             for s in sessions
         ])
+
+
+def _step_response(step_id: int, result) -> service_pb2.StepResponse:
+    """The StepResponse of a cluster StepResult (Step, StreamSteps, StepBackward)."""
+    reply = service_pb2.StepResponse(
+        step_id=step_id, loss=result.loss, version=result.version, duplicate=result.duplicate,
+        applied=result.applied and not result.duplicate, samples=result.samples,
+        grad_norm=result.grad_norm, lr=result.lr, retries=result.retries,
+        worker_failures=result.worker_failures, noise_scale=result.noise_scale,
+        shard_cosines=result.shard_cosines, compute_spread=result.compute_spread,
+        slowest_worker=result.slowest_worker,
+        **{name: getattr(result, name) for name in TABLE_STEP_FIELDS},
+    )
+    reply.timings_ms.update({k: float(v) for k, v in result.timings.items()})
+    reply.update_ratios.update({k: float(v) for k, v in result.update_ratios.items()})
+    return reply
 
 
 def _require(tensors: dict, names: tuple[str, ...]) -> None:

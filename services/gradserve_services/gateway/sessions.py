@@ -330,6 +330,13 @@ class SessionRegistry:
             raise NotFound(f"session {session.session_id!r} was closed", "session_id")
 
 
+def _initial_parameters(model: Model, seed: int, dtype: str) -> dict:
+    """`init_parameters` without making the tables: their servers make each row from the seed
+    (table_lane.py), so a table of millions of rows is never built here nor sent whole."""
+    made = model.init_parameters(seed=seed, dtype=dtype, tables=False)
+    return {name: made.get(name, InitialRows(seed, dtype)) for name in model.parameter_shapes()}
+
+
 def activation_features(spec) -> int:
     """Activation elements one batch row makes: the input's and every node's features."""
     graph = parse_spec(spec)  # SpecError names the node
@@ -354,13 +361,6 @@ def record_step_metrics(result: StepResult, elapsed_s: float) -> None:
         metrics.record_step(duration_s=elapsed_s, phases_s={}, samples=0, loss=result.loss,
                             grad_norm=result.grad_norm, version=result.version, applied=0, duplicate=1,
                             mode=result.mode)
-def _initial_parameters(model: Model, seed: int, dtype: str) -> dict:
-    """`init_parameters` without making the tables: their servers make each row from the seed
-    (table_lane.py), so a table of millions of rows is never built here nor sent whole."""
-    made = model.init_parameters(seed=seed, dtype=dtype, tables=False)
-    return {name: made.get(name, InitialRows(seed, dtype)) for name in model.parameter_shapes()}
-
-
         return
     metrics.record_step(
         duration_s=elapsed_s,
