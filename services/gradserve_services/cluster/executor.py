@@ -10,7 +10,7 @@ from typing import Mapping
 
 import numpy as np
 
-from gradserve_services.engine import Model
+from gradserve_services.engine import Model, SparseRows
 from gradserve_services.errors import InvalidArgument
 
 from .config import TrainerConfig
@@ -114,6 +114,8 @@ class Executor:
 
 
 def _sum_over(grad_parts, name):
+    if isinstance(grad_parts[0]["grads"][name], SparseRows):  # a table: the rows any shard read
+        return SparseRows.combine(np, [part["grads"][name] for part in grad_parts])
     total = np.array(grad_parts[0]["grads"][name], copy=True)
     for part in grad_parts[1:]:
         total += part["grads"][name]

@@ -8,6 +8,10 @@ steplog.py). An update that would make a parameter non-finite is refused whole (
 and changes nothing; `check` gives the same verdict without applying, so a trainer with several
 server shards asks each before any applies. The staleness rule lives here too: a gradient computed
 on version v is applied only if `version - v <= bound`; otherwise it is dropped or down-weighted.
+
+A model's tables (embedding weights) are not among a table's `params`: each shard holds its rows of
+every table (`ShardTables`, row r on shard r mod S), gradient parts carry them as `part["rows"]`
+(`{table: (ids, row sums)}`), and the same update key, version and refusal rules cover them.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from gradserve_services.optim import Optimizer, global_norm
 
 from .compression import decode
 from .handover import take
+from .shard_tables import ShardTables
 from .shared import BlockRef, SharedMemoryLane, remove_block
 from .steplog import DEFAULT_STEP_WINDOW, StepLog
 
@@ -51,7 +56,7 @@ class StalenessRule:
 class ParameterTable:
     def __init__(self, params: Mapping[str, np.ndarray], optimizer_config,
                  rule: StalenessRule | None = None, allocate=None,
-                 step_window: int = DEFAULT_STEP_WINDOW):
+                 step_window: int = DEFAULT_STEP_WINDOW, tables: Mapping | None = None):
         # Own writable, contiguous copies: the optimizer updates them in place. `allocate` maps
         # `{name: (dtype, shape)}` to writable arrays (shared-memory views) to hold them instead.
         # Arrays handed over (handover.py: received or loaded for this table) are kept as they are.
@@ -66,6 +71,7 @@ class ParameterTable:
         self.rule = rule or StalenessRule(bound=0)
         self.version = 0
         self.log = StepLog(step_window)
+        self.rows = ShardTables(tables) if tables else None  # this shard's rows of the tables
 
     def snapshot(self) -> tuple[int, dict]:
         """`(version, params)`; the live arrays, so copy (or serialize) before the next update."""
@@ -80,6 +86,9 @@ class ParameterTable:
         """Raise FailedPrecondition if `apply` of these arguments would be refused as non-finite."""
         weight = self.rule.weight(self.version - computed_on)
         if weight > 0.0:
+            count = count if isinstance(count, int) else sum(count)
+            if self.rows is not None:
+                self.rows.plan(_pushes(parts), weight / count)
             self.optimizer.check(self.params, [decode(part) for part in parts],
                                  grad_scale=weight / count, norm=norm)
 
@@ -103,12 +112,20 @@ class ParameterTable:
         if weight > 0.0:
             grads = [decode(part) for part in parts]
             ratios, products = ({}, {}) if measured else (None, None)
+            # tables first: their plan writes nothing, so a refusal by either changes nothing
+            writes, rows_squared, rows_updated = self.rows.plan(_pushes(parts), weight / count) \
+                if self.rows is not None else (None, 0.0, 0)
             info = self.optimizer.step(self.params, grads, grad_scale=weight / count, norm=norm,
                                        update_ratios=ratios, products=products)
+            if writes is not None:
+                self.rows.write(writes)
             self.version += 1
-            report.update(lr=info["lr"], grad_norm=info["grad_norm"])
+            report.update(lr=info["lr"], grad_norm=math.sqrt(info["grad_norm"] ** 2 + rows_squared),
+                          rows_updated=rows_updated)
             if measured:
                 report.update(products=products, update_ratios=ratios)
+        if self.rows is not None:
+            report["table_rows"], report["table_bytes"] = self.rows.stored()
         report.update(version=self.version, apply_ms=(time.perf_counter() - started) * 1e3)
         self.log.record(key, report)
         return report
@@ -120,15 +137,22 @@ class ParameterTable:
         mark, records = self.log.state()
         meta = {"version": self.version, "optimizer": optimizer_meta, "rule": self.rule.to_dict(),
                 "log": dict(records), "log_mark": mark}
+        if self.rows is not None:
+            row_arrays, meta["rows"] = self.rows.state()
+            arrays.update(row_arrays)
         return arrays, meta
 
     @classmethod
     def from_state(cls, arrays: Mapping[str, np.ndarray], meta: Mapping, names,
-                   allocate=None, step_window: int = DEFAULT_STEP_WINDOW) -> "ParameterTable":
-        """The table for parameters `names` out of a (possibly merged) `state()`."""
+                   allocate=None, step_window: int = DEFAULT_STEP_WINDOW,
+                   tables: Mapping | None = None) -> "ParameterTable":
+        """The table for parameters `names` out of a (possibly merged) `state()`; with `tables`
+        (this shard's layout), its rows of the tables, from a state of any number of shards."""
         params = {name: arrays[f"param/{name}"] for name in names}
         rule = StalenessRule(**meta["rule"])
-        table = cls(params, meta["optimizer"]["config"], rule, allocate, step_window)
+        table = cls(params, meta["optimizer"]["config"], rule, allocate, step_window, tables)
+        if table.rows is not None:
+            table.rows.load(arrays, meta["rows"])
         prefix = "optim/"
         optimizer_arrays = {key[len(prefix):]: value for key, value in arrays.items()
                             if key.startswith(prefix) and key[len(prefix):].split("/")[0] in params}
@@ -138,18 +162,23 @@ class ParameterTable:
         return table
 
 
+def _pushes(parts) -> list:
+    """The table-row gradients of each part that carries some."""
+    return [part["rows"] for part in parts if part.get("rows")]
+
+
 class ParameterServer:
     """Hosts `ParameterTable`s by table id (one per trainer); the Ray actor class.
 
-    A server started with the executor's shared-memory `area` it can map (its lane, chosen once
+    A server started with the executor's shared-memory area (`shared_area`) it can map (its lane, chosen once
     here) keeps the parameters of a table created `in_shared_memory` (sync mode only) in a block:
     what it publishes for the workers is then `(version, BlockRef)`, a few bytes, instead of a copy
     of every parameter; and gradient parts may arrive as blocks too."""
 
-    def __init__(self, area: tuple[str, str] | None = None):
+    def __init__(self, shared_area: tuple[str, str] | None = None):
         self.tables: dict[str, ParameterTable] = {}
         self._blocks: dict[str, BlockRef] = {}  # table id -> its parameter block
-        self._lane = SharedMemoryLane.joined(area)
+        self._lane = SharedMemoryLane.joined(shared_area)
 
     def pid(self) -> int:
         return os.getpid()
@@ -158,15 +187,23 @@ class ParameterServer:
         return {"pid": os.getpid(), "shared_memory": self._lane is not None}
 
     def create_table(self, table_id: str, params: Mapping, optimizer_config, rule: dict, in_shared_memory: bool = False,
-                     step_window: int = DEFAULT_STEP_WINDOW):
-        """Create (or replace) a table; returns what the workers read its parameters from."""
-        return self._install(table_id, in_shared_memory, lambda allocate: ParameterTable(
-            params, optimizer_config, StalenessRule(**rule), allocate, step_window))
+                     step_window: int = DEFAULT_STEP_WINDOW, tables: Mapping | None = None,
+                     initial_rows: Mapping | None = None):
+        """Create (or replace) a table; returns what the workers read its parameters from.
+        `tables`: this shard's layout of the model's tables (shard_tables.py); `initial_rows`:
+        rows given by the caller instead of the initial ones, as a `state()` holds them."""
+        def build(allocate):
+            table = ParameterTable(params, optimizer_config, StalenessRule(**rule), allocate,
+                                   step_window, tables)
+            if initial_rows:
+                table.rows.load(initial_rows, {"updates": {name: 0 for name in tables["tables"]}})
+            return table
+        return self._install(table_id, in_shared_memory, build)
 
     def load_table(self, table_id: str, arrays: Mapping, meta: Mapping, names, in_shared_memory: bool = False,
-                   step_window: int = DEFAULT_STEP_WINDOW):
+                   step_window: int = DEFAULT_STEP_WINDOW, tables: Mapping | None = None):
         return self._install(table_id, in_shared_memory, lambda allocate: ParameterTable.from_state(
-            arrays, meta, names, allocate, step_window))
+            arrays, meta, names, allocate, step_window, tables))
 
     def _install(self, table_id: str, in_shared_memory: bool, build):
         """Build a table (its parameters in a new block where the lane allows), then replace the
@@ -232,9 +269,21 @@ class ParameterServer:
         return self.published(table_id), report
 
     def _dense(self, parts) -> list:
-        """Parts that arrived as shared blocks become dense parts (views into the blocks)."""
-        return [{"kind": "dense", "grads": self._lane.read(part["block"])}
+        """Parts that arrived as shared blocks become dense parts (views into the blocks); their
+        table rows travel beside the block."""
+        return [{"kind": "dense", "grads": self._lane.read(part["block"]), "rows": part.get("rows")}
                 if part["kind"] == "shared" else part for part in parts]
+
+    def pull_rows(self, table_id: str, ids_by_table: Mapping):
+        """`{table: rows}` of this shard's `ids` of each table, at the current version."""
+        table = self._table(table_id)
+        if table.rows is None:
+            raise NotFound("this model has no tables", "table")
+        return table.rows.pull(ids_by_table)
+
+    def dense_rows(self, table_id: str, name: str):
+        """Every row this shard holds of table `name`, in local order (row local * S + shard)."""
+        return self._table(table_id).rows.dense(name)
 
     def snapshot(self, table_id: str):
         return self._table(table_id).snapshot()

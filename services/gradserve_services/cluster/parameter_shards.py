@@ -2,7 +2,8 @@
 workers read (`published`), the update (`apply`), the cross-shard agreement before an update (the
 two phases of clipping, the finiteness check), the table's lifecycle and state.
 
-Each shard holds a disjoint slice of the parameters (`partition`). With one shard it decides alone
+Each shard holds a disjoint slice of the dense parameters (`partition`) and, for a model with
+tables, its rows of every table (`lane`, table_lane.py: row r on shard r mod S). With one shard it decides alone
 while applying; with several, the global gradient norm (clipping) and the verdict "this update
 stays finite" need every shard's answer before any shard changes, so they are asked first.
 """
@@ -22,8 +23,10 @@ __all__ = ["ParameterShards"]
 
 class ParameterShards:
     def __init__(self, backend: Backend, table: str, partition: list[list[str]], in_shared_memory: bool,
-                 step_window: int):
+                 step_window: int,
+                 lane=None):
         self._backend = backend
+        self.lane = lane  # the model's tables, or None
         self.table = table
         self.partition = partition
         # the servers keep the parameters in shared memory and publish blocks (sync mode)
@@ -49,20 +52,25 @@ class ParameterShards:
     # ----- lifecycle -----------------------------------------------------------------------------
 
     def create(self, params: Mapping[str, np.ndarray], optimizer: dict, rule: dict) -> None:
+        lane = self.lane
         self.published = [
             self._backend.submit(server, "create_table", self.table, {n: params[n] for n in names},
-                                 optimizer, rule, self._in_shared_memory, self._step_window)[0]
-            for server, names in zip(self.servers, self.partition)]
+                                 optimizer, rule, self._in_shared_memory, self._step_window,
+                                 *((lane.layout(k), lane.initial_rows(k)) if lane else ()))[0]
+            for k, (server, names) in enumerate(zip(self.servers, self.partition))]
         self.get(self.published)
 
     def load(self, arrays: Mapping[str, np.ndarray], table_meta: dict) -> None:
         """Every shard's slice of a `state()`, on new servers where they were lost."""
         published = []
         for position, names in enumerate(self.partition):
-            shard_arrays = {key: value for key, value in arrays.items() if key.split("/")[1] in names}
+            # table rows go to every shard, each keeps those placement gives it
+            shard_arrays = {key: value for key, value in arrays.items()
+                            if key.split("/")[1] in names or key.startswith("rows/")}
+            layout = (self.lane.layout(position),) if self.lane else ()
             published.append(load_replacing_lost(self._backend, position, lambda server: self._backend.submit(
                 server, "load_table", self.table, shard_arrays, table_meta, names, self._in_shared_memory,
-                self._step_window)[0]))
+                self._step_window, *layout)[0]))
         self.published = published
 
     def drop(self) -> None:

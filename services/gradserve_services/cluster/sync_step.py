@@ -22,6 +22,8 @@ from dataclasses import replace
 
 import numpy as np
 
+from gradserve_services.engine import Batch
+
 from .config import StepResult, TrainerConfig
 from .parameter_shards import ParameterShards
 from .shard_runner import Failures, ShardCall, ShardInputs, ShardRunner
@@ -47,12 +49,15 @@ class SyncSteps:
 
     def run(self, step: int, x, y, *, steps_run: int, num_workers: int) -> StepResult:
         shards, key, clock = self._shards, update_key(step), Clock()
+        rows = x.rows if isinstance(x, Batch) else x.shape[0]
         inputs = self._inputs(x, y)
         inputs.prepare(self._runner.shares_memory(num_workers))
         clock.mark("put")
-        tasks = shard_tasks(self._config, shards.table, shards.partition, x.shape[0], num_workers,
+        tasks = shard_tasks(self._config, shards.table, shards.partition, rows, num_workers,
                             steps_run, self._lane is not None)
-        calls = [self._runner.dispatch(position, task, inputs)
+        pulls, lookups = ([()] * len(tasks), 0) if shards.lane is None else \
+            shards.lane.prepare(self._backend, shards.servers, shards.table, x, tasks)  # table_lane.py
+        calls = [self._runner.dispatch(position, task, inputs, rows=pulls[position])
                  for position, task in enumerate(tasks)]
         applying = self._apply(key, calls, steps_run, None) if len(shards.partition) == 1 else None
         failures = Failures()
@@ -68,8 +73,8 @@ class SyncSteps:
             if applying is not None:  # it failed on a lost gradient: submitted again
                 shards.discard([output[1] for output in applying])
             grads_per_shard = _grads_per_shard(calls, len(shards.partition))
-            norm = shards.clipping_norm(grads_per_shard, x.shape[0], self._config.optimizer.clip_norm)
-            shards.check(grads_per_shard, x.shape[0], shards.version, norm)
+            norm = shards.clipping_norm(grads_per_shard, rows, self._config.optimizer.clip_norm)
+            shards.check(grads_per_shard, rows, shards.version, norm)
             applying = self._apply(key, calls, steps_run, norm)
         try:
             reports = shards.get([output[1] for output in applying])
@@ -83,6 +88,8 @@ class SyncSteps:
         result = step_result("sync", stats, [reports[0]], clock, failures, grad_norm=norm,
                              positions=[call.position for call in calls])
         shards.version = result.version
+        if shards.lane is not None:
+            result = replace(result, **shards.lane.fields(stats, reports, lookups))
         return replace(result, **self._gradient_signals(reports, [s["count"] for s in stats]))
 
     def _apply(self, key: str, calls: list[ShardCall], steps_run: int, norm) -> list:

@@ -39,6 +39,7 @@ from .steplog import StepLog, step_number, update_key
 from .local_step import LocalRounds
 from .sync_step import SyncSteps
 from .two_phase import ForwardPhase, TwoPhaseSteps
+from .table_lane import TableLane
 
 __all__ = ["Trainer"]
 
@@ -50,11 +51,16 @@ class Trainer:
         self.config = config.validated()
         self._backend = backend
         self._model = Model(self.config.spec)
-        self._dtype = self._model.validate_parameters(params)
+        # tables (if any) live row-sharded on every server shard; the rest is partitioned
+        self._lane, params = TableLane.of(self._model, self.config, params)
+        self._dtype = self._lane.dtype if self._lane else self._model.validate_parameters(params)
         check_fits_dtype(self.config.optimizer, self._dtype)
         self._table = uuid.uuid4().hex
-        self._partition = partition_parameters(self._model.parameter_shapes(),
-                                               self.config.ps_shards)
+        self._dense_names = [name for name in self._model.parameter_shapes() if name not in self._model.graph.tables]
+        self._partition = partition_parameters({name: self._model.parameter_shapes()[name]
+                                                for name in self._dense_names}, self.config.ps_shards)
+        if self._lane is not None:  # every shard holds rows, whatever the dense partition
+            self._partition += [[] for _ in range(self.config.ps_shards - len(self._partition))]
         self._lock = threading.Lock()  # one step (or state change) at a time per trainer
         self._log = StepLog(self.config.step_window)  # exactly-once: recent steps' results
         self._closed = False
@@ -64,10 +70,10 @@ class Trainer:
         self._shared_memory = SharedMemoryLane(backend.shared_area) \
             if self.config.consistency == "sync" and backend.shared_area is not None else None
         self._shards = ParameterShards(backend, self._table, self._partition, self._shared_memory is not None,
-                                       self.config.step_window)
+                                       self.config.step_window, self._lane)
         runner = ShardRunner(backend, self._shards.check_inputs)
         if self.config.consistency == "sync":
-            self._steps = SyncSteps(backend, self.config, list(self._model.parameter_shapes()), runner,
+            self._steps = SyncSteps(backend, self.config, self._dense_names, runner,
                                     self._shards, self._shared_memory)
         elif self.config.consistency == "local":
             self._steps = LocalRounds(backend, self.config, runner, self._shards)
@@ -123,11 +129,27 @@ class Trainer:
         with self._lock:
             self._check_open()
             snapshots = self._shards.copies()
-        merged = {}
+            merged = {} if self._lane is None else self._lane.whole(  # from every shard's rows
+                self._shards.get, self._backend.submit, self._shards.servers, self._table)
         for _, shard_params in snapshots:
             merged.update(shard_params)
         params = {name: np.array(merged[name], copy=True) for name in self._model.parameter_shapes()}
         return snapshots[0][0], params
+
+    def table_rows(self, name: str, ids: np.ndarray) -> tuple[int, np.ndarray]:
+        """`(version, rows)`: rows `ids` of table `name` (InvalidArgument naming `table` / `ids`)."""
+        shape = self._model.graph.tables.get(name)
+        if shape is None:
+            raise InvalidArgument(f"{name!r} is not a table of this model", "table")
+        if not isinstance(ids, np.ndarray) or ids.dtype != np.int64 or ids.ndim != 1:
+            raise InvalidArgument("ids must be a 1-D int64 array", "ids")
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= shape[0]):
+            raise InvalidArgument(f"ids must lie in [0, {shape[0]}) (the rows of {name})", "ids")
+        with self._lock:
+            self._check_open()
+            rows = self._lane.rows(self._shards.get, self._backend.submit, self._shards.servers,
+                                   self._table, name, ids)
+            return self._shards.version, rows
 
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
         """`(arrays, meta)` for a checkpoint: parameters, optimizer state, version, and the step
@@ -141,21 +163,29 @@ class Trainer:
                     "table": states[0][1]}
         arrays = {}
         for shard_arrays, _ in states:
-            arrays.update({key: np.array(value, copy=True) for key, value in shard_arrays.items()})
+            arrays.update({key: np.array(value, copy=True) for key, value in shard_arrays.items()
+                           if not key.startswith("rows/")})
+        if self._lane is not None:  # each shard's stored rows, one after another
+            arrays.update(TableLane.merge_states(states))
+            meta["table_seed"] = self._lane.seed
         return arrays, meta
 
     def restore(self, arrays: Mapping[str, np.ndarray], meta: Mapping) -> None:
         """Load a `state()`; replaces lost parameter servers (that is how a session recovers)."""
         if meta.get("format") != STATE_FORMAT:
             raise InvalidArgument(f"unknown state format {meta.get('format')!r}", "state.format")
-        params = {name: arrays.get(f"param/{name}") for name in self._model.parameter_shapes()}
+        params = {name: arrays.get(f"param/{name}") for name in self._dense_names}
         missing = [name for name, value in params.items() if value is None]
         if missing:
             raise InvalidArgument(f"missing parameter {missing[0]!r}", f"state.param/{missing[0]}")
+        if self._lane is not None:  # the tables' stored rows stand in for them
+            params.update(self._lane.stored_rows(arrays))
         if self._model.validate_parameters(params, field_prefix="state.param") != self._dtype:
             raise InvalidArgument(f"parameters must be {self._dtype}", "state.param")
         with self._lock:
             self._check_open()
+            if self._lane is not None:  # rows never stored are made from the seed they started from
+                self._lane.seed = int(meta.get("table_seed", self._lane.seed))
             self._shards.load(arrays, meta["table"])
             self._two_phase.clear()
             self._shards.version = int(meta["version"])

@@ -21,13 +21,14 @@ import threading
 import time
 from collections import OrderedDict
 
-from gradserve_services.engine import Model
+from gradserve_services.engine import Batch, Model
 from gradserve_services.errors import FailedPrecondition
 from gradserve_services.optim import all_finite
 
 from .compression import ErrorFeedback, encode
 from .local_round import run_task_round
 from .shared import BlockRef, SharedMemoryLane
+from .worker_rows import row_pushes, table_parameters
 
 __all__ = ["GradientWorker", "ModelCache", "limit_blas_threads", "spec_key"]
 
@@ -73,14 +74,14 @@ class ModelCache:
 
 
 class GradientWorker:
-    def __init__(self, limit_threads: bool = True, *, area: tuple[str, str] | None = None, calls=None):
+    def __init__(self, limit_threads: bool = True, *, shared_area: tuple[str, str] | None = None, calls=None):
         if limit_threads:
             limit_blas_threads()
         self._models = ModelCache(MAX_CACHED_MODELS)
         # table -> (the parameter references, version, params)
         self._params: OrderedDict[str, tuple] = OrderedDict()
         self._feedback: dict[str, ErrorFeedback] = {}
-        self._lane = SharedMemoryLane.joined(area)
+        self._lane = SharedMemoryLane.joined(shared_area)
         self._calls = calls
 
     def pid(self) -> int:
@@ -98,38 +99,49 @@ class GradientWorker:
         if self._lane is not None:
             self._lane.forget(table)
 
-    def compute(self, task: dict, params_refs: list, x, y, tangent_refs=None):
+    def compute(self, task: dict, params_refs: list, x, y, tangent_refs=None, *pulled_rows):
         """Gradient sum (or JVP) of rows `task["start"]:task["stop"]` of the batch.
 
         Returns one encoded gradient part per entry of `task["partition"]` followed by a stats dict:
         loss_sum, count, version (of the parameters used), jvp_sum (with a tangent), bytes_raw,
-        bytes_sent, fetch_ms, compute_ms, encode_ms, pid.
+        bytes_sent, fetch_ms, compute_ms. With `task["tables"]`, `pulled_rows`
+        are the servers' answers for the rows this shard reads (worker_rows.py); each part then
+        carries its server's share of the table gradients as `part["rows"]`, and the stats count
+        rows_pulled, rows_pushed, bytes_pulled, bytes_pushed.
         """
         started = time.perf_counter()
-        started_at = time.time()
         if isinstance(x, BlockRef):  # the batch in shared memory: sent only to a worker with a lane
             batch = self._lane.read(x)
             x, y = batch["x"], batch["y"]
         version, params = self._parameters(task["table"], params_refs, task.get("servers"))
+        tables, row_stats = task.get("tables"), {}
+        if tables is not None:
+            rows, pulled, pulled_bytes = table_parameters(tables, pulled_rows)
+            params = {**params, **rows}
+            row_stats.update(rows_pulled=pulled, bytes_pulled=pulled_bytes)
         fetched = time.perf_counter()
         model = self._model(task["spec"])
         start, stop = task["start"], task["stop"]
         options = {"micro_batch_size": task.get("micro_batch_size"), "seed": task.get("seed", 0),
                    "sample_offset": start}
-        stats = {"count": stop - start, "version": version, "pid": os.getpid(), "jvp_sum": None}
+        stats = {"count": stop - start, "version": version, "jvp_sum": None, **row_stats}
+        if isinstance(x, Batch):  # named inputs: the batch slices itself (bags by their offsets)
+            shard_x, shard_y = x.slice(model.xp, start, stop), y[start:stop]
+        else:
+            shard_x, shard_y = x[start:stop], y[start:stop]
         parts = [None] * len(task["partition"])
         bytes_raw = bytes_sent = 0
         if tangent_refs is not None:
             _, tangent = _merge(self._fetch(tangent_refs))
-            mean_loss, derivative = model.jvp(params, tangent, x[start:stop], y[start:stop], **options)
+            mean_loss, derivative = model.jvp(params, tangent, shard_x, shard_y, **options)
             stats["loss_sum"] = mean_loss * (stop - start)
             stats["jvp_sum"] = derivative * (stop - start)
-            computed = encoded = time.perf_counter()
+            computed = time.perf_counter()
         else:
             if "local" in task:  # a round: the pseudo-gradient of this worker's inner steps
                 result = run_task_round(model, params, x, y, task)
             else:
-                result = model.loss_and_grad_sum(params, x[start:stop], y[start:stop], **options)
+                result = model.loss_and_grad_sum(params, shard_x, shard_y, **options)
             stats["loss_sum"], stats["count"] = result.loss_sum, result.count
             computed = time.perf_counter()
             feedback = self._feedback.setdefault(task["table"], ErrorFeedback()) \
@@ -139,9 +151,13 @@ class GradientWorker:
             # compressed parts are small and are what the server must decode: they travel as is
             shared = self._lane is not None and task.get("shared_memory", False) and \
                 task.get("compression", "none") == "none"
+            pushes = None
+            if tables is not None:
+                pushes, pushed, pushed_bytes = row_pushes(tables, result.grad_sum)
+                stats.update(rows_pushed=pushed, bytes_pushed=pushed_bytes)
             for index, names in enumerate(task["partition"]):
                 part = self._shared_part(task, index, {n: result.grad_sum[n] for n in names}) \
-                    if shared else None  # the server reads the sum where this worker wrote it
+                    if shared and names else None  # the server reads the sum where this worker wrote it
                 if part is not None:
                     parts[index] = part
                     raw = sent = sum(result.grad_sum[n].nbytes for n in names)
@@ -150,11 +166,10 @@ class GradientWorker:
                         result.grad_sum, names, result.count, task.get("compression", "none"),
                         feedback=feedback, topk_fraction=task.get("topk_fraction", 0.01))
                 bytes_raw, bytes_sent = bytes_raw + raw, bytes_sent + sent
-            encoded = time.perf_counter()
+                if pushes is not None:
+                    parts[index]["rows"] = pushes[index]
         stats.update(bytes_raw=bytes_raw, bytes_sent=bytes_sent,
-                     fetch_ms=(fetched - started) * 1e3, compute_ms=(computed - fetched) * 1e3,
-                     encode_ms=(encoded - computed) * 1e3, started_at=started_at,
-                     finished_at=started_at + (encoded - started))
+                     fetch_ms=(fetched - started) * 1e3, compute_ms=(computed - fetched) * 1e3)
         return (*parts, stats)
 
     def _model(self, spec) -> Model:
