@@ -38,7 +38,7 @@ def test_near_and_far_workers_feed_one_shared_server(executor):
     model = Model(MLP_SPEC)
     params = model.init_parameters(seed=3, dtype="float64")
     (x, y), = batches(1, rows=96, seed=5)
-    lane = {"area": (area.path, area.token)}
+    lane = {"shared_area": (area.path, area.token)}
     server = RemoteServer.remote(**lane)
     near = RemoteWorker.remote(**lane, calls=RayCalls())
     far = RemoteWorker.options(runtime_env={"env_vars": {"GRADSERVE_SHARED_MEMORY": "off"}}).remote(
@@ -138,7 +138,7 @@ def test_a_far_worker_joining_mid_training_gets_batches_by_store(executor, monke
                 if step == swap_in_far_worker_after:
                     far = RemoteWorker.options(
                         num_cpus=1, runtime_env={"env_vars": {"GRADSERVE_SHARED_MEMORY": "off"}}).remote(
-                        area=backend.shared_area, calls=RayCalls())
+                        shared_area=backend.shared_area, calls=RayCalls())
                     backend._metadata[far] = ray.get(far.metadata.remote())  # as the pool records a start
                     assert not backend._metadata[far]["shared_memory"]
                     backend._workers[1], near = far, backend._workers[1]
@@ -169,10 +169,10 @@ def test_no_room_in_the_tmpfs_means_copies(monkeypatch):
     area = SharedArea.create()
     params = Model(MLP_SPEC).init_parameters(seed=0, dtype="float64")
     try:
-        roomy = ParameterServer(area=(area.path, area.token)).create_table("t", params, OPTIMIZER, RULE, True)
+        roomy = ParameterServer(shared_area=(area.path, area.token)).create_table("t", params, OPTIMIZER, RULE, True)
         assert isinstance(roomy[1], BlockRef)
         monkeypatch.setattr(shared, "RESERVE_BYTES", 1 << 62)
-        cramped = ParameterServer(area=(area.path, area.token)).create_table("t", params, OPTIMIZER, RULE, True)
+        cramped = ParameterServer(shared_area=(area.path, area.token)).create_table("t", params, OPTIMIZER, RULE, True)
         assert not isinstance(cramped[1], BlockRef)
         for name, value in params.items():
             np.testing.assert_array_equal(cramped[1][name], value)

@@ -83,10 +83,11 @@ class RayBackend(RayCalls):
         self._metadata: dict = {}  # actor handle -> what it said when it started
         self._on_workers_alive = None
         # The fast lane for actors on this machine (parameter servers always are: see below).
-        self._area = SharedArea.create()
-        self.shared_area = None if self._area is None else (self._area.path, self._area.token)
-        self._worker_args = {"area": self.shared_area, "calls": RayCalls()}
-        self._server_args = {"area": self.shared_area}
+        self._shared_folder = SharedArea.create()
+        self.shared_area = None if self._shared_folder is None else \
+            (self._shared_folder.path, self._shared_folder.token)
+        self._worker_args = {"shared_area": self.shared_area, "calls": RayCalls()}
+        self._server_args = {"shared_area": self.shared_area}
 
     def wait_one(self, futures) -> int:
         ready, _ = ray.wait(list(futures), num_returns=1)
@@ -166,8 +167,8 @@ class RayBackend(RayCalls):
             self._starting.clear()
             self._metadata.clear()
             self._report_workers()
-            if self._area is not None:
-                self._area.remove()
+            if self._shared_folder is not None:
+                self._shared_folder.remove()
 
     def _worker_started(self, handle, answer) -> None:
         if answer.cancelled() or answer.exception() is not None:

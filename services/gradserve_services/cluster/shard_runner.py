@@ -78,10 +78,6 @@ class Failures:
     workers_lost: int = 0  # workers replaced
     reruns: int = 0  # shards computed again
 
-    @property
-    def none(self) -> bool:
-        return self.workers_lost == 0 and self.reruns == 0
-
 
 class ShardRunner:
     """`check_inputs(error)`, called when a shard failed although its worker did not die, raises

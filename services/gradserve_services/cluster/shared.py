@@ -215,10 +215,10 @@ class SharedMemoryLane:
         self._mapped = Attachments()
 
     @classmethod
-    def joined(cls, area: tuple[str, str] | None) -> "SharedMemoryLane | None":
-        """The lane of this process into `area`, or None where it does not see it (another
+    def joined(cls, shared_area: tuple[str, str] | None) -> "SharedMemoryLane | None":
+        """The lane of this process into `shared_area`, or None where it does not see it (another
         machine, or `GRADSERVE_SHARED_MEMORY=off`): asked once, when the process starts."""
-        return cls(area) if area is not None and area_visible(*area) else None
+        return cls(shared_area) if shared_area is not None and area_visible(*shared_area) else None
 
     def put(self, name: str, arrays: Mapping[str, np.ndarray]) -> BlockRef | None:
         """`arrays` copied into this process's block `name` (a batch, a gradient sum); None where
