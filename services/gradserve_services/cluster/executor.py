@@ -10,7 +10,7 @@ from typing import Mapping
 
 import numpy as np
 
-from gradserve_services.engine import Model, SparseRows
+from gradserve_services.engine import Batch, Model, SparseRows
 from gradserve_services.errors import InvalidArgument
 
 from .config import TrainerConfig
@@ -63,7 +63,8 @@ class Executor:
         put = time.perf_counter()
         task_base = {"spec": spec, "table": ONE_OFF_TABLE, "partition": [list(params)],
                      "micro_batch_size": micro_batch_size, "seed": seed}
-        shards = split_rows(x.shape[0], num_workers or self.num_workers)
+        rows = x.rows if isinstance(x, Batch) else x.shape[0]  # named inputs: a Batch
+        shards = split_rows(rows, num_workers or self.num_workers)
         calls = [self._runner.dispatch(position, dict(task_base, start=start, stop=stop), inputs)
                  for position, (start, stop) in enumerate(shards)]
         failures = Failures()
