@@ -101,7 +101,8 @@ def _model_cases(client, bare, executor, args) -> list[dict]:
     # Work the service does besides moving bytes, measured here in process and subtracted so the
     # numbers are the transport alone: a push validates the parameters and makes a trainer of them
     # (which keeps the received buffers, handed over, as its parameters: so is the copy here, made
-    # before the clock starts); a pull snapshots the trainer's parameters (a copy the caller owns).
+    # before the clock starts); a pull streams the parameters from where the servers keep them
+    # (Trainer.parameters_in_place: it only takes the trainer's lock and views the arrays).
     def push_server_work() -> float:
         received = hand_over({name: value.copy() for name, value in params.items()})
         started = time.perf_counter()
@@ -113,7 +114,8 @@ def _model_cases(client, bare, executor, args) -> list[dict]:
 
     def pull_server_work() -> float:
         started = time.perf_counter()
-        trainer.parameters()
+        with trainer.parameters_in_place():
+            pass
         return time.perf_counter() - started
 
     push_server, push_times, bare_up, sessions = [], [], [], []

@@ -17,6 +17,7 @@ parameter non-finite, and with several shards every shard is asked (`check`) bef
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 from dataclasses import replace
@@ -33,7 +34,7 @@ from .backend import Backend
 from .config import StepResult, TrainerConfig
 from .parameter_shards import ParameterShards
 from .shard_runner import ShardRunner
-from .shared import SharedMemoryLane
+from .shared import Attachments, BlockRef, SharedMemoryLane
 from .sharding import partition_parameters
 from .steplog import StepLog, step_number, update_key
 from .local_step import LocalRounds
@@ -136,6 +137,23 @@ class Trainer:
         params = {name: np.array(merged[name], copy=True) for name in self._model.parameter_shapes()}
         return snapshots[0][0], params
 
+    @contextlib.contextmanager
+    def parameters_in_place(self):
+        """`(version, params)` where the servers keep them, copied nowhere: read-only views (of
+        the servers' shared-memory blocks, their in-process arrays, or the object store's copy;
+        a model's tables assembled from their rows), valid inside the `with` block, during which
+        this trainer runs no step, restore or close (its lock is held). For streaming them out
+        (PullParameters) without a copy first."""
+        with self._lock:
+            self._check_open()
+            snapshots = self._shards.get(self._shards.published)
+            attached = Attachments()  # mapped for this block only: a later restore unlinks them
+            merged = {} if self._lane is None else self._lane.whole(  # tables: assembled from rows
+                self._shards.get, self._backend.submit, self._shards.servers, self._table)
+            for _, held in snapshots:
+                merged.update(attached.arrays(held) if isinstance(held, BlockRef) else held)
+            yield snapshots[0][0], {name: _read_only(merged[name]) for name in self._model.parameter_shapes()}
+
     def table_rows(self, name: str, ids: np.ndarray) -> tuple[int, np.ndarray]:
         """`(version, rows)`: rows `ids` of table `name` (InvalidArgument naming `table` / `ids`)."""
         shape = self._model.graph.tables.get(name)
@@ -236,3 +254,9 @@ class Trainer:
     def _check_open(self) -> None:
         if self._closed:
             raise FailedPrecondition("the trainer is closed", "trainer")
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    view = array.view()
+    view.flags.writeable = False
+    return view

@@ -180,10 +180,11 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
 
     def PullParameters(self, request, context):
         session = self._sessions.get(context.identity, request.session_id)
-        version, params = self._sessions.parameters(session)
-        arrays = {wire.PARAMETERS + name: value for name, value in params.items()}
-        yield from wire.send(service_pb2.ParametersHeader(version=version), arrays,
-                             service_pb2.PullParametersResponse)
+        # streamed from where the servers keep them (no copy first); no step runs meanwhile
+        with self._sessions.parameters_in_place(session) as (version, params):
+            arrays = {wire.PARAMETERS + name: value for name, value in params.items()}
+            yield from wire.send(service_pb2.ParametersHeader(version=version), arrays,
+                                 service_pb2.PullParametersResponse)
 
     def PullRows(self, request_iterator, context):
         header, arrays = wire.read_one(request_iterator, self._max_bytes)

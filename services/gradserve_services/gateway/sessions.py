@@ -7,6 +7,7 @@ other identity gets NotFound, exactly as for an id that never existed, so ids ca
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -273,6 +274,15 @@ class SessionRegistry:
         with session.lock:
             self._check_open(session)
             return self._store.recovering(session, session.trainer.parameters)
+
+    @contextlib.contextmanager
+    def parameters_in_place(self, session: Session):
+        """`(version, params)` as the servers hold them (Trainer.parameters_in_place), with the
+        session's lock held until the `with` block ends: no step of the session runs meanwhile."""
+        with session.lock, contextlib.ExitStack() as held:
+            self._check_open(session)
+            yield self._store.recovering(
+                session, lambda: held.enter_context(session.trainer.parameters_in_place()))
 
     def save_checkpoint(self, session: Session) -> tuple[str, int]:
         with session.lock:
