@@ -63,7 +63,8 @@ class Gradients:
     timings_ms: dict[str, float] = field(default_factory=dict)  # milliseconds per phase
     retries: int = 0  # shards run again on another worker because theirs was lost
     worker_failures: int = 0  # worker actors lost (and replaced) during the call
-    input_gradient: np.ndarray | None = None  # vjp(..., input_gradient=True) only: dL/dx
+    # vjp(..., input_gradient=True) only: dL/dx (named inputs: {float input tensor: its gradient})
+    input_gradient: np.ndarray | dict | None = None
 
 
 @dataclass(frozen=True)
@@ -190,9 +191,12 @@ class Client:
         """The vector-Jacobian product of `output_gradient` (dL/d output, shape (rows, output width),
         the parameters' dtype): `.gradients` dL/dw and, with `input_gradient`, `.input_gradient`
         dL/dx. Summed, never averaged: a mean loss puts its 1/rows into `output_gradient`.
-        Computed in inference mode (dropout off), like `forward`, so the two compose."""
+        Computed in inference mode (dropout off), like `forward`, so the two compose. For a model
+        with named inputs `x` is a mapping and `.input_gradient` maps each float input's tensor
+        name to its gradient (ids and bags have none)."""
         arrays = {PARAMETERS + name: value for name, value in parameters.items()}
-        arrays.update({"batch.x": x, OUTPUT_GRADIENT: output_gradient})
+        arrays.update(_batch_arrays(x, None))
+        arrays[OUTPUT_GRADIENT] = output_gradient
         outgoing = _outgoing(arrays)
         header = build(service_pb2.ComputeGradientsHeader, model=_spec(spec), tensors=outgoing.entries,
                        micro_batch_size=micro_batch_size or 0, input_gradient=input_gradient)
@@ -216,7 +220,7 @@ class Client:
                 timings_ms=dict(result.timings_ms),
                 retries=result.retries,
                 worker_failures=result.worker_failures,
-                input_gradient=_strip(arrays, INPUT_GRADIENTS).get("x"),
+                input_gradient=_input_gradient(_strip(arrays, INPUT_GRADIENTS)),
             )
 
         return self._with_retries(attempt, timeout)
@@ -236,15 +240,16 @@ class Client:
     def forward(self, spec, parameters: Mapping[str, np.ndarray], x: np.ndarray, *,
                 nodes: Iterable[str] | None = None, timeout: float | None = None):
         """The output node's values for `x` at `parameters` (inference mode); with `nodes`, a
-        {node: values} dict of those nodes instead."""
+        {node: values} dict of those nodes instead. For a model with named inputs `x` maps tensor
+        names to arrays, as in `step`."""
         arrays = {PARAMETERS + name: value for name, value in parameters.items()}
-        arrays["batch.x"] = x
+        arrays.update(_batch_arrays(x, None))
         return self._forward(arrays, nodes, timeout, model=_spec(spec))[1]
 
     def forward_session(self, session_id: str, x: np.ndarray, *, nodes: Iterable[str] | None = None,
                         timeout: float | None = None):
         """`forward` at a session's current parameters: (version, values)."""
-        return self._forward({"batch.x": x}, nodes, timeout, session_id=session_id)
+        return self._forward(_batch_arrays(x, None), nodes, timeout, session_id=session_id)
 
     def _forward(self, arrays, nodes, timeout, **header_fields):
         outgoing = _outgoing(arrays)
@@ -599,6 +604,13 @@ def _step_result(reply: service_pb2.StepResponse) -> StepResult:
         slowest_worker=reply.slowest_worker,
         **{name: getattr(reply, name) for name in TABLE_STEP_FIELDS},
     )
+
+
+def _input_gradient(gradients: dict):
+    """dL/dx of the single input `x`, a {tensor: dL/d tensor} mapping for named inputs, or None."""
+    if not gradients:
+        return None
+    return gradients["x"] if set(gradients) == {"x"} else gradients
 
 
 def _strip(arrays: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:

@@ -124,7 +124,8 @@ def test_every_method_has_codecs_and_only_part_messages_are_hand_framed():
     assert framed == {("ComputeGradients", "request"), ("ComputeGradients", "response"),
                       ("Forward", "request"), ("Forward", "response"),
                       ("CreateSession", "request"), ("Step", "request"), ("StreamSteps", "request"),
-                      ("PullParameters", "response"), ("PullRows", "request"), ("PullRows", "response")}
+                      ("PullParameters", "response"), ("PullRows", "request"), ("PullRows", "response"),
+                      ("StepForward", "request"), ("StepForward", "response"), ("StepBackward", "request")}
     assert codecs["ListSessions"].response_deserializer == service_pb2.ListSessionsResponse.FromString
 
 

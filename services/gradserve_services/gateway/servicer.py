@@ -91,7 +91,7 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
         result = self._functions.vjp(spec, tensors[wire.PARAMETERS], tensors["batch.x"], tensors.get("batch.y"),
                                      tensors[OUTPUT_GRADIENT], input_gradient=header.input_gradient,
                                      micro_batch_size=header.micro_batch_size or None)
-        reply = service_pb2.ComputeGradientsResult(loss=0.0, count=tensors["batch.x"].shape[0])
+        reply = service_pb2.ComputeGradientsResult(loss=0.0, count=tensors[OUTPUT_GRADIENT].shape[0])
         reply.timings_ms["total"] = (time.perf_counter() - started) * 1e3
         arrays = wire.gradient_arrays(result.gradients)
         arrays.update({INPUT_GRADIENTS + name: value for name, value in (result.input_gradients or {}).items()})
@@ -99,8 +99,7 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
 
     def Forward(self, request_iterator, context):
         header, arrays = wire.read_one(request_iterator, self._max_bytes)
-        tensors = wire.group(arrays, (wire.PARAMETERS,), exact=("batch.x",))
-        _require(tensors, ("batch.x",))
+        tensors = wire.group(arrays, (wire.PARAMETERS, wire.BATCH_PREFIX))
         version = 0
         if header.session_id:
             session = self._sessions.get(context.identity, header.session_id)
@@ -112,10 +111,12 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
             version, params = self._sessions.parameters(session)
         else:
             spec, params = spec_from_proto(header.model), tensors[wire.PARAMETERS]
-        check_activations(activation_features(spec), tensors["batch.x"], 0,
-                          self._sessions.limits.activation_elements_per_call)
+        x, y = wire.batch_tensors(tensors[wire.BATCH_PREFIX], spec)  # named inputs: a mapping
+        if y is not None:
+            raise InvalidArgument("a forward takes no labels", "batch.y")
+        check_activations(activation_features(spec), x, 0, self._sessions.limits.activation_elements_per_call)
         _check_deadline(context)
-        values = self._functions.forward(spec, params, tensors["batch.x"], list(header.nodes))
+        values = self._functions.forward(spec, params, x, list(header.nodes))
         outputs = {OUTPUTS + name: value for name, value in values.items()}
         yield from wire.send(service_pb2.ForwardResult(version=version), outputs, service_pb2.ForwardResponse)
 

@@ -1,9 +1,8 @@
-"""Test-set evaluation in the job process, from parameters pulled from the service.
-
-This is evaluation, not training: no update is applied, so it need not go through the service. It
-uses the engine's own loss (via `loss_and_grad_sum` in eval mode) so the test loss means exactly
-what the training loss means. A binary task with one output also gets the ROC AUC of its logits.
-The inputs are the features, or a mapping of named inputs (categorical data), cut into row ranges
+"""Test-set evaluation through the service's Forward, at the session's current parameters: the
+model runs where its parameters live (no parameters are pulled to evaluate), in inference mode.
+The loss of the outputs is the engine's own loss definition, so the test loss means exactly what
+the training loss means. A binary task with one output also gets the ROC AUC of its logits. The
+inputs are the features, or a mapping of named inputs (categorical data), cut into row ranges
 alike.
 """
 
@@ -18,23 +17,24 @@ EVAL_ROWS = 4096  # rows per forward pass: bounds memory on large test sets
 
 class Evaluator:
     def __init__(self, spec: dict, task: str):
-        from gradserve_services.engine import Model
+        from gradserve_services.engine import LOSSES
 
-        self.model = Model(spec)
+        self.loss = LOSSES[spec["loss"]]
         self.task = task
 
-    def evaluate(self, params: dict, x, y: np.ndarray) -> dict:
+    def evaluate(self, forward, x, y: np.ndarray) -> dict:
         """{"loss": mean loss, "accuracy": fraction correct (classification and binary only),
-        "auc": binary with one output only}."""
+        "auc": binary with one output only}. `forward(x_part)` answers the model's output for a
+        row range (the SDK's Forward at the session's parameters)."""
         loss_sum, correct, count = 0.0, 0.0, 0
         scores = []
         for start in range(0, len(y), EVAL_ROWS):
             x_part, y_part = _rows(x, start, start + EVAL_ROWS), y[start : start + EVAL_ROWS]
-            grad_sum = self.model.loss_and_grad_sum(params, x_part, y_part, train=False)
-            loss_sum += grad_sum.loss_sum
-            count += grad_sum.count
+            outputs = forward(x_part)
+            targets = self.loss.check_targets(np, y_part, outputs.shape[0], outputs.shape[1], outputs.dtype)
+            loss_sum += self.loss.value_and_grad(np, outputs, targets, 1.0, np.empty_like(outputs))
+            count += outputs.shape[0]
             if self.task != "regression":
-                outputs = self.model.forward(params, x_part, train=False)
                 correct += self._correct(outputs, y_part)
                 scores.append(outputs)
         result = {"loss": loss_sum / max(count, 1)}

@@ -71,8 +71,8 @@ def run_job(prepared: PreparedJob, *, resume: bool = False, progress: bool | Non
         loop = _Loop(prepared, session, store, metrics, evaluator, totals, progress, log)
         loop.run(first_step)
         final_version, params = session.parameters()
+        final = evaluator.evaluate(session.forward, prepared.split.test_inputs(), prepared.split.y_test)
 
-    final = evaluator.evaluate(params, prepared.split.test_inputs(), prepared.split.y_test)
     rows = metrics.read()
     plot_metrics(rows, job.out_dir / "metrics.png", title=f"{job.name}: {prepared.dataset.source}")
     save_checkpoint(job.out_dir / "parameters.npz", params, {"spec": prepared.spec, "step": prepared.total_steps, "version": final_version})
@@ -144,8 +144,8 @@ class _Loop:
         return stop
 
     def _finish_epoch(self, epoch: int) -> str:
-        _, params = self.session.parameters()
-        result = self.evaluator.evaluate(params, self.prepared.split.test_inputs(), self.prepared.split.y_test)
+        result = self.evaluator.evaluate(self.session.forward, self.prepared.split.test_inputs(),
+                                         self.prepared.split.y_test)
         row = {"epoch": epoch, "step": (epoch + 1) * self.prepared.order.steps_per_epoch,
                "train_loss": self.totals.mean, "test_loss": result["loss"]}
         if "accuracy" in result:

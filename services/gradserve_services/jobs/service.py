@@ -129,6 +129,10 @@ class TrainingSession:
     def parameters(self):
         return self.client.pull_parameters(self.session_id)
 
+    def forward(self, x):
+        """The model's output for `x` at the session's current parameters (the Forward RPC)."""
+        return self.client.forward_session(self.session_id, x)[1]
+
     def save_checkpoint(self):
         """Ask the service to checkpoint the session (parameters, optimizer state, version, step
         log); returns (name, version) and, when embedded, the file it wrote."""
