@@ -93,15 +93,16 @@ def new_session(client: gradserve.Client, *, num_workers: int = 2, checkpoint_ev
 
 
 def train(client: gradserve.Client, session: str, *, fault_at: int | None = None, fault=None,
-          first: int = 1, last: int = STEPS) -> dict[int, gradserve.StepResult]:
+          first: int = 1, last: int = STEPS, make_batch=None) -> dict[int, gradserve.StepResult]:
     """Steps first..last, one batch each, step id = step number. From `fault_at` on, a step runs in
     a thread while `fault()` strikes, until it has struck once (a fault that returns False found
     nothing in flight to strike, e.g. the shards were done before it looked); the step must still
-    complete (the SDK retries UNAVAILABLE with the same step id)."""
+    complete (the SDK retries UNAVAILABLE with the same step id). `make_batch(step_id)`: another
+    model's batches."""
     results = {}
     pending = fault is not None
     for step_id in range(first, last + 1):
-        x, y = batch(step_id)
+        x, y = (make_batch or batch)(step_id)
         if not pending or fault_at is None or step_id < fault_at:
             results[step_id] = client.step(session, x, y, step_id=step_id)
             continue
