@@ -25,8 +25,8 @@ from .errors import (
 # Everything else on first use: `gradserve.errors` is the service's exception tree too, and the
 # engine raising it must not load grpc or protobuf through this package's import.
 _LAZY = {
-    "Client": "client", "Gradients": "client", "StepResult": "client", "SessionInfo": "client",
-    "Checkpoint": "client", "TableRows": "client", "ForwardStep": "client",
+    "Client": "client", "Gradients": "results", "StepResult": "results", "SessionInfo": "results",
+    "Checkpoint": "results", "TableRows": "client", "ForwardStep": "client",
     "mlp": "builders", "GraphBuilder": "builders", "INPUT": "builders",
     "DTYPES": "codec", "encode_tensor": "codec", "decode_tensor": "codec",
     "TensorFormatError": "codec", "TensorTooLarge": "codec",

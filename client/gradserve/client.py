@@ -5,125 +5,29 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 
-from gradserve.v1 import describe_pb2, model_pb2, service_pb2
+from gradserve.v1 import describe_pb2, service_pb2
 
-from .codec import TensorFormatError
-from .errors import FailedPrecondition, GradserveError, InvalidArgument, Unavailable
+from .errors import FailedPrecondition, Unavailable
 from .fields import build
 from .messages import message_dict
-from .spec import SpecFormatError, optimizer_to_proto, spec_to_proto, table_optimizer_to_proto
+from .requests import (batch_arrays, optimizer_message, outgoing_tensors, spec_message, step_messages,
+                       table_optimizer_message)
+from .results import (TABLE_STEP_FIELDS, Checkpoint, ForwardStep, Gradients, SessionInfo, StepResult, TableRows,
+                      gradients_by_parameter, single_answer, step_result, strip_prefix)
 from .rpc.methods import stub
 from .rpc.options import open_channel
 from .rpc.status import from_rpc_error
-from .transfer import DEFAULT_MAX_REQUEST_BYTES, OutgoingTensors, read_messages
+from .tensor_names import GRADIENTS, INPUT_GRADIENTS, OUTPUT_GRADIENT, OUTPUTS, PARAMETERS, TANGENT
 
 __all__ = ["Client", "Gradients", "StepResult", "ForwardStep", "SessionInfo", "Checkpoint", "TableRows"]
 
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["Gradserve"]
-PARAMETERS = "parameters."
-GRADIENTS = "gradients."
-TANGENT = "tangent."
-OUTPUT_GRADIENT = "output_gradient"
-INPUT_GRADIENTS = "input_gradients."
-OUTPUTS = "outputs."
-# StepResponse's table traffic fields, StepResult's under the same names.
-TABLE_STEP_FIELDS = ("rows_pulled", "rows_pushed", "rows_updated", "row_lookups", "bytes_pulled",
-                     "bytes_pushed", "dense_table_bytes", "table_rows", "table_bytes")
-
-
-@dataclass(frozen=True)
-class TableRows:
-    """Some rows of a table: a table's gradient as the service answers it (the sorted unique ids
-    the batch read and one row each, summed over that id's lookups), never the whole table."""
-
-    ids: np.ndarray  # int64 (n,)
-    rows: np.ndarray  # (n, dim)
-
-    def dense(self, num_rows: int) -> np.ndarray:
-        """The whole (num_rows, dim) table: these rows in place, zeros elsewhere."""
-        table = np.zeros((num_rows, self.rows.shape[1]), dtype=self.rows.dtype)
-        table[self.ids] = self.rows
-        return table
-
-
-@dataclass(frozen=True)
-class Gradients:
-    loss: float  # mean loss over the batch
-    gradients: dict[str, np.ndarray] | None  # mean gradient per parameter (None in forward mode)
-    jvp: float | None  # directional derivative along the tangent (forward mode only)
-    count: int  # rows averaged over
-    timings_ms: dict[str, float] = field(default_factory=dict)  # milliseconds per phase
-    retries: int = 0  # shards run again on another worker because theirs was lost
-    worker_failures: int = 0  # worker actors lost (and replaced) during the call
-    # vjp(..., input_gradient=True) only: dL/dx (named inputs: {float input tensor: its gradient})
-    input_gradient: np.ndarray | dict | None = None
-
-
-@dataclass(frozen=True)
-class StepResult:
-    step_id: int
-    loss: float
-    version: int
-    duplicate: bool
-    applied: bool
-    samples: int
-    grad_norm: float
-    lr: float
-    timings_ms: dict[str, float] = field(default_factory=dict)  # milliseconds per phase
-    retries: int = 0  # shards run again on another worker because theirs was lost
-    worker_failures: int = 0  # worker actors lost (and replaced) during the step
-    noise_scale: float = math.nan  # B_simple smoothed over the session's steps; NaN until known
-    shard_cosines: tuple = ()  # cosine of each shard's gradient with the aggregate
-    update_ratios: dict[str, float] = field(default_factory=dict)  # |update| / |weight| per parameter
-    compute_spread: float = math.nan  # slowest worker's compute time / the median one
-    slowest_worker: int = -1  # pool position of the slowest worker
-    # A model with tables: their row traffic (service.proto, StepResponse); wire bytes of the
-    # tables per step are bytes_pulled + bytes_pushed.
-    rows_pulled: int = 0
-    rows_pushed: int = 0
-    rows_updated: int = 0
-    row_lookups: int = 0
-    bytes_pulled: int = 0
-    bytes_pushed: int = 0
-    dense_table_bytes: int = 0
-    table_rows: int = 0
-    table_bytes: int = 0
-
-
-@dataclass(frozen=True)
-class ForwardStep:
-    """Phase one of a two-phase step (`Client.step_forward`)."""
-
-    step_id: int
-    version: int  # the parameter version the output was computed at
-    output: np.ndarray | None  # (rows, output width); None when duplicate
-    duplicate: bool  # the step id was applied already: its backward answers the recorded result
-
-
-@dataclass(frozen=True)
-class SessionInfo:
-    session_id: str
-    version: int
-    steps: int
-    consistency: str
-    num_workers: int
-    created_unix_s: float
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    name: str
-    version: int
-
-
 class Client:
     """A connection to a gradserve service.
 
@@ -178,10 +82,10 @@ class Client:
     ) -> Gradients:
         """Mean loss and gradients of `spec` at `parameters` on (x, y); with `tangent`, the JVP."""
         arrays = {PARAMETERS + name: value for name, value in parameters.items()}
-        arrays.update(_batch_arrays(x, y))
+        arrays.update(batch_arrays(x, y))
         arrays.update({TANGENT + name: value for name, value in (tangent or {}).items()})
-        outgoing = _outgoing(arrays)
-        header = build(service_pb2.ComputeGradientsHeader, model=_spec(spec), tensors=outgoing.entries,
+        outgoing = outgoing_tensors(arrays)
+        header = build(service_pb2.ComputeGradientsHeader, model=spec_message(spec), tensors=outgoing.entries,
                        micro_batch_size=micro_batch_size or 0, seed=seed)
         return self._compute_gradients(header, outgoing, timeout)
 
@@ -195,10 +99,10 @@ class Client:
         with named inputs `x` is a mapping and `.input_gradient` maps each float input's tensor
         name to its gradient (ids and bags have none)."""
         arrays = {PARAMETERS + name: value for name, value in parameters.items()}
-        arrays.update(_batch_arrays(x, None))
+        arrays.update(batch_arrays(x, None))
         arrays[OUTPUT_GRADIENT] = output_gradient
-        outgoing = _outgoing(arrays)
-        header = build(service_pb2.ComputeGradientsHeader, model=_spec(spec), tensors=outgoing.entries,
+        outgoing = outgoing_tensors(arrays)
+        header = build(service_pb2.ComputeGradientsHeader, model=spec_message(spec), tensors=outgoing.entries,
                        micro_batch_size=micro_batch_size or 0, input_gradient=input_gradient)
         return self._compute_gradients(header, outgoing, timeout)
 
@@ -210,17 +114,17 @@ class Client:
         def attempt(deadline_s: float) -> Gradients:
             requests = itertools.chain([wrap(header=header)], outgoing.chunks())
             responses = self._stub.ComputeGradients(requests, timeout=deadline_s, metadata=self._metadata)
-            result, arrays = _single(responses)
+            result, arrays = single_answer(responses)
             has_jvp = result.HasField("jvp")
             return Gradients(
                 loss=result.loss,
-                gradients=None if has_jvp else _gradients(_strip(arrays, GRADIENTS)),
+                gradients=None if has_jvp else gradients_by_parameter(strip_prefix(arrays, GRADIENTS)),
                 jvp=result.jvp if has_jvp else None,
                 count=result.count,
                 timings_ms=dict(result.timings_ms),
                 retries=result.retries,
                 worker_failures=result.worker_failures,
-                input_gradient=_input_gradient(_strip(arrays, INPUT_GRADIENTS)),
+                input_gradient=_input_gradient(strip_prefix(arrays, INPUT_GRADIENTS)),
             )
 
         return self._with_retries(attempt, timeout)
@@ -243,16 +147,16 @@ class Client:
         {node: values} dict of those nodes instead. For a model with named inputs `x` maps tensor
         names to arrays, as in `step`."""
         arrays = {PARAMETERS + name: value for name, value in parameters.items()}
-        arrays.update(_batch_arrays(x, None))
-        return self._forward(arrays, nodes, timeout, model=_spec(spec))[1]
+        arrays.update(batch_arrays(x, None))
+        return self._forward(arrays, nodes, timeout, model=spec_message(spec))[1]
 
     def forward_session(self, session_id: str, x: np.ndarray, *, nodes: Iterable[str] | None = None,
                         timeout: float | None = None):
         """`forward` at a session's current parameters: (version, values)."""
-        return self._forward(_batch_arrays(x, None), nodes, timeout, session_id=session_id)
+        return self._forward(batch_arrays(x, None), nodes, timeout, session_id=session_id)
 
     def _forward(self, arrays, nodes, timeout, **header_fields):
-        outgoing = _outgoing(arrays)
+        outgoing = outgoing_tensors(arrays)
         names = list(nodes or ())
         header = build(service_pb2.ForwardHeader, tensors=outgoing.entries, nodes=names, **header_fields)
         wrap = service_pb2.ForwardRequest
@@ -260,8 +164,8 @@ class Client:
         def attempt(deadline_s: float):
             requests = itertools.chain([wrap(header=header)], outgoing.chunks())
             responses = self._stub.Forward(requests, timeout=deadline_s, metadata=self._metadata)
-            result, arrays = _single(responses)
-            values = _strip(arrays, OUTPUTS)
+            result, arrays = single_answer(responses)
+            values = strip_prefix(arrays, OUTPUTS)
             return result.version, (values if names else next(iter(values.values())))
 
         return self._with_retries(attempt, timeout)
@@ -292,8 +196,8 @@ class Client:
         per-row rule, {"name": "sgd" | "adagrad" | "sparse_adam", "lr", ...}."""
         config = build(
             service_pb2.SessionConfig,
-            model=_spec(spec),
-            optimizer=_optimizer(optimizer),
+            model=spec_message(spec),
+            optimizer=optimizer_message(optimizer),
             consistency=consistency,
             staleness=staleness,
             stale_policy=stale_policy,
@@ -306,8 +210,8 @@ class Client:
             checkpoint_every_steps=checkpoint_every_steps,
         )
         if table_optimizer is not None:
-            config.table_optimizer.CopyFrom(_table_optimizer(table_optimizer))
-        outgoing = _outgoing({PARAMETERS + name: value for name, value in (parameters or {}).items()})
+            config.table_optimizer.CopyFrom(table_optimizer_message(table_optimizer))
+        outgoing = outgoing_tensors({PARAMETERS + name: value for name, value in (parameters or {}).items()})
         wrap = service_pb2.CreateSessionRequest
         requests = itertools.chain(
             [wrap(header=build(service_pb2.CreateSessionHeader, config=config, tensors=outgoing.entries))],
@@ -325,11 +229,11 @@ class Client:
              timeout: float | None = None) -> StepResult:
         """One training step; `step_id` defaults to this client's next id for the session."""
         step_id = self._claim_step_id(session_id, step_id)
-        messages = _step_messages(session_id, step_id, x, y)
+        messages = step_messages(session_id, step_id, x, y)
 
         def attempt(deadline_s: float) -> StepResult:
             reply = self._stub.Step(iter(messages), timeout=deadline_s, metadata=self._metadata)
-            return _step_result(reply)
+            return step_result(reply)
 
         return self._with_retries(attempt, timeout)
 
@@ -338,14 +242,14 @@ class Client:
         """Phase one of a two-phase step: the session's output for `x` (training mode); the
         service holds the activations under the step id until `step_backward`."""
         step_id = self._claim_step_id(session_id, step_id)
-        outgoing = _outgoing(_batch_arrays(x, None))
+        outgoing = outgoing_tensors(batch_arrays(x, None))
         header = build(service_pb2.StepForwardHeader, session_id=session_id, step_id=step_id,
                        tensors=outgoing.entries)
 
         def attempt(deadline_s: float) -> ForwardStep:
             requests = itertools.chain([service_pb2.StepForwardRequest(header=header)], outgoing.chunks())
-            result, arrays = _single(self._stub.StepForward(requests, timeout=deadline_s, metadata=self._metadata))
-            output = next(iter(_strip(arrays, OUTPUTS).values()), None)
+            result, arrays = single_answer(self._stub.StepForward(requests, timeout=deadline_s, metadata=self._metadata))
+            output = next(iter(strip_prefix(arrays, OUTPUTS).values()), None)
             return ForwardStep(result.step_id, result.version, output, result.duplicate)
 
         return self._with_retries(attempt, timeout)
@@ -357,13 +261,13 @@ class Client:
         the held forward of `step_id`, once; `loss` is reported back. A retried or repeated id
         answers the recorded result (`duplicate`)."""
         arrays = {} if output_gradient is None else {OUTPUT_GRADIENT: output_gradient}
-        outgoing = _outgoing(arrays)
+        outgoing = outgoing_tensors(arrays)
         header = build(service_pb2.StepBackwardHeader, session_id=session_id, step_id=step_id, loss=loss,
                        tensors=outgoing.entries)
 
         def attempt(deadline_s: float) -> StepResult:
             requests = itertools.chain([service_pb2.StepBackwardRequest(header=header)], outgoing.chunks())
-            return _step_result(self._stub.StepBackward(requests, timeout=deadline_s, metadata=self._metadata))
+            return step_result(self._stub.StepBackward(requests, timeout=deadline_s, metadata=self._metadata))
 
         return self._with_retries(attempt, timeout)
 
@@ -391,7 +295,7 @@ class Client:
     def describe_model(self, spec, *, dtype: str = "float32", timeout: float | None = None) -> dict:
         """The model's inputs, parameters (name, shape, dtype, layout), counts, FLOPs and
         activation bytes per row, as describe.proto's DescribeModelResponse fields."""
-        request = build(describe_pb2.DescribeModelRequest, model=_spec(spec), dtype=dtype)
+        request = build(describe_pb2.DescribeModelRequest, model=spec_message(spec), dtype=dtype)
         return message_dict(self._unary(self._stub.DescribeModel, request, timeout))
 
     def server_info(self, *, timeout: float | None = None) -> dict:
@@ -417,7 +321,7 @@ class Client:
                 # messages, and is raised to the caller once the steps before it are answered.
                 try:
                     for step in itertools.chain(replay, _record(numbered, unanswered)):
-                        yield from _step_messages(session_id, *step)
+                        yield from step_messages(session_id, *step)
                 except Exception as error:  # noqa: BLE001 - re-raised below, in the caller's thread
                     refused.append(error)
 
@@ -425,7 +329,7 @@ class Client:
                 for reply in self._stub.StreamSteps(requests(), timeout=timeout, metadata=self._metadata):
                     if unanswered and unanswered[0][0] == reply.step_id:
                         unanswered.popleft()
-                    yield _step_result(reply)
+                    yield step_result(reply)
                 if refused:
                     raise refused[0]
                 return
@@ -438,14 +342,14 @@ class Client:
     def pull_rows(self, session_id: str, table: str, ids, *, timeout: float | None = None) -> tuple[int, np.ndarray]:
         """(version, rows): rows `ids` (int64, any order, repeats allowed) of a session's table
         `table` (e.g. "emb.weight"), as the service holds them now; for lookups by a serving system."""
-        outgoing = _outgoing({"ids": np.asarray(ids, dtype=np.int64) if not isinstance(ids, np.ndarray) else ids})
+        outgoing = outgoing_tensors({"ids": np.asarray(ids, dtype=np.int64) if not isinstance(ids, np.ndarray) else ids})
         header = build(service_pb2.PullRowsHeader, session_id=session_id, table=table, tensors=outgoing.entries)
         wrap = service_pb2.PullRowsRequest
 
         def attempt(deadline_s: float):
             requests = itertools.chain([wrap(header=header)], outgoing.chunks())
             responses = self._stub.PullRows(requests, timeout=deadline_s, metadata=self._metadata)
-            result, arrays = _single(responses)
+            result, arrays = single_answer(responses)
             return result.version, arrays["rows"]
 
         return self._with_retries(attempt, timeout)
@@ -456,7 +360,7 @@ class Client:
 
         def attempt(deadline_s: float):
             responses = self._stub.PullParameters(request, timeout=deadline_s, metadata=self._metadata)
-            header, arrays = _single(responses)
+            header, arrays = single_answer(responses)
             return header.version, {name[len(PARAMETERS):]: value for name, value in arrays.items()}
 
         return self._with_retries(attempt, timeout)
@@ -529,99 +433,9 @@ def _record(steps: Iterator[tuple], unanswered: collections.deque) -> Iterator[t
         yield step
 
 
-def _spec(spec) -> model_pb2.ModelSpec:
-    try:
-        return spec_to_proto(spec)
-    except SpecFormatError as bad:
-        raise InvalidArgument.described(str(bad), ((bad.field, bad.message),)) from None
-
-
-def _optimizer(config) -> model_pb2.OptimizerConfig:
-    try:
-        return optimizer_to_proto(config)
-    except SpecFormatError as bad:
-        raise InvalidArgument.described(str(bad), ((bad.field, bad.message),)) from None
-
-
-def _table_optimizer(config) -> model_pb2.TableOptimizerConfig:
-    try:
-        return table_optimizer_to_proto(config)
-    except SpecFormatError as bad:
-        raise InvalidArgument.described(str(bad), ((bad.field, bad.message),)) from None
-
-
-def _batch_arrays(x, y) -> dict:
-    """`batch.x` (and `batch.y`), or for a model with named inputs a mapping of tensor name to
-    array (`{"dense": ..., "cats": ..., "tags.values": ...}`) as `batch.<name>` each."""
-    arrays = {f"batch.{name}": value for name, value in x.items()} if isinstance(x, Mapping) else {"batch.x": x}
-    if y is not None:
-        arrays["batch.y"] = y
-    return arrays
-
-
-def _gradients(arrays: dict) -> dict:
-    """Gradients by parameter; a table's `<table>.ids` + `<table>.rows` pair as one `TableRows`."""
-    out = {}
-    for name, value in arrays.items():
-        if name.endswith(".ids") and name[:-4] + ".rows" in arrays:
-            out[name[:-4]] = TableRows(value, arrays[name[:-4] + ".rows"])
-        elif not (name.endswith(".rows") and name[:-5] + ".ids" in arrays):
-            out[name] = value
-    return out
-
-
-def _outgoing(arrays: Mapping[str, np.ndarray]) -> OutgoingTensors:
-    try:
-        return OutgoingTensors(arrays)
-    except TensorFormatError as bad:
-        raise InvalidArgument.described(str(bad), ((bad.field, bad.message),)) from None
-
-
-def _step_messages(session_id: str, step_id: int, x, y) -> list:
-    outgoing = _outgoing(_batch_arrays(x, y))
-    header = build(service_pb2.StepHeader, session_id=session_id, step_id=step_id, tensors=outgoing.entries)
-    wrap = service_pb2.StepRequest
-    return [wrap(header=header), *outgoing.chunks()]
-
-
-def _step_result(reply: service_pb2.StepResponse) -> StepResult:
-    return StepResult(
-        step_id=reply.step_id,
-        loss=reply.loss,
-        version=reply.version,
-        duplicate=reply.duplicate,
-        applied=reply.applied,
-        samples=reply.samples,
-        grad_norm=reply.grad_norm,
-        lr=reply.lr,
-        timings_ms=dict(reply.timings_ms),
-        retries=reply.retries,
-        worker_failures=reply.worker_failures,
-        noise_scale=reply.noise_scale,
-        shard_cosines=tuple(reply.shard_cosines),
-        update_ratios=dict(reply.update_ratios),
-        compute_spread=reply.compute_spread,
-        slowest_worker=reply.slowest_worker,
-        **{name: getattr(reply, name) for name in TABLE_STEP_FIELDS},
-    )
-
-
 def _input_gradient(gradients: dict):
     """dL/dx of the single input `x`, a {tensor: dL/d tensor} mapping for named inputs, or None."""
     if not gradients:
         return None
     return gradients["x"] if set(gradients) == {"x"} else gradients
 
-
-def _strip(arrays: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-    return {name[len(prefix):]: value for name, value in arrays.items() if name.startswith(prefix)}
-
-
-def _single(responses) -> tuple[object, dict[str, np.ndarray]]:
-    """The one (header, arrays) of a response stream; a malformed stream is the service's fault."""
-    try:
-        (parts,) = list(read_messages(responses, DEFAULT_MAX_REQUEST_BYTES * 4, single=True))
-        return parts
-    except TensorFormatError as bad:
-        responses.cancel()
-        raise GradserveError(f"malformed response from the service: {bad}") from None
