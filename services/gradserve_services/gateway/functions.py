@@ -10,7 +10,7 @@ import numpy as np
 
 # The wire's tensor names, as the SDK spells them: "output_gradient" (vector-Jacobian mode's
 # request tensor), "input_gradients.<batch tensor>" and Forward's "outputs.<node>".
-from gradserve.client import INPUT_GRADIENTS, OUTPUT_GRADIENT, OUTPUTS
+from gradserve.tensor_names import INPUT_GRADIENTS, OUTPUT_GRADIENT, OUTPUTS
 from gradserve_services.cluster.worker import ModelCache
 from gradserve_services.engine.vjp import VJP, forward_nodes, vjp
 from gradserve_services.errors import InvalidArgument

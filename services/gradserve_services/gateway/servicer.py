@@ -11,7 +11,7 @@ import time
 
 import grpc
 
-from gradserve.client import TABLE_STEP_FIELDS
+from gradserve.results import TABLE_STEP_FIELDS
 from gradserve.spec import spec_from_proto
 from gradserve.v1 import service_pb2, service_pb2_grpc
 

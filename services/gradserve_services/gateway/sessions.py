@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from gradserve.client import TABLE_STEP_FIELDS
+from gradserve.results import TABLE_STEP_FIELDS
 from gradserve_services import metrics
 from gradserve_services.cluster import DEFAULT_STEP_WINDOW, StepResult, TrainerConfig
 from gradserve_services.cluster.table_lane import InitialRows

@@ -9,6 +9,7 @@ import numpy as np
 
 from gradserve.codec import TensorFormatError, TensorTooLarge
 from gradserve.spec import optimizer_from_proto, spec_from_proto, table_optimizer_from_proto
+from gradserve.tensor_names import GRADIENTS, PARAMETERS, TANGENT
 from gradserve.transfer import INLINE_TENSOR_BYTES, MAX_MESSAGE_BYTES, OutgoingTensors, read_messages
 from gradserve.v1 import service_pb2
 
@@ -30,9 +31,6 @@ __all__ = [
     "decoded",
 ]
 
-PARAMETERS = "parameters."
-GRADIENTS = "gradients."
-TANGENT = "tangent."
 BATCH = ("batch.x", "batch.y")
 BATCH_PREFIX = "batch."
 
