@@ -158,6 +158,13 @@ class Trainer:
         """`(version, rows)`: rows `ids` of table `name` (InvalidArgument naming `table` / `ids`)."""
         shape = self._model.graph.tables.get(name)
         if shape is None:
+    def server_pids(self) -> list[int]:
+        """Process ids of this trainer's parameter-server shards, in shard order (their memory is
+        what a model's tables cost: `procfs.rss_bytes`)."""
+        with self._lock:
+            self._check_open()
+            return self._shards.get([self._backend.submit(server, "pid")[0] for server in self._shards.servers])
+
             raise InvalidArgument(f"{name!r} is not a table of this model", "table")
         if not isinstance(ids, np.ndarray) or ids.dtype != np.int64 or ids.ndim != 1:
             raise InvalidArgument("ids must be a 1-D int64 array", "ids")
