@@ -48,8 +48,8 @@ def test_two_to_the_24_rows_fit_and_only_touched_rows_are_stored():
     try:
         trainer = executor.create_trainer(TrainerConfig(SPEC, {"name": "adam", "lr": 0.01}, num_workers=2,
                                                         ps_shards=2), params)
-        server_pids = executor._backend.get([executor._backend.submit(server, "pid")[0]
-                                              for server in executor._backend.servers(2)])
+        server_pids = trainer.server_pids()
+        assert len(set(server_pids)) == 2
         rss_before = sum(procfs.rss_bytes(pid) for pid in server_pids)
         rng = np.random.default_rng(0)
         results = [trainer.step(step, *_batch(rng)) for step in range(STEPS)]
