@@ -66,6 +66,8 @@ def forward_nodes(model: Model, params, x, nodes=None, *, train=False, seed=0, s
     for index, name in enumerate(wanted):
         if name not in known:
             raise InvalidArgument(f"{name!r} is not a node of this model", field=f"{NODES_FIELD}[{index}]")
+        if name in wanted[:index]:  # the answer holds one tensor per node name
+            raise InvalidArgument(f"{name!r} is asked for twice", field=f"{NODES_FIELD}[{index}]")
     with model._lock:
         dtype = model.validate_parameters(params, check_values=False)
         batch, _, pass_dtype = model._checked_batch_and_targets(x, None, dtype)
