@@ -32,7 +32,7 @@ import numpy as np
 from gradserve_services.errors import InvalidArgument
 
 __all__ = ["SMALL_MATRIX_ELEMENTS", "compressed_shapes", "check_rank", "initial_q", "orthonormal",
-           "WorkerFactors", "factor_bytes"]
+           "WorkerFactors", "factor_bytes", "encode_p"]
 
 SMALL_MATRIX_ELEMENTS = 4096
 
@@ -103,3 +103,19 @@ class WorkerFactors:
             self.residuals[name] = m
             factors[name] = q
         return factors
+
+
+def encode_p(factors: WorkerFactors, grad_sum: Mapping[str, np.ndarray], names, task: dict):
+    """`(part, bytes_raw, bytes_sent)` of phase one for the parameters `names` of one server shard:
+    `p` the factors of the compressed matrices among them (their share is the gradient sum over
+    the step's total rows, `task["total"]`), `dense` the other parameters' gradient sums as they
+    are (the coordinator adds them up with the matrices' update into the servers' one part)."""
+    qs = task["qs"]
+    compressed = [name for name in names if name in qs]
+    total = task["total"]
+    shares = {name: grad_sum[name] / grad_sum[name].dtype.type(total) for name in compressed}
+    p = factors.p_factors(shares, qs)
+    dense = {name: grad_sum[name] for name in names if name not in qs}
+    raw = sum(grad_sum[name].nbytes for name in names)
+    sent = sum(value.nbytes for value in p.values()) + sum(value.nbytes for value in dense.values())
+    return {"kind": "powersgd", "p": p, "dense": dense}, raw, sent

@@ -38,6 +38,7 @@ from .shared import Attachments, BlockRef, SharedMemoryLane
 from .sharding import partition_parameters
 from .steplog import StepLog, step_number, update_key
 from .local_step import LocalRounds
+from .powersgd_step import PowerSGDSteps
 from .sync_step import SyncSteps
 from .two_phase import ForwardPhase, TwoPhaseSteps
 from .table_lane import TableLane
@@ -73,7 +74,10 @@ class Trainer:
         self._shards = ParameterShards(backend, self._table, self._partition, self._shared_memory is not None,
                                        self.config.step_window, self._lane)
         runner = ShardRunner(backend, self._shards.check_inputs)
-        if self.config.consistency == "sync":
+        if self.config.compression == "powersgd":  # sync only (config.py)
+            self._steps = PowerSGDSteps(backend, self.config, self._model.parameter_shapes(),
+                                        self._dtype, runner, self._shards, self._shared_memory)
+        elif self.config.consistency == "sync":
             self._steps = SyncSteps(backend, self.config, self._dense_names, runner,
                                     self._shards, self._shared_memory)
         elif self.config.consistency == "local":

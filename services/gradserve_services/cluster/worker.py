@@ -27,6 +27,7 @@ from gradserve_services.optim import all_finite
 
 from .compression import ErrorFeedback, encode
 from .local_round import run_task_round
+from .powersgd import WorkerFactors, encode_p
 from .shared import BlockRef, SharedMemoryLane
 from .worker_rows import row_pushes, table_parameters
 
@@ -81,6 +82,7 @@ class GradientWorker:
         # table -> (the parameter references, version, params)
         self._params: OrderedDict[str, tuple] = OrderedDict()
         self._feedback: dict[str, ErrorFeedback] = {}
+        self._power: dict[tuple, WorkerFactors] = {}  # (table, shard slot) -> PowerSGD state
         self._lane = SharedMemoryLane.joined(shared_area)
         self._calls = calls
 
@@ -96,6 +98,8 @@ class GradientWorker:
         """Drop what this worker keeps for a closed trainer (parameters, top-k residuals, blocks)."""
         self._params.pop(table, None)
         self._feedback.pop(table, None)
+        for key in [key for key in self._power if key[0] == table]:
+            del self._power[key]
         if self._lane is not None:
             self._lane.forget(table)
 
@@ -147,7 +151,8 @@ class GradientWorker:
             feedback = self._feedback.setdefault(task["table"], ErrorFeedback()) \
                 if task.get("compression") == "topk" else None
             if task.get("finite_only"):
-                _refuse_non_finite(result, start, stop, gradients_too=feedback is not None)
+                _refuse_non_finite(result, start, stop,  # what feeds a residual must be finite
+                                   gradients_too=feedback is not None or "powersgd" in task)
             # compressed parts are small and are what the server must decode: they travel as is
             shared = self._lane is not None and task.get("shared_memory", False) and \
                 task.get("compression", "none") == "none"
@@ -161,6 +166,9 @@ class GradientWorker:
                 if part is not None:
                     parts[index] = part
                     raw = sent = sum(result.grad_sum[n].nbytes for n in names)
+                elif "powersgd" in task:  # phase one of PowerSGD: factors P_i (powersgd.py)
+                    parts[index], raw, sent = encode_p(self._factors(task["table"], task["batch_shard"]),
+                                                       result.grad_sum, names, task["powersgd"])
                 else:
                     parts[index], raw, sent = encode(
                         result.grad_sum, names, result.count, task.get("compression", "none"),
@@ -171,6 +179,14 @@ class GradientWorker:
         stats.update(bytes_raw=bytes_raw, bytes_sent=bytes_sent,
                      fetch_ms=(fetched - started) * 1e3, compute_ms=(computed - fetched) * 1e3)
         return (*parts, stats)
+
+    def powersgd_q(self, table: str, slot: int, p_hats: dict) -> dict:
+        """Phase two of PowerSGD for shard `slot` of the step this worker computed: `{name: Q_i}`
+        against the servers' orthonormal P̂ (the residuals follow the shard slot)."""
+        return self._factors(table, slot).q_factors(p_hats)
+
+    def _factors(self, table: str, slot: int) -> WorkerFactors:
+        return self._power.setdefault((table, slot), WorkerFactors())
 
     def _model(self, spec) -> Model:
         return self._models.get(spec)
