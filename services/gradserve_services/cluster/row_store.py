@@ -5,7 +5,9 @@ A table of millions of rows starts as a function, not an array: row r of table T
 A row read before any update is computed on the spot and not kept; a row becomes stored (its value
 and its optimizer state) the first time an update reaches it. Memory is therefore what the steps
 touched: a 4-byte slot per row of the shard (a zero-filled array, whose untouched pages the kernel
-never backs), plus the touched rows' values and state in arrays that double when full.
+never backs), plus the touched rows' records in an array that doubles when full. A record is the
+row's value and its state slots side by side (`[value | slot 0 | slot 1]`), so an update gathers
+and scatters each touched row once.
 
 Ids here are global row ids of the rows this shard holds (see row_placement.py). An update is
 planned first (`plan`: new values and state of the rows, nothing written), refused whole when
@@ -39,8 +41,8 @@ class RowStore:
         self._slot_of = np.zeros(local_rows, dtype=np.int32)  # 0: never updated, else slot + 1
         self._count = 0
         self._ids = np.empty(0, dtype=np.int64)  # global id of each slot
-        self._values = np.empty((0, self.shape[1]), dtype=self.dtype)
-        self._state = optimizer.initial_state(0, self.shape[1], self.dtype)
+        self._slots = optimizer.config.slots
+        self._records = np.empty((0, self.shape[1] * (1 + len(self._slots))), dtype=self.dtype)
 
     # ----- reading -------------------------------------------------------------------------------
 
@@ -50,29 +52,37 @@ class RowStore:
 
     @property
     def nbytes(self) -> int:
-        """Bytes this table holds on the shard: the slot index and the stored rows' values and state."""
-        per_row = self.shape[1] * self.dtype.itemsize * (1 + len(self._state)) + 8
-        return self._slot_of.nbytes + per_row * self._count
+        """Bytes this table holds on the shard: the slot index and the stored rows' records."""
+        return self._slot_of.nbytes + (self._records.shape[1] * self.dtype.itemsize + 8) * self._count
 
-    def read(self, ids: np.ndarray) -> np.ndarray:
-        """Rows `ids` (global, this shard's), stored or initial."""
+    def _gather(self, ids: np.ndarray, width: int) -> np.ndarray:
+        """The first `width` columns of the records of `ids`: stored, or initial (value from the
+        seed, state as the optimizer starts it)."""
         slots = self._slot_of[self.placement.local(ids)].astype(np.int64) - 1
         stored = slots >= 0
         if bool(stored.all()):
-            return self._values[slots]
-        out = np.empty((ids.shape[0], self.shape[1]), dtype=self.dtype)
-        out[stored] = self._values[slots[stored]]
+            return np.take(self._records[:, :width], slots, axis=0)
+        out = np.empty((ids.shape[0], width), dtype=self.dtype)
+        out[stored] = np.take(self._records[:, :width], slots[stored], axis=0)
         fresh = ~stored
-        out[fresh] = table_rows(np, self.seed, self.name, ids[fresh], self.shape, self.dtype)
+        dim = self.shape[1]
+        out[fresh, :dim] = table_rows(np, self.seed, self.name, ids[fresh], self.shape, self.dtype)
+        if width > dim:
+            start = self.optimizer.initial_state(1, dim, self.dtype)
+            out[fresh, dim:] = np.concatenate([start[slot] for slot in self._slots], axis=1)
         return out
 
+    def read(self, ids: np.ndarray) -> np.ndarray:
+        """Rows `ids` (global, this shard's), stored or initial."""
+        return self._gather(ids, self.shape[1])
+
     def read_state(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-        slots = self._slot_of[self.placement.local(ids)].astype(np.int64) - 1
-        stored = slots >= 0
-        state = self.optimizer.initial_state(ids.shape[0], self.shape[1], self.dtype)
-        for slot, values in state.items():
-            values[stored] = self._state[slot][slots[stored]]
-        return state
+        return self._split(self._gather(ids, self._records.shape[1]))[1]
+
+    def _split(self, records: np.ndarray):
+        """`(values, {slot: state})` views of records."""
+        dim = self.shape[1]
+        return records[:, :dim], {slot: records[:, dim * (k + 1):dim * (k + 2)] for k, slot in enumerate(self._slots)}
 
     def dense(self) -> np.ndarray:
         """Every row of this shard, in local order (row `local * S + shard`)."""
@@ -88,9 +98,9 @@ class RowStore:
             raise FailedPrecondition(f"the gradient of {self.name!r} is not finite (the model "
                                      "overflows on this batch); nothing was applied",
                                      f"gradients.{self.name}")
+        rows, state = self._split(self._gather(ids, self._records.shape[1]))
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow here is the finding
-            new_rows, new_state = self.optimizer.update(self.read(ids), self.read_state(ids), grad,
-                                                        self.updates + 1)
+            new_rows, new_state = self.optimizer.update(rows, state, grad, self.updates + 1)
         if not all(all_finite(array) for array in (new_rows, *new_state.values())):
             raise FailedPrecondition(f"the update would make rows of {self.name!r} not finite; "
                                      "nothing was applied", f"parameters.{self.name}")
@@ -98,11 +108,13 @@ class RowStore:
 
     def write(self, ids: np.ndarray, new_rows: np.ndarray, new_state) -> None:
         """Store planned rows (and count the update, empty or not, as torch counts its steps)."""
-        slots = self._slots_for(ids)
-        self._values[slots] = new_rows
-        for slot, values in new_state.items():
-            self._state[slot][slots] = values
+        self._put(ids, new_rows, new_state)
         self.updates += 1
+
+    def _put(self, ids: np.ndarray, rows: np.ndarray, state) -> None:
+        slots = self._slots_for(ids)
+        self._records[slots] = np.concatenate([rows, *(state[slot] for slot in self._slots)], axis=1) \
+            if self._slots else rows
 
     def _slots_for(self, ids: np.ndarray) -> np.ndarray:
         """Slots of `ids`, new rows given the next free ones."""
@@ -127,23 +139,20 @@ class RowStore:
         while capacity < needed:
             capacity *= 2
         self._ids = _grown(self._ids, capacity, self._count)
-        self._values = _grown(self._values, capacity, self._count)
-        self._state = {slot: _grown(values, capacity, self._count) for slot, values in self._state.items()}
+        self._records = _grown(self._records, capacity, self._count)
 
     # ----- checkpoints ---------------------------------------------------------------------------
 
     def state(self) -> dict[str, np.ndarray]:
         """The stored rows (rows never updated are their initial values, not saved)."""
-        arrays = {"ids": self._ids[:self._count], "rows": self._values[:self._count]}
-        arrays.update({f"state/{slot}": values[:self._count] for slot, values in self._state.items()})
+        values, state = self._split(self._records[:self._count])
+        arrays = {"ids": self._ids[:self._count], "rows": values}
+        arrays.update({f"state/{slot}": values for slot, values in state.items()})
         return arrays
 
     def load(self, ids: np.ndarray, rows: np.ndarray, state: dict, updates: int) -> None:
         """Store `rows` (and their optimizer `state`) for `ids` of this shard, as `state()` gave them."""
-        slots = self._slots_for(ids)
-        self._values[slots] = rows
-        for slot in self._state:
-            self._state[slot][slots] = state[slot]
+        self._put(ids, rows, state)
         self.updates = int(updates)
 
 
