@@ -18,7 +18,6 @@ No shared-memory lane: a round moves parameters once and deltas once, so there i
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
@@ -28,7 +27,7 @@ from .config import StepResult, TrainerConfig
 from .local_round import round_tasks
 from .parameter_shards import ParameterShards
 from .shard_runner import Failures, ShardInputs, ShardRunner
-from .step_report import Clock, step_result
+from .step_report import Clock, global_norm_of, step_result
 from .steplog import update_key
 
 __all__ = ["LocalRounds", "check_round_batch"]
@@ -58,15 +57,10 @@ class LocalRounds:
         norm = shards.clipping_norm(deltas_per_shard, count, self._config.optimizer.clip_norm)
         shards.check(deltas_per_shard, count, shards.version, norm)
         applying = shards.apply(key, count, shards.version, norm, deltas_per_shard)
-        try:
-            reports = shards.get([output[1] for output in applying])
-        except BaseException:  # refused: the round's parameters stay the workers' input
-            shards.discard([output[0] for output in applying])
-            raise
-        shards.published = [output[0] for output in applying]
+        reports = shards.settle(applying)  # refused: the round's parameters stay the workers' input
         clock.mark("applied")
         if norm is None:
-            norm = math.sqrt(sum(report["grad_norm"] ** 2 for report in reports))
+            norm = global_norm_of(reports)
         result = step_result("local", stats, [reports[0]], clock, failures, grad_norm=norm,
                              positions=[call.position for call in calls])
         shards.version = result.version

@@ -104,6 +104,17 @@ class ParameterShards:
                                      num_returns=2)
                 for server, grads in zip(self.servers, grads_per_shard)]
 
+    def settle(self, applying: list) -> list[dict]:
+        """The reports of `apply`'s futures; the parameters they published become the workers'
+        input, or, where an apply was refused, the last published ones stay."""
+        try:
+            reports = self.get([output[1] for output in applying])
+        except BaseException:
+            self.discard([output[0] for output in applying])
+            raise
+        self.published = [output[0] for output in applying]
+        return reports
+
     def clipping_norm(self, grads_per_shard: list, count: int, clip_norm: float | None) -> float | None:
         """Phase one of clipping over several shards: each gives its squared norm, the global norm
         is their root sum. None (each shard measures while updating) without clipping or with one

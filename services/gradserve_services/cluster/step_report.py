@@ -3,13 +3,14 @@ timed with (the same fields for every algorithm)."""
 
 from __future__ import annotations
 
+import math
 import time
 
 from .config import StepResult
 from .shard_runner import Failures
 from .signals import compute_spread, slowest_position
 
-__all__ = ["Clock", "step_result"]
+__all__ = ["Clock", "global_norm_of", "step_result"]
 
 
 class Clock:
@@ -23,6 +24,11 @@ class Clock:
     def between(self, first: str | None, second: str) -> float:
         begin = self.start if first is None else self.marks[first]
         return (self.marks[second] - begin) * 1e3
+
+
+def global_norm_of(reports: list[dict]) -> float:
+    """The update's gradient norm from the server shards' (each measured its parameter slice)."""
+    return math.sqrt(sum(report["grad_norm"] ** 2 for report in reports))
 
 
 def step_result(mode: str, stats: list[dict], reports: list[dict], clock: Clock, failures: Failures, *,

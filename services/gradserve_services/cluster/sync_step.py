@@ -17,7 +17,6 @@ clipping, for their part of the norm).
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import numpy as np
@@ -29,7 +28,7 @@ from .parameter_shards import ParameterShards
 from .shard_runner import Failures, ShardCall, ShardInputs, ShardRunner
 from .shared import SharedMemoryLane
 from .signals import NoiseScale, add_products, noise_terms, shard_cosines
-from .step_report import Clock, step_result
+from .step_report import Clock, global_norm_of, step_result
 from .step_tasks import shard_tasks
 from .steplog import update_key
 
@@ -76,15 +75,10 @@ class SyncSteps:
             norm = shards.clipping_norm(grads_per_shard, rows, self._config.optimizer.clip_norm)
             shards.check(grads_per_shard, rows, shards.version, norm)
             applying = self._apply(key, calls, steps_run, norm)
-        try:
-            reports = shards.get([output[1] for output in applying])
-        except BaseException:  # refused: the last published parameters stay the workers' input
-            shards.discard([output[0] for output in applying])
-            raise
-        shards.published = [output[0] for output in applying]
+        reports = shards.settle(applying)
         clock.mark("applied")
         if norm is None:
-            norm = math.sqrt(sum(report["grad_norm"] ** 2 for report in reports))
+            norm = global_norm_of(reports)
         result = step_result("sync", stats, [reports[0]], clock, failures, grad_norm=norm,
                              positions=[call.position for call in calls])
         shards.version = result.version

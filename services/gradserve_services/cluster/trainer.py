@@ -94,16 +94,12 @@ class Trainer:
         """One step, exactly once per step id (an integer >= 0): an id recorded in the step log
         returns its recorded result with `duplicate=True`; an id at or below the highest one seen
         minus `config.step_window` is refused (FailedPrecondition), see steplog.py."""
-        step = step_number(step_id)
-        with self._lock:
-            self._check_open()
-            recorded = self._log.lookup(update_key(step))
-            if recorded is not None:
-                return replace(StepResult.from_record(recorded), duplicate=True)
-            x, y = self._model.validate_batch(x, y, dtype=self._dtype)
-            result = self._steps.run(step, x, y, steps_run=self.steps_run, num_workers=self._num_workers)
-            self._log.record(update_key(step), result.to_record())
-            return result
+        def run(step: int) -> StepResult:
+            batch, targets = self._model.validate_batch(x, y, dtype=self._dtype)
+            return self._steps.run(step, batch, targets, steps_run=self.steps_run,
+                                   num_workers=self._num_workers)
+
+        return self._once(step_id, run)
 
     def forward_step(self, step_id, x) -> ForwardPhase:
         """Phase one of a two-phase step (two_phase.py): the output at the current parameters,
@@ -119,13 +115,17 @@ class Trainer:
     def backward_step(self, step_id, output_gradient, loss: float) -> StepResult:
         """Phase two: the update from the caller's dL/d output, exactly once per step id (a
         recorded id returns its result with `duplicate=True`, as `step` does)."""
+        return self._once(step_id, lambda step: self._two_phase.backward(step, output_gradient, loss))
+
+    def _once(self, step_id, run) -> StepResult:
+        """`run(step)` under the lock unless the step log answers the id; its result recorded."""
         step = step_number(step_id)
         with self._lock:
             self._check_open()
             recorded = self._log.lookup(update_key(step))
             if recorded is not None:
                 return replace(StepResult.from_record(recorded), duplicate=True)
-            result = self._two_phase.backward(step, output_gradient, loss)
+            result = run(step)
             self._log.record(update_key(step), result.to_record())
             return result
 
@@ -158,10 +158,6 @@ class Trainer:
                 merged.update(attached.arrays(held) if isinstance(held, BlockRef) else held)
             yield snapshots[0][0], {name: _read_only(merged[name]) for name in self._model.parameter_shapes()}
 
-    def table_rows(self, name: str, ids: np.ndarray) -> tuple[int, np.ndarray]:
-        """`(version, rows)`: rows `ids` of table `name` (InvalidArgument naming `table` / `ids`)."""
-        shape = self._model.graph.tables.get(name)
-        if shape is None:
     def server_pids(self) -> list[int]:
         """Process ids of this trainer's parameter-server shards, in shard order (their memory is
         what a model's tables cost: `procfs.rss_bytes`)."""
@@ -169,6 +165,10 @@ class Trainer:
             self._check_open()
             return self._shards.get([self._backend.submit(server, "pid")[0] for server in self._shards.servers])
 
+    def table_rows(self, name: str, ids: np.ndarray) -> tuple[int, np.ndarray]:
+        """`(version, rows)`: rows `ids` of table `name` (InvalidArgument naming `table` / `ids`)."""
+        shape = self._model.graph.tables.get(name)
+        if shape is None:
             raise InvalidArgument(f"{name!r} is not a table of this model", "table")
         if not isinstance(ids, np.ndarray) or ids.dtype != np.int64 or ids.ndim != 1:
             raise InvalidArgument("ids must be a 1-D int64 array", "ids")
