@@ -35,6 +35,10 @@ class ShardTables:
         self.stores = {name: RowStore(name, shape, layout["dtype"], layout["seed"], layout["shard"],
                                       self.placement, self.optimizer)
                        for name, shape in layout["tables"].items()}
+        # With several server shards the trainer asks each to `check` an update before it applies
+        # the same one: the plan made for the check is kept for the apply (same pushes, scale and
+        # table state, see _signature), so the rows' update is computed once per step.
+        self._planned: tuple | None = None
 
     def pull(self, ids_by_table: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """`{table: rows}` for `{table: global ids of this shard}`."""
@@ -45,6 +49,21 @@ class ShardTables:
         """The planned update of `scale * sum(pushes)` (each push `{table: (ids, row sums)}`):
         `(writes, squared_norm, rows_updated)`, nothing written; FailedPrecondition if any table's
         gradient or update is not finite."""
+        signature = self._signature(pushes, scale)
+        if self._planned is not None and self._planned[0] == signature:
+            return self._planned[1]
+        planned = self._plan(pushes, scale)
+        self._planned = (signature, planned)
+        return planned
+
+    def _signature(self, pushes: list, scale: float) -> tuple:
+        """What a plan depends on: the pushes (ids and a checksum of their rows), the scale, and
+        every table's update count (any write changes it)."""
+        parts = tuple((name, ids.shape[0], int(ids.sum()), float(np.sum(rows, dtype=np.float64)))
+                      for push in pushes for name, (ids, rows) in push.items())
+        return scale, parts, tuple(store.updates for store in self.stores.values())
+
+    def _plan(self, pushes: list, scale: float):
         writes, squared, updated = [], 0.0, 0
         for name, store in self.stores.items():
             given = [push[name] for push in pushes if name in push]
@@ -61,6 +80,7 @@ class ShardTables:
     def write(self, writes) -> None:
         """Store a plan's rows; every table counts the update, touched or not (torch steps every
         parameter that has a gradient, an empty one included)."""
+        self._planned = None
         written = set()
         for store, ids, new_rows, new_state in writes:
             store.write(ids, new_rows, new_state)
