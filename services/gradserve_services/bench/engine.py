@@ -17,6 +17,7 @@ import time
 
 import numpy
 
+from gradserve.builders import mlp
 from gradserve_services.engine import Model
 from gradserve_services.bench import significant
 
@@ -60,15 +61,8 @@ def run(args) -> int:
 
 
 def mlp_spec(sizes: list[int], activation: str = "relu", loss: str = "softmax_cross_entropy") -> dict:
-    """dense -> activation -> ... -> dense, named fc1, act1, fc2, ...; the last dense is the output."""
-    nodes, previous = [], "input"
-    for index, units in enumerate(sizes[1:], start=1):
-        nodes.append({"name": f"fc{index}", "op": "dense", "inputs": [previous], "units": units})
-        previous = f"fc{index}"
-        if index < len(sizes) - 1:
-            nodes.append({"name": f"act{index}", "op": activation, "inputs": [previous]})
-            previous = f"act{index}"
-    return {"input_features": sizes[0], "nodes": nodes, "output": previous, "loss": loss}
+    """The SDK's MLP of layer widths `sizes` (input, hidden..., output)."""
+    return mlp(sizes[0], list(sizes[1:-1]), sizes[-1], activation=activation, loss=loss)
 
 
 def measure_step(sizes, batch, threads, dtype, repeats, warmup) -> dict:
@@ -134,11 +128,13 @@ def _torch_step(sizes, params, x, y):
     import torch
 
     layers = []
+    dense_layers = [name[:-len(".weight")] for name in params if name.endswith(".weight")]  # in order
     for index, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
         linear = torch.nn.Linear(fan_in, fan_out, dtype=getattr(torch, str(x.dtype)))
+        layer = dense_layers[index - 1]
         with torch.no_grad():
-            linear.weight.copy_(torch.from_numpy(params[f"fc{index}.weight"].T.copy()))
-            linear.bias.copy_(torch.from_numpy(params[f"fc{index}.bias"]))
+            linear.weight.copy_(torch.from_numpy(params[f"{layer}.weight"].T.copy()))
+            linear.bias.copy_(torch.from_numpy(params[f"{layer}.bias"]))
         layers.append(linear)
         if index < len(sizes) - 1:
             layers.append(torch.nn.ReLU())

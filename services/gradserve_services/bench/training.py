@@ -23,6 +23,8 @@ import time
 
 import numpy as np
 
+from gradserve.builders import mlp
+
 __all__ = ["add_arguments", "run", "reference_spec", "synthetic_batches", "measure_gradserve"]
 
 LAYERS = (784, 1024, 1024, 10)
@@ -41,15 +43,8 @@ def add_arguments(parser) -> None:
 
 
 def reference_spec(layers=LAYERS) -> dict:
-    nodes, previous = [], "input"
-    for index, units in enumerate(layers[1:], start=1):
-        nodes.append({"name": f"fc{index}", "op": "dense", "inputs": [previous], "units": units})
-        previous = f"fc{index}"
-        if index < len(layers) - 1:
-            nodes.append({"name": f"relu{index}", "op": "relu", "inputs": [previous]})
-            previous = f"relu{index}"
-    return {"input_features": layers[0], "nodes": nodes, "output": previous,
-            "loss": "softmax_cross_entropy"}
+    """The SDK's ReLU MLP of layer widths `layers` (input, hidden..., classes)."""
+    return mlp(layers[0], list(layers[1:-1]), layers[-1])
 
 
 def synthetic_batches(count: int, rows: int, seed: int = 0, layers=LAYERS):

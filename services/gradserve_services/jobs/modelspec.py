@@ -1,6 +1,6 @@
 """Turn a job's `model:` section into an engine model spec (docs/ARCHITECTURE.md), sized to the data.
 
-The `mlp:` shorthand expands to dense -> [layernorm] -> activation -> [dropout] per hidden layer and
+The `mlp:` shorthand expands (`gradserve.builders.mlp`, the one MLP builder) to dense -> [layernorm] -> activation -> [dropout] per hidden layer and
 a final dense `logits` layer as wide as the task's output. A graph (`nodes:` + `output:`) is taken
 as written with `input_features` and `loss` filled in. Either way the engine's own spec parser
 checks it here, before any training, and its errors are re-raised naming `model.nodes[NODE]`.
@@ -12,11 +12,13 @@ a graph can read them, and its tables must hold every row the ids reach.
 
 from __future__ import annotations
 
+from gradserve.builders import mlp
+
 from gradserve_services.errors import InvalidArgument, SpecError
 
 from .jobfile import ModelConfig
 
-__all__ = ["build_spec", "mlp_spec", "check_spec", "named_inputs"]
+__all__ = ["build_spec", "check_spec", "named_inputs"]
 
 
 def named_inputs(dense_features: int, fields: int) -> list[dict]:
@@ -43,7 +45,7 @@ def build_spec(model: ModelConfig, *, input_features: int, output_width: int, lo
         _check_table_rows(spec, table_rows)
         return spec
     if model.mlp is not None:
-        spec = mlp_spec(input_features, output_width, loss=loss, **model.mlp)
+        spec = mlp(input_features, outputs=output_width, loss=loss, **model.mlp)
     else:
         declared = model.graph.get("input_features", input_features)
         if declared != input_features:
@@ -55,33 +57,6 @@ def build_spec(model: ModelConfig, *, input_features: int, output_width: int, lo
                 "output": model.graph["output"], "loss": loss}
     check_spec(spec, output_width)
     return spec
-
-
-def mlp_spec(
-    input_features: int,
-    output_width: int,
-    *,
-    hidden: list[int],
-    activation: str = "relu",
-    dropout: float = 0.0,
-    layernorm: bool = False,
-    loss: str = "softmax_cross_entropy",
-) -> dict:
-    nodes = []
-    previous = "input"
-    for layer, units in enumerate(hidden, start=1):
-        nodes.append({"name": f"fc{layer}", "op": "dense", "inputs": [previous], "units": units})
-        previous = f"fc{layer}"
-        if layernorm:
-            nodes.append({"name": f"norm{layer}", "op": "layernorm", "inputs": [previous]})
-            previous = f"norm{layer}"
-        nodes.append({"name": f"act{layer}", "op": activation, "inputs": [previous]})
-        previous = f"act{layer}"
-        if dropout > 0:
-            nodes.append({"name": f"drop{layer}", "op": "dropout", "inputs": [previous], "rate": dropout})
-            previous = f"drop{layer}"
-    nodes.append({"name": "logits", "op": "dense", "inputs": [previous], "units": output_width})
-    return {"input_features": input_features, "nodes": nodes, "output": "logits", "loss": loss}
 
 
 def check_spec(spec: dict, output_width: int) -> None:
