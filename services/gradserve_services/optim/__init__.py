@@ -3,8 +3,9 @@
 One concept per module: `config` (names, `OptimizerConfig`, validation), `schedules` (the learning
 rate of each update), `clipping` (the global norm), `rules` (one in-place block update per
 optimizer, following `torch.optim`'s operation order), `finite` (the check that refuses an update
-that would overflow), `blocks` (the cache-sized walk over parameters, gradient parts and state) and
-`optimizer` (the update loop the parameter server calls).
+that would overflow), `blocks` (the cache-sized walk over parameters, gradient parts and state),
+`parallel` (that walk's update split over threads, bitwise the one-thread result) and `optimizer`
+(what the parameter server calls).
 """
 
 from gradserve_services.optim.blocks import BLOCK_ELEMENTS, all_finite

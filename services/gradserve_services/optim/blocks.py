@@ -14,7 +14,7 @@ import numpy as np
 
 from gradserve_services.errors import InvalidArgument
 
-__all__ = ["BLOCK_ELEMENTS", "sum_block", "parameter_blocks", "all_finite"]
+__all__ = ["BLOCK_ELEMENTS", "sum_block", "block_count", "parameter_blocks", "all_finite"]
 
 # Elements per block: three float32 blocks of this size (parameter, gradient, scratch) stay in L2.
 BLOCK_ELEMENTS = 1 << 15
@@ -35,11 +35,23 @@ def sum_block(flats: list[np.ndarray], start: int, stop: int, scratch):
     return out
 
 
+def block_count(params: Mapping[str, np.ndarray]) -> int:
+    """How many blocks `parameter_blocks` walks (each parameter's last block may be short)."""
+    return sum(-(-param.size // BLOCK_ELEMENTS) for param in params.values())
+
+
 def parameter_blocks(params: Mapping[str, np.ndarray], grad_parts: Sequence[Mapping[str, np.ndarray]],
-                     state: Mapping[str, Mapping[str, np.ndarray]], *, parts: bool = False):
+                     state: Mapping[str, Mapping[str, np.ndarray]], *, parts: bool = False,
+                     first: int = 0, stop: int | None = None):
     """`(name, param block, summed gradient block, state blocks, scratch)` over every parameter in
-    cache-sized blocks (with `parts`, each part's block too); the views are of the live arrays."""
+    cache-sized blocks (with `parts`, each part's block too); the views are of the live arrays.
+    `first`, `stop`: only the blocks with those indices in the walk (a thread's run of them)."""
+    index = 0  # of the parameter's first block in the whole walk
     for name, param in params.items():
+        count = -(-param.size // BLOCK_ELEMENTS)
+        index, begin = index + count, index
+        if stop is not None and begin >= stop or index <= first:
+            continue
         flat_param = param.reshape(-1)
         if not np.shares_memory(flat_param, param):
             raise InvalidArgument("parameters must be contiguous to update in place",
@@ -49,16 +61,18 @@ def parameter_blocks(params: Mapping[str, np.ndarray], grad_parts: Sequence[Mapp
         block = min(flat_param.size, BLOCK_ELEMENTS)
         scratch = (np.empty(block, flat_param.dtype), np.empty(block, flat_param.dtype))
         summed = None
-        for start in range(0, flat_param.size, BLOCK_ELEMENTS):
-            stop = start + BLOCK_ELEMENTS
-            grad_block = sum_block(flat_grads, start, stop, summed)
+        last = count if stop is None else min(count, stop - begin)
+        for block_index in range(max(first - begin, 0), last):
+            start = block_index * BLOCK_ELEMENTS
+            end = start + BLOCK_ELEMENTS
+            grad_block = sum_block(flat_grads, start, end, summed)
             if len(flat_grads) > 1:
                 summed = grad_block
             size = grad_block.size
-            blocks = (name, flat_param[start:stop], grad_block,
-                      {slot: value[start:stop] for slot, value in flat_state.items()},
+            blocks = (name, flat_param[start:end], grad_block,
+                      {slot: value[start:end] for slot, value in flat_state.items()},
                       (scratch[0][:size], scratch[1][:size]))
-            yield (*blocks, [flat[start:stop] for flat in flat_grads]) if parts else blocks
+            yield (*blocks, [flat[start:end] for flat in flat_grads]) if parts else blocks
 
 
 def all_finite(block: np.ndarray) -> bool:

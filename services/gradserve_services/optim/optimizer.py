@@ -3,8 +3,9 @@
 The parameter server calls `Optimizer.step(params, grad_parts, grad_scale=...)` with the per-worker
 gradient SUMS it received and `1 / total_count` as the scale, so the mean gradient is never
 materialised: each parameter is walked once in cache-sized blocks that sum the parts, accumulate the
-squared norm and update the parameter and its state in place. With clipping the norm must be known
-before the first update, so that case makes one extra read-only pass.
+squared norm and update the parameter and its state in place (parallel.py splits the walk over
+threads). With clipping the norm must be known before the first update, so that case makes one
+extra read-only pass.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from gradserve_services.errors import InvalidArgument
-from gradserve_services.optim.blocks import BLOCK_ELEMENTS, parameter_blocks
 from gradserve_services.optim.clipping import clip_scale, global_norm
 from gradserve_services.optim.config import OptimizerConfig
 from gradserve_services.optim.finite import check_update
-from gradserve_services.optim.rules import RULES, STATE_SLOTS, coefficients
+from gradserve_services.optim.parallel import update_all
+from gradserve_services.optim.rules import STATE_SLOTS, coefficients
 from gradserve_services.optim.schedules import learning_rate
 
 __all__ = ["Optimizer"]
@@ -92,36 +93,7 @@ class Optimizer:
 
     def _update_all(self, params, grad_parts, plan: _Plan, update_ratios: dict | None,
                     products: dict | None = None) -> float:
-        rule = RULES[self.config.name]
-        squared = 0.0
-        sums = {}  # name -> [|old|^2, |new - old|^2]
-        before = None
-        shard_sq, shard_dot = [0.0] * len(grad_parts), [0.0] * len(grad_parts)
-        for name, param, grad, state, scratch, part_blocks in parameter_blocks(
-                params, grad_parts, self.state, parts=True):
-            with np.errstate(over="ignore", invalid="ignore"):  # reported norms: huge gradients pass
-                squared += float(np.dot(grad, grad))
-                if products is not None:  # while the parts' blocks are in cache anyway
-                    for index, block in enumerate(part_blocks):
-                        shard_sq[index] += float(np.dot(block, block))
-                        shard_dot[index] += float(np.dot(block, grad))
-            if update_ratios is not None:
-                if before is None or before.size < param.size or before.dtype != param.dtype:
-                    before = np.empty(max(param.size, BLOCK_ELEMENTS), param.dtype)
-                old = before[:param.size]
-                np.copyto(old, param)
-                totals = sums.setdefault(name, [0.0, 0.0])
-                totals[0] += float(np.dot(old, old))
-            rule(self.config, param, grad, state, scratch, plan.scale, plan.coefficients)
-            if update_ratios is not None:
-                np.subtract(param, old, out=old)
-                totals[1] += float(np.dot(old, old))
-        if update_ratios is not None:
-            update_ratios.update({name: math.sqrt(change / weight) if weight > 0.0 else math.nan
-                                  for name, (weight, change) in sums.items()})
-        if products is not None:
-            products.update(shard_sq=shard_sq, shard_dot=shard_dot, total_sq=squared)
-        return squared
+        return update_all(self.config, params, grad_parts, self.state, plan, update_ratios, products)
 
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
         """`(arrays, meta)`: arrays keyed `PARAM/SLOT`, meta JSON-able (config, update count)."""
