@@ -189,11 +189,19 @@ class Client:
         micro_batch_size: int | None = None,
         checkpoint_every_steps: int = 0,
         table_optimizer: Mapping | None = None,
+        local_steps: int | None = None,
+        inner_optimizer: Mapping | None = None,
+        powersgd_rank: int | None = None,
         timeout: float | None = None,
     ) -> str:
         """Start a training session; returns its id. Without `parameters`, they start from `seed`
         (a model's tables then start on the service, never sent). `table_optimizer`: the tables'
-        per-row rule, {"name": "sgd" | "adagrad" | "sparse_adam", "lr", ...}."""
+        per-row rule, {"name": "sgd" | "adagrad" | "sparse_adam", "lr", ...}.
+
+        `consistency="local"`: each step is a round of `local_steps` inner steps (default 10) of
+        `inner_optimizer` (default adamw, lr 0.001) on every worker, its batch the round's inner
+        batches one after the other; `optimizer` is the servers' outer one (DiLoCo's: nesterov,
+        lr 0.7, momentum 0.9). `compression="powersgd"` (sync): rank `powersgd_rank` (default 4)."""
         config = build(
             service_pb2.SessionConfig,
             model=spec_message(spec),
@@ -208,6 +216,8 @@ class Client:
             seed=seed,
             init=build(service_pb2.ParameterInit, seed=seed, dtype=dtype),
             checkpoint_every_steps=checkpoint_every_steps,
+            **_unless_none(local_steps=local_steps, powersgd_rank=powersgd_rank,
+                           inner_optimizer=None if inner_optimizer is None else optimizer_message(inner_optimizer)),
         )
         if table_optimizer is not None:
             config.table_optimizer.CopyFrom(table_optimizer_message(table_optimizer))
@@ -439,3 +449,7 @@ def _input_gradient(gradients: dict):
         return None
     return gradients["x"] if set(gradients) == {"x"} else gradients
 
+
+def _unless_none(**values) -> dict:
+    """The optional fields a caller set (unset ones take the service's defaults)."""
+    return {name: value for name, value in values.items() if value is not None}

@@ -169,4 +169,17 @@ def trainer_config(config: service_pb2.SessionConfig, *, default_workers: int) -
         seed=config.seed,
         table_optimizer=table_optimizer_from_proto(config.table_optimizer)
         if config.HasField("table_optimizer") else None,
+        **_round_settings(config),
     )
+
+
+def _round_settings(config: service_pb2.SessionConfig) -> dict:
+    """local / powersgd settings a SessionConfig sets; unset ones keep TrainerConfig's defaults
+    (an explicit 0 is passed on, for the cluster to refuse naming the field)."""
+    settings = {}
+    for name in ("local_steps", "powersgd_rank"):
+        if config.HasField(name):
+            settings[name] = getattr(config, name)
+    if config.HasField("inner_optimizer"):
+        settings["inner_optimizer"] = optimizer_from_proto(config.inner_optimizer)
+    return settings
