@@ -106,6 +106,17 @@ class Client:
                        micro_batch_size=micro_batch_size or 0, input_gradient=input_gradient)
         return self._compute_gradients(header, outgoing, timeout)
 
+    def vjp_session(self, session_id: str, x, output_gradient: np.ndarray, *, input_gradient: bool = False,
+                    micro_batch_size: int | None = None, timeout: float | None = None) -> Gradients:
+        """`vjp` at a session's current parameters (`.version` says which); nothing is applied.
+        For a model in the middle of a chain: the dL/dx to hand further upstream."""
+        arrays = batch_arrays(x, None)
+        arrays[OUTPUT_GRADIENT] = output_gradient
+        outgoing = outgoing_tensors(arrays)
+        header = build(service_pb2.ComputeGradientsHeader, session_id=session_id, tensors=outgoing.entries,
+                       micro_batch_size=micro_batch_size or 0, input_gradient=input_gradient)
+        return self._compute_gradients(header, outgoing, timeout)
+
     def _compute_gradients(self, header, outgoing, timeout: float | None) -> Gradients:
         """One ComputeGradients call (retried on UNAVAILABLE) and its answer: a loss and gradients,
         a JVP, or a VJP with the input gradient."""
@@ -125,6 +136,7 @@ class Client:
                 retries=result.retries,
                 worker_failures=result.worker_failures,
                 input_gradient=_input_gradient(strip_prefix(arrays, INPUT_GRADIENTS)),
+                version=result.version,
             )
 
         return self._with_retries(attempt, timeout)

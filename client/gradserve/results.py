@@ -47,7 +47,9 @@ class Gradients:
     timings_ms: dict[str, float] = field(default_factory=dict)  # milliseconds per phase
     retries: int = 0  # shards run again on another worker because theirs was lost
     worker_failures: int = 0  # worker actors lost (and replaced) during the call
-    input_gradient: np.ndarray | None = None  # vjp(..., input_gradient=True) only: dL/dx
+    # vjp(..., input_gradient=True) only: dL/dx (named inputs: {float input tensor: its gradient})
+    input_gradient: np.ndarray | dict | None = None
+    version: int = 0  # session forms (vjp_session): the parameter version the answer was computed at
 
 
 @dataclass(frozen=True)

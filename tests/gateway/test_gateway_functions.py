@@ -166,3 +166,31 @@ def test_named_inputs_forward_and_vjp_with_input_gradients_equal_torch(client):
     dense_grads = {name: g.dense(5) if hasattr(g, "dense") else g for name, g in answer.gradients.items()}
     for name, w in weights.items():
         np.testing.assert_allclose(dense_grads[name], w.grad.numpy(), rtol=1e-10, atol=1e-14)
+
+
+def test_vjp_on_a_session_is_at_its_current_parameters_and_applies_nothing(client, session):
+    x, y = batch()
+    client.step(session, x, y)
+    grad = output_gradient()
+    answer = client.vjp_session(session, x, grad, input_gradient=True)
+    version, params = client.pull_parameters(session)
+    assert answer.version == version == 1
+    expected = vjp(Model(SPEC), params, x, grad, input_gradient=True)
+    for name, value in answer.gradients.items():
+        np.testing.assert_array_equal(value, expected.gradients[name])
+    np.testing.assert_array_equal(answer.input_gradient, expected.input_gradients["x"])
+    assert client.pull_parameters(session)[0] == 1  # nothing applied
+    with pytest.raises(NotFound):
+        client.vjp_session("no-such-session", x, grad)
+
+
+def test_a_session_form_refuses_parameters_sent(stub, session):
+    x, _ = batch()
+    header = service_pb2.ComputeGradientsHeader(session_id=session)
+    for name, value in {"parameters.fc1.bias": np.zeros(16, np.float32), "batch.x": x,
+                        "output_gradient": output_gradient()}.items():
+        header.tensors.add(name=name, tensor=encode_tensor(value))
+    with pytest.raises(grpc.RpcError) as refused:
+        list(stub.ComputeGradients(iter([service_pb2.ComputeGradientsRequest(header=header)]), timeout=60))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_of(refused.value) == "parameters.fc1.bias"

@@ -49,7 +49,7 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
     def ComputeGradients(self, request_iterator, context):
         header, arrays = wire.read_one(request_iterator, self._max_bytes)
         tensors = wire.group(arrays, (wire.PARAMETERS, wire.TANGENT, wire.BATCH_PREFIX), exact=(OUTPUT_GRADIENT,))
-        spec = spec_from_proto(header.model)
+        spec, tensors[wire.PARAMETERS], version = self._model_and_parameters(header, tensors, context)
         x, y = wire.batch_tensors(tensors[wire.BATCH_PREFIX], spec)  # named inputs: a mapping
         if y is None and OUTPUT_GRADIENT not in tensors:
             raise InvalidArgument("missing tensor: send batch.y (a built-in loss) or output_gradient "
@@ -61,7 +61,7 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
         if OUTPUT_GRADIENT in tensors:
             if y is None:
                 del tensors["batch.y"]
-            yield from self._vjp(spec, header, tensors)
+            yield from self._vjp(spec, header, tensors, version)
             return
         if header.input_gradient:
             raise InvalidArgument("an input gradient is answered in vector-Jacobian mode only "
@@ -77,21 +77,36 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
         )
         reply = service_pb2.ComputeGradientsResult(loss=result["loss"], count=result["count"],
                                                    retries=result["retries"],
-                                                   worker_failures=result["worker_failures"])
+                                                   worker_failures=result["worker_failures"], version=version)
         reply.timings_ms.update({k: float(v) for k, v in result["timings"].items()})
         if result["jvp"] is not None:
             reply.jvp = result["jvp"]
         gradients = wire.gradient_arrays(result["grads"] or {})  # tables as (ids, rows)
         yield from wire.send(reply, gradients, service_pb2.ComputeGradientsResponse)
 
-    def _vjp(self, spec, header, tensors):
+    def _model_and_parameters(self, header, tensors, context) -> tuple[dict, dict, int]:
+        """(spec, parameters, version): a session's model at its current parameters when the
+        header names one (the caller's own; parameters sent then are an error), else the request's
+        model and parameters at version 0."""
+        if not header.session_id:
+            return spec_from_proto(header.model), tensors[wire.PARAMETERS], 0
+        session = self._sessions.get(context.identity, header.session_id)
+        if tensors[wire.PARAMETERS]:
+            name = next(iter(tensors[wire.PARAMETERS]))
+            raise InvalidArgument("a session's computation runs at its own parameters; send none",
+                                  wire.PARAMETERS + name)
+        version, params = self._sessions.parameters(session)
+        return session.config.spec, params, version
+
+    def _vjp(self, spec, header, tensors, version: int):
         if tensors[wire.TANGENT]:
             raise InvalidArgument("a tangent (forward mode) and an output gradient exclude each other", "tangent")
         started = time.perf_counter()
         result = self._functions.vjp(spec, tensors[wire.PARAMETERS], tensors["batch.x"], tensors.get("batch.y"),
                                      tensors[OUTPUT_GRADIENT], input_gradient=header.input_gradient,
                                      micro_batch_size=header.micro_batch_size or None)
-        reply = service_pb2.ComputeGradientsResult(loss=0.0, count=tensors[OUTPUT_GRADIENT].shape[0])
+        reply = service_pb2.ComputeGradientsResult(loss=0.0, count=tensors[OUTPUT_GRADIENT].shape[0],
+                                                   version=version)
         reply.timings_ms["total"] = (time.perf_counter() - started) * 1e3
         arrays = wire.gradient_arrays(result.gradients)
         arrays.update({INPUT_GRADIENTS + name: value for name, value in (result.input_gradients or {}).items()})
@@ -100,17 +115,7 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
     def Forward(self, request_iterator, context):
         header, arrays = wire.read_one(request_iterator, self._max_bytes)
         tensors = wire.group(arrays, (wire.PARAMETERS, wire.BATCH_PREFIX))
-        version = 0
-        if header.session_id:
-            session = self._sessions.get(context.identity, header.session_id)
-            if tensors[wire.PARAMETERS]:
-                name = next(iter(tensors[wire.PARAMETERS]))
-                raise InvalidArgument("a session's forward runs at its own parameters; send none",
-                                      wire.PARAMETERS + name)
-            spec = session.config.spec
-            version, params = self._sessions.parameters(session)
-        else:
-            spec, params = spec_from_proto(header.model), tensors[wire.PARAMETERS]
+        spec, params, version = self._model_and_parameters(header, tensors, context)
         x, y = wire.batch_tensors(tensors[wire.BATCH_PREFIX], spec)  # named inputs: a mapping
         if y is not None:
             raise InvalidArgument("a forward takes no labels", "batch.y")
