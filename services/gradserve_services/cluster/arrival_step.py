@@ -56,8 +56,7 @@ class ArrivalSteps:
             positions.append(call.position)
             count, computed_on = shard_stats["count"], shard_stats["version"]
             grads_per_shard = [[part] for part in call.grads]
-            norm = shards.clipping_norm(grads_per_shard, count, self._config.optimizer.clip_norm)
-            shards.check(grads_per_shard, count, computed_on, norm)
+            norm = shards.agree(grads_per_shard, count, computed_on, self._config.optimizer.clip_norm)
             outputs = shards.apply(update_key(step, index), count, computed_on, norm, grads_per_shard)
             # later dispatches (re-runs) read the newest parameters, as every shard computed
             # after this one does

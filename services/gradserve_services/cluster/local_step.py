@@ -54,8 +54,7 @@ class LocalRounds:
         clock.mark("gathered")
         count = sum(s["count"] for s in stats)
         deltas_per_shard = [[call.grads[k] for call in calls] for k in range(len(shards.partition))]
-        norm = shards.clipping_norm(deltas_per_shard, count, self._config.optimizer.clip_norm)
-        shards.check(deltas_per_shard, count, shards.version, norm)
+        norm = shards.agree(deltas_per_shard, count, shards.version, self._config.optimizer.clip_norm)
         applying = shards.apply(key, count, shards.version, norm, deltas_per_shard)
         reports = shards.settle(applying)  # refused: the round's parameters stay the workers' input
         clock.mark("applied")

@@ -115,6 +115,14 @@ class ParameterShards:
         self.published = [output[0] for output in applying]
         return reports
 
+    def agree(self, grads_per_shard: list, count: int, computed_on: int, clip_norm: float | None) -> float | None:
+        """What every shard must agree on before any applies: the global norm for clipping (phase
+        one) and the verdict that the update stays finite everywhere. Returns the norm for
+        `apply`, None where each shard measures it while updating."""
+        norm = self.clipping_norm(grads_per_shard, count, clip_norm)
+        self.check(grads_per_shard, count, computed_on, norm)
+        return norm
+
     def clipping_norm(self, grads_per_shard: list, count: int, clip_norm: float | None) -> float | None:
         """Phase one of clipping over several shards: each gives its squared norm, the global norm
         is their root sum. None (each shard measures while updating) without clipping or with one

@@ -88,8 +88,7 @@ class PowerSGDSteps:
                 updates[name] = updates[name] + grad_sum if name in updates else grad_sum
         grads_per_shard = [[backend.put({"kind": "dense", "grads": {n: updates[n] for n in names}})]
                            for names in shards.partition]
-        norm = shards.clipping_norm(grads_per_shard, total, self._config.optimizer.clip_norm)
-        shards.check(grads_per_shard, total, shards.version, norm)
+        norm = shards.agree(grads_per_shard, total, shards.version, self._config.optimizer.clip_norm)
         applying = shards.apply(key, total, shards.version, norm, grads_per_shard)
         try:
             reports = shards.get([output[1] for output in applying])

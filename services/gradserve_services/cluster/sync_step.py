@@ -72,8 +72,7 @@ class SyncSteps:
             if applying is not None:  # it failed on a lost gradient: submitted again
                 shards.discard([output[1] for output in applying])
             grads_per_shard = _grads_per_shard(calls, len(shards.partition))
-            norm = shards.clipping_norm(grads_per_shard, rows, self._config.optimizer.clip_norm)
-            shards.check(grads_per_shard, rows, shards.version, norm)
+            norm = shards.agree(grads_per_shard, rows, shards.version, self._config.optimizer.clip_norm)
             applying = self._apply(key, calls, steps_run, norm)
         reports = shards.settle(applying)
         clock.mark("applied")

@@ -125,8 +125,7 @@ class TwoPhaseSteps:
         parts = [[{"kind": "dense", "grads": {name: grads[name] for name in names}}]
                  for names in shards.partition]
         # the parts are the gradient itself (the caller's loss is already reduced): a count of 1
-        norm = shards.clipping_norm(parts, 1, self._config.optimizer.clip_norm)
-        shards.check(parts, 1, held.version, norm)
+        norm = shards.agree(parts, 1, held.version, self._config.optimizer.clip_norm)
         applying = shards.apply(update_key(step), 1, held.version, norm, parts)
         try:
             reports = shards.get([output[1] for output in applying])
