@@ -59,7 +59,7 @@ def register(subparsers) -> None:
 
 def _override_help() -> dict[str, str]:
     """Per override flag: the key it replaces and that key's default (the job file's value wins)."""
-    from gradserve_services.jobs.jobfile import JOB_FILE_KEYS, OVERRIDES
+    from gradserve_services.jobs.job_keys import JOB_FILE_KEYS, OVERRIDES
 
     defaults = {entry.key: _default_text(entry) for entry in JOB_FILE_KEYS}
     return {flag: f"override {key} (default: the job file's, else {defaults[key]})"
@@ -80,7 +80,7 @@ class PrintReference(argparse.Action):
 def job_file_reference() -> str:
     """The job-file keys as a Markdown table, from the schema in `gradserve_services.jobs.jobfile`
     (the README's job-file reference is this text)."""
-    from gradserve_services.jobs.jobfile import JOB_FILE_KEYS
+    from gradserve_services.jobs.job_keys import JOB_FILE_KEYS
 
     rows = ["| key | default | meaning |", "|---|---|---|"]
     rows += [f"| `{entry.key}` | {_default_text(entry)} | {entry.meaning} |" for entry in JOB_FILE_KEYS]
