@@ -68,9 +68,11 @@ def make_synthetic_ctr(samples: int = DEFAULT_SAMPLES, *, seed: int = 0, fields:
                        dense: int = DEFAULT_DENSE, vocab: int = DEFAULT_VOCAB,
                        zipf: float = DEFAULT_ZIPF) -> SyntheticCtr:
     rng = np.random.default_rng([seed, _STREAM])
+    # the model and each field's rank -> id order first: they do not depend on the sample count
     model = _planted_model(rng, fields, dense, vocab, zipf)
+    id_of_rank = np.argsort(rng.random((fields, vocab)), axis=1)
     dense_values = rng.standard_normal((samples, dense))
-    ids = _zipf_ids(rng, samples, fields, vocab, zipf)
+    ids = _zipf_ids(rng, samples, vocab, zipf, id_of_rank)
     probability = _sigmoid(model.logits(dense_values, ids))
     clicks = (rng.random(samples) < probability).astype(np.float64)
     return SyntheticCtr(dense_values, ids, clicks, probability, model)
@@ -81,11 +83,11 @@ def _zipf_probabilities(vocab: int, zipf: float) -> np.ndarray:
     return weights / weights.sum()
 
 
-def _zipf_ids(rng, samples: int, fields: int, vocab: int, zipf: float) -> np.ndarray:
+def _zipf_ids(rng, samples: int, vocab: int, zipf: float, id_of_rank: np.ndarray) -> np.ndarray:
+    fields = id_of_rank.shape[0]
     cumulative = np.cumsum(_zipf_probabilities(vocab, zipf))
     ranks = np.minimum(np.searchsorted(cumulative, rng.random((samples, fields))), vocab - 1)
-    shuffles = np.argsort(rng.random((fields, vocab)), axis=1)  # rank -> id, per field
-    return shuffles[np.arange(fields), ranks].astype(np.int64)
+    return id_of_rank[np.arange(fields), ranks].astype(np.int64)
 
 
 def _planted_model(rng, fields: int, dense: int, vocab: int, zipf: float) -> PlantedModel:
