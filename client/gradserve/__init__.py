@@ -6,27 +6,14 @@
         result = client.step(session, x, y)
 """
 
-from .errors import (
-    Cancelled,
-    DeadlineExceeded,
-    FailedPrecondition,
-    GradserveError,
-    Internal,
-    InvalidArgument,
-    NotFound,
-    ParameterServerLost,
-    PermissionDenied,
-    ResourceExhausted,
-    SpecError,
-    Unauthenticated,
-    Unavailable,
-)
+from . import errors
+from .errors import *  # noqa: F403 - the exception tree, loaded eagerly (plain Python)
 
 # Everything else on first use: `gradserve.errors` is the service's exception tree too, and the
 # engine raising it must not load grpc or protobuf through this package's import.
 _LAZY = {
     "Client": "client", "Gradients": "results", "StepResult": "results", "SessionInfo": "results",
-    "Checkpoint": "results", "TableRows": "client", "ForwardStep": "client",
+    "Checkpoint": "results", "TableRows": "results", "ForwardStep": "results",
     "mlp": "builders", "GraphBuilder": "builders", "INPUT": "builders",
     "DTYPES": "codec", "encode_tensor": "codec", "decode_tensor": "codec",
     "TensorFormatError": "codec", "TensorTooLarge": "codec",
@@ -52,38 +39,4 @@ def __dir__():
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Client",
-    "Gradients",
-    "StepResult",
-    "ForwardStep",
-    "SessionInfo",
-    "Checkpoint",
-    "TableRows",
-    "mlp",
-    "GraphBuilder",
-    "INPUT",
-    "GradserveError",
-    "InvalidArgument",
-    "NotFound",
-    "FailedPrecondition",
-    "ResourceExhausted",
-    "Unavailable",
-    "ParameterServerLost",
-    "SpecError",
-    "PermissionDenied",
-    "Unauthenticated",
-    "DeadlineExceeded",
-    "Cancelled",
-    "Internal",
-    "DTYPES",
-    "encode_tensor",
-    "decode_tensor",
-    "TensorFormatError",
-    "TensorTooLarge",
-    "spec_to_proto",
-    "spec_from_proto",
-    "optimizer_to_proto",
-    "optimizer_from_proto",
-    "__version__",
-]
+__all__ = [*_LAZY, *errors.__all__, "__version__"]

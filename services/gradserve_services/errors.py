@@ -8,34 +8,7 @@ plumbing (`gradserve.rpc.status`); nothing else on the service side knows about 
 
 from __future__ import annotations
 
-from gradserve.errors import (
-    Cancelled,
-    DeadlineExceeded,
-    FailedPrecondition,
-    GradserveError,
-    Internal,
-    InvalidArgument,
-    NotFound,
-    ParameterServerLost,
-    PermissionDenied,
-    ResourceExhausted,
-    SpecError,
-    Unauthenticated,
-    Unavailable,
-)
+from gradserve import errors as _tree
+from gradserve.errors import *  # noqa: F403 - the one tree, re-exported whole
 
-__all__ = [
-    "GradserveError",
-    "InvalidArgument",
-    "SpecError",
-    "NotFound",
-    "FailedPrecondition",
-    "ResourceExhausted",
-    "Unavailable",
-    "ParameterServerLost",
-    "PermissionDenied",
-    "Unauthenticated",
-    "DeadlineExceeded",
-    "Cancelled",
-    "Internal",
-]
+__all__ = list(_tree.__all__)
