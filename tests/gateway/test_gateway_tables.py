@@ -100,3 +100,32 @@ def test_bad_table_input_is_refused_naming_the_tensor(client, table_session):  #
     for name, value in before.items():
         np.testing.assert_array_equal(after[name], value)
     assert client.step(table_session, *table_batch(8, 0, "float64"), step_id=2).version == 2  # still serving
+
+
+def test_a_session_of_tables_only_comes_back_after_a_gateway_restart(tmp_path):
+    """A checkpointed session whose only parameters are a table is recovered by a new registry
+    over the same folder: same version, same rows, and it trains on."""
+    from gradserve_services.cluster import LocalExecutor, TrainerConfig
+    from gradserve_services.gateway.sessions import SessionRegistry
+
+    spec = {"inputs": [{"name": "cats", "kind": "ids", "fields": 1}],
+            "nodes": [{"name": "emb", "op": "embedding", "inputs": ["cats"], "rows": 50, "dim": 2, "field": 0}],
+            "output": "emb", "loss": "mse"}
+    rng = np.random.default_rng(4)
+    data = [({"cats": rng.integers(0, 50, (8, 1))}, rng.standard_normal((8, 2)).astype(np.float32)) for _ in range(3)]
+    executor = LocalExecutor(num_workers=2)
+    first = SessionRegistry(executor, checkpoint_dir=str(tmp_path))
+    session = first.create("alice", TrainerConfig(spec, {"name": "sgd", "lr": 0.5}, num_workers=2, ps_shards=2),
+                           None, init_seed=9, init_dtype="float32", checkpoint_every_steps=1)
+    for step_id, (x, y) in enumerate(data[:2], start=1):
+        first.step(session, step_id, x, y, lambda: None)
+    version, rows = first.table_rows(session, "emb.weight", np.arange(50, dtype=np.int64))
+    second = SessionRegistry(executor, checkpoint_dir=str(tmp_path))
+    assert second.recover() == 1
+    recovered = second.get("alice", session.session_id)
+    again_version, again = second.table_rows(recovered, "emb.weight", np.arange(50, dtype=np.int64))
+    assert (again_version, again.dtype) == (version, np.float32) and version == 2
+    np.testing.assert_array_equal(again, rows)
+    assert second.step(recovered, 3, *data[2], lambda: None).version == 3
+    first.close_all()
+    second.close_all()

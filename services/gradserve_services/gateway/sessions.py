@@ -159,7 +159,8 @@ class SessionRegistry:
 
     def _restored(self, saved: SavedSession) -> Session:
         model = Model(saved.config.spec)
-        dtype = saved.arrays[next(key for key in saved.arrays if key.startswith(("param/", "rows/")))].dtype
+        dtype = next(value.dtype for key, value in saved.arrays.items()  # a parameter's, or a table row's
+                     if key.startswith("param/") or (key.startswith("rows/") and key.endswith("/rows")))
         params = {name: InitialRows(0, dtype) if name in model.graph.tables else saved.arrays[f"param/{name}"]
                   for name in model.parameter_shapes()}  # restore() loads the tables' stored rows
         trainer = self._executor.create_trainer(saved.config, params)
