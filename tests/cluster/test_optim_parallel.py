@@ -37,16 +37,19 @@ def _run(name, dtype, threads, monkeypatch, steps=3, **config):
 
 
 def test_the_walk_is_split_over_threads(monkeypatch):
-    ran_on = set()
+    runs = []  # (thread, first block, stop)
     run = parallel._update_run
 
-    def recording(*args):
-        ran_on.add(threading.get_ident())
-        return run(*args)
+    def recording(config, params, grad_parts, state, plan, first, stop, *flags):
+        runs.append((threading.get_ident(), first, stop))
+        return run(config, params, grad_parts, state, plan, first, stop, *flags)
 
     monkeypatch.setattr(parallel, "_update_run", recording)
     _run("sgd", "float32", 3, monkeypatch, steps=1)
-    assert len(ran_on) == 3
+    spans = sorted((first, stop) for _, first, stop in runs)
+    assert len(spans) == 3 and spans[0][0] == 0 and spans[-1][1] == block_count(_setup("float32")[0])
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # contiguous runs cover the walk
+    assert {thread for thread, _, _ in runs} - {threading.get_ident()}  # some ran on another thread
     assert parallel.PARALLEL_MIN_ELEMENTS <= 1 << 20  # the 784-1024-1024-10 MLP (1.8M) is split
 
 

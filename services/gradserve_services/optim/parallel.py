@@ -31,11 +31,13 @@ _pool: ThreadPoolExecutor | None = None
 
 
 def apply_threads() -> int:
-    """Threads of one update: `GRADSERVE_APPLY_THREADS`, else this process's cores (at most 4)."""
-    configured = os.environ.get("GRADSERVE_APPLY_THREADS")
-    if configured:
-        return max(1, int(configured))
-    return max(1, min(len(os.sched_getaffinity(0)), MAX_THREADS))
+    """Threads of one update: `GRADSERVE_APPLY_THREADS` ("auto": this process's cores, at most 4),
+    else 1. Opt-in: threads pay off only where cores are idle during the update; on a machine
+    busy with other work (as every run so far measured here) they made it slower, not faster."""
+    configured = os.environ.get("GRADSERVE_APPLY_THREADS", "1").strip().lower()
+    if configured == "auto":
+        return max(1, min(len(os.sched_getaffinity(0)), MAX_THREADS))
+    return max(1, min(int(configured), MAX_THREADS))
 
 
 def update_all(config, params, grad_parts, state, plan, update_ratios, products, threads=None) -> float:
