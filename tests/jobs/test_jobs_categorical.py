@@ -16,7 +16,8 @@ from gradserve_services.jobs.datasets import load_dataset
 from gradserve_services.jobs.hashing import hash_column, hash_value
 from gradserve_services.jobs.jobfile import parse_job
 from gradserve_services.jobs.prepare import prepare_job
-from gradserve_services.jobs.synthetic_ctr import log_loss, make_synthetic_ctr, roc_auc
+from gradserve_services.jobs.click_metrics import log_loss, roc_auc
+from gradserve_services.jobs.synthetic_ctr import make_synthetic_ctr
 
 GRAPH = {"nodes": [{"name": "table", "op": "embedding", "inputs": ["categorical"], "rows": 64, "dim": 2},
                    {"name": "logit", "op": "dense", "inputs": ["table"], "units": 1}],

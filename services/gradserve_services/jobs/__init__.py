@@ -5,7 +5,10 @@ batches through the SDK to a gradserve service (a running one, or one it embeds)
 reports. Modules, one concept each:
 
 - `jobfile`   the job-file schema, its validation and the command-line overrides
-- `datasets`  built-in scikit-learn sets, `.npz` and `.csv` files, checked before any training
+- `datasets`  built-in scikit-learn sets, `.npz`, `.csv` and `.parquet` files (`parquet_data`),
+              checked before any training; categorical columns hashed into table rows (`hashing`)
+- `synthetic_ctr`  the built-in click-through set drawn from a planted model
+- `click_metrics`  log-loss and ROC AUC of click logits
 - `split`     seeded train/test split, standardisation fitted on train, the resumable batch order
 - `modelspec` the `mlp:` shorthand and graph specs, completed from the data's widths
 - `evaluate`  test loss and accuracy from pulled parameters with the engine's forward pass

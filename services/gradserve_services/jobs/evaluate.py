@@ -41,7 +41,7 @@ class Evaluator:
         if self.task != "regression":
             result["accuracy"] = correct / max(count, 1)
         if self.task == "binary" and scores and scores[0].shape[1] == 1:
-            from .synthetic_ctr import roc_auc
+            from .click_metrics import roc_auc
 
             result["auc"] = roc_auc(y, np.concatenate(scores))
         return result
@@ -64,7 +64,7 @@ def planted_figures(split) -> dict:
     model is measured against; {} for other data."""
     if split.click_probability_test is None:
         return {}
-    from .synthetic_ctr import log_loss, roc_auc
+    from .click_metrics import log_loss, roc_auc
 
     probability = np.clip(split.click_probability_test, 1e-15, 1 - 1e-15)
     logits = np.log(probability) - np.log1p(-probability)

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SyntheticCtr", "PlantedModel", "make_synthetic_ctr", "log_loss", "roc_auc",
-           "DEFAULT_SAMPLES", "DEFAULT_FIELDS", "DEFAULT_DENSE", "DEFAULT_VOCAB", "DEFAULT_ZIPF"]
+__all__ = ["SyntheticCtr", "PlantedModel", "make_synthetic_ctr", "DEFAULT_SAMPLES", "DEFAULT_FIELDS", "DEFAULT_DENSE", "DEFAULT_VOCAB", "DEFAULT_ZIPF"]
 
 DEFAULT_SAMPLES = 200_000
 DEFAULT_FIELDS = 26  # Criteo's layout: 26 categorical fields, 13 dense features
@@ -105,28 +104,3 @@ def _planted_model(rng, fields: int, dense: int, vocab: int, zipf: float) -> Pla
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     return np.exp(-np.logaddexp(0.0, -z))
-
-
-def log_loss(clicks: np.ndarray, logits: np.ndarray) -> float:
-    """Mean binary cross-entropy of logits against 0/1 clicks, in the stable form."""
-    clicks, logits = np.ravel(clicks).astype(np.float64), np.ravel(logits).astype(np.float64)
-    return float(np.mean(np.logaddexp(0.0, logits) - clicks * logits))
-
-
-def roc_auc(clicks: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve: the chance a random click scores above a random non-click (ties
-    count half), from the rank sum (Mann-Whitney U). NaN when only one class is present."""
-    clicks, scores = np.ravel(clicks) > 0.5, np.ravel(scores).astype(np.float64)
-    positives, negatives = int(clicks.sum()), int((~clicks).sum())
-    if positives == 0 or negatives == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    sorted_scores = scores[order]
-    ranks = np.empty(len(scores), dtype=np.float64)
-    # average rank over each run of equal scores
-    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-    ends = np.r_[starts[1:], len(scores)]
-    average = (starts + ends + 1) / 2.0  # ranks are 1-based
-    ranks[order] = np.repeat(average, ends - starts)
-    u = ranks[clicks].sum() - positives * (positives + 1) / 2.0
-    return float(u / (positives * negatives))
