@@ -400,7 +400,7 @@ SESSION_IDS = st.one_of(st.text(max_size=64), st.sampled_from(["", "../ckpt", "*
 
 @settings(max_examples=REQUESTS_PER_TEST["session"], **SETTINGS)
 @given(method=st.sampled_from(["PullParameters", "SaveCheckpoint", "RestoreCheckpoint", "CloseSession", "Step",
-                               "StreamSteps"]),
+                               "StreamSteps", "Forward", "StepForward", "StepBackward"]),
        target=st.sampled_from(["random", "foreign", "victim-no-token", "victim-bad-token"]),
        session_id=SESSION_IDS,
        checkpoint=st.one_of(st.just(""), st.sampled_from(["../../etc/passwd", "/etc/passwd", "v1.npz",
@@ -424,6 +424,14 @@ def test_bad_session_ids_tokens_and_checkpoint_names(live, method, target, sessi
         "CloseSession": lambda: service_pb2.CloseSessionRequest(session_id=session_id),
         "Step": lambda: iter(step_messages(session_id, 20_000, [array_tensor("batch.x", x), array_tensor("batch.y", y)], [])),
         "StreamSteps": lambda: iter(step_messages(session_id, 20_000, [array_tensor("batch.x", x), array_tensor("batch.y", y)], [])),
+        # the model as a function on a session: its forward, and both phases of a two-phase step
+        "Forward": lambda: iter([service_pb2.ForwardRequest(header=service_pb2.ForwardHeader(
+            session_id=session_id, tensors=[array_tensor("batch.x", x)]))]),
+        "StepForward": lambda: iter([service_pb2.StepForwardRequest(header=service_pb2.StepForwardHeader(
+            session_id=session_id, step_id=20_000, tensors=[array_tensor("batch.x", x)]))]),
+        "StepBackward": lambda: iter([service_pb2.StepBackwardRequest(header=service_pb2.StepBackwardHeader(
+            session_id=session_id, step_id=20_000, loss=0.5,
+            tensors=[array_tensor("output_gradient", np.zeros((ROWS, 3), np.float32))]))]),
     }
     code, detail = live.call(method, requests[method](), token=token)
     assert_client_error(code, detail, f"{method} {target}")
@@ -435,7 +443,8 @@ def test_bad_session_ids_tokens_and_checkpoint_names(live, method, target, sessi
 
 @settings(max_examples=REQUESTS_PER_TEST["raw"], **SETTINGS)
 @given(method=st.sampled_from(["ComputeGradients", "CreateSession", "Step", "StreamSteps", "PullParameters",
-                               "SaveCheckpoint", "RestoreCheckpoint", "CloseSession", "ListSessions"]),
+                               "SaveCheckpoint", "RestoreCheckpoint", "CloseSession", "ListSessions",
+                               "Forward", "StepForward", "StepBackward", "DescribeModel", "GetServerInfo"]),
        payload=st.one_of(st.binary(min_size=1, max_size=256),
                          st.sampled_from([b"\x0a\xff\xff\xff\xff\x0f", b"\x12\x05abc", b"\xff" * 16, b"\x08"])))
 def test_undecodable_bytes(live, method, payload):
