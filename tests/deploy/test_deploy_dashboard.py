@@ -1,6 +1,6 @@
 """deploy/grafana: the provisioning files agree with each other and with docker-compose.yml, every
 dashboard panel the issue asks for is there, and every PromQL expression of the dashboard parses
-in a real Prometheus, reads only metrics services/gradserve_services/metrics.py defines, and returns data after
+in a real Prometheus, reads only metrics services/gradserve_services/metrics/definitions.py defines, and returns data after
 Prometheus has scraped a recorded training run."""
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def test_expression_reads_only_declared_metrics(title, expr):
     names = metric_names_in(expr)
     assert names, f"{title}: no metric found in {expr!r}"
     undeclared = {name for name in names if not declared_metric(name)}
-    assert not undeclared, f"{title}: {expr!r} reads metrics services/gradserve_services/metrics.py does not define: {undeclared}"
+    assert not undeclared, f"{title}: {expr!r} reads metrics services/gradserve_services/metrics/definitions.py does not define: {undeclared}"
 
 
 def test_metric_name_extraction_catches_unknown_names():

@@ -1,4 +1,4 @@
-"""The exporter of services/gradserve_services/metrics.py: served over HTTP on 127.0.0.1, lint-clean for promtool,
+"""The exporter of services/gradserve_services/metrics/: served over HTTP on 127.0.0.1, lint-clean for promtool,
 Prometheus naming, low-cardinality labels, and the recorded numbers come back in a scrape."""
 
 from __future__ import annotations

@@ -367,7 +367,7 @@ def check_activations(per_row: int, x, micro_batch_size, limit: int) -> None:
 
 
 def record_step_metrics(result: StepResult, elapsed_s: float) -> None:
-    """The gateway owns the one exporter; the cluster's numbers reach it here (see metrics.py)."""
+    """The gateway owns the one exporter; the cluster's numbers reach it here (see gradserve_services.metrics)."""
     if result.duplicate:  # answered from the step log: nothing was computed or applied
         metrics.record_step(duration_s=elapsed_s, phases_s={}, samples=0, loss=result.loss,
                             grad_norm=result.grad_norm, version=result.version, applied=0, duplicate=1,

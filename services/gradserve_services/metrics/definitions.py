@@ -1,29 +1,7 @@
-"""Every Prometheus metric of gradserve, defined in this one module.
-
-How numbers reach the exporter: the HTTP exporter runs in the gateway process only
-(`gradserve serve --metrics-port`). Ray worker and parameter-server actors live in other processes
-and never touch prometheus_client; instead they return their timings and counters inside each step
-result (`StepResult.timings`, failure/retry counts, byte counts), and the gateway, which owns the
-one exporter, calls `record_step(...)` with them. So a single scrape target shows the whole
-cluster, and no metric is lost when a worker process dies.
-
-Conventions (checked by `promtool check metrics` in tests/metrics/):
-- names are `gradserve_*`, in base units (`_seconds`, `_bytes`), counters end in `_total`;
-- labels are low-cardinality only: an RPC method name, a gRPC status code name, a step phase,
-  a consistency mode, an update outcome, a worker pool position capped at `SLOWEST_POSITIONS`
-  (a pool position names a pooled worker actor shared by every session, not a session's worker;
-  positions from the cap on share one "N+" series). Never a session id, step id or worker id:
-  each distinct label value is a new time series kept by Prometheus for weeks. Per-parameter and
-  per-shard signals (update ratios, shard cosines) are histograms without a label for the name.
-
-All metrics live on the module-level `REGISTRY`, not prometheus_client's global default, so tests
-can start and stop exporters without clashing with other libraries' collectors.
-"""
+"""Every Prometheus metric of gradserve, defined in this one module (the package's docstring says
+how numbers reach it and the naming conventions), with the label values known from the start."""
 
 from __future__ import annotations
-
-import math
-from collections.abc import Iterable, Mapping
 
 from prometheus_client import (
     CollectorRegistry,
@@ -33,23 +11,18 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
-    start_http_server,
 )
 
 __all__ = [
-    "REGISTRY",
-    "STEP_PHASES",
-    "UPDATE_OUTCOMES",
-    "DURATION_BUCKETS_SECONDS",
-    "STALENESS_BUCKETS",
-    "SLOWEST_POSITIONS",
-    "METRIC_NAMES",
-    "start_metrics_server",
-    "stop_metrics_server",
-    "record_rpc",
-    "record_step",
-    "set_workers_alive",
-    "set_active_sessions",
+    "REGISTRY", "STEP_PHASES", "UPDATE_OUTCOMES", "CONSISTENCY_MODES", "DURATION_BUCKETS_SECONDS",
+    "STALENESS_BUCKETS", "SPREAD_BUCKETS", "COSINE_BUCKETS", "UPDATE_RATIO_BUCKETS",
+    "SLOWEST_POSITIONS", "TABLE_DIRECTIONS", "METRIC_NAMES", "position_label", "RPCS",
+    "RPC_DURATION", "RPC_RECEIVED_BYTES", "RPC_SENT_BYTES", "STEP_DURATION", "STEP_PHASE_DURATION",
+    "SAMPLES", "LOSS", "GRAD_NORM", "PARAMETER_VERSION", "STALENESS", "UPDATES", "WORKER_FAILURES",
+    "WORKER_RETRIES", "COMPRESSION_RATIO", "GRADIENT_RAW_BYTES", "GRADIENT_COMPRESSED_BYTES",
+    "NOISE_SCALE", "SHARD_COSINE", "UPDATE_RATIO", "COMPUTE_SPREAD", "SLOWEST_WORKER", "TABLE_ROWS",
+    "TABLE_WIRE_BYTES", "TABLE_DENSE_BYTES", "TABLE_UNIQUE_ROW_RATIO", "TABLE_STORED_ROWS",
+    "TABLE_STORED_BYTES", "WORKERS_ALIVE", "ACTIVE_SESSIONS",
 ]
 
 # In the text format each counter and histogram also gets a `*_created` gauge: a second series per
@@ -326,154 +299,3 @@ METRIC_NAMES = frozenset(
         "gradserve_table_stored_bytes",
     }
 )
-
-# Exporters started in this process, by bound port, so tests (and `serve` on shutdown) stop them.
-_servers: dict[int, object] = {}
-
-
-def start_metrics_server(port: int, host: str = "127.0.0.1") -> int:
-    """Serve `REGISTRY` at http://host:port/metrics in a daemon thread; return the bound port.
-
-    Port 0 binds a free port (tests). The default host is loopback: exposing metrics on all
-    interfaces is a deployment decision (`--metrics-host 0.0.0.0` in the container image).
-    """
-    server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
-    bound_port = server.server_port
-    _servers[bound_port] = server
-    return bound_port
-
-
-def stop_metrics_server(port: int) -> None:
-    """Stop the exporter started on `port` by `start_metrics_server` and release its socket."""
-    server = _servers.pop(port)
-    server.shutdown()
-    server.server_close()
-
-
-def declare_rpc_methods(methods: Iterable[str]) -> None:
-    """Create the per-method series of a service's methods at zero (their OK count too), so the
-    first call of each shows as an increase to a rate, not as a series that appeared."""
-    for method in methods:
-        RPCS.labels(method=method, code="OK")
-        RPC_DURATION.labels(method=method)
-        RPC_RECEIVED_BYTES.labels(method=method)
-        RPC_SENT_BYTES.labels(method=method)
-
-
-def record_rpc(
-    method: str, code: str, seconds: float, bytes_received: int = 0, bytes_sent: int = 0
-) -> None:
-    """Record one finished RPC.
-
-    `method` is the short RPC name (`"Train"`, not the full path) and `code` the gRPC status code
-    name (`"OK"`, `"INVALID_ARGUMENT"`): both come from fixed, small sets.
-    """
-    RPCS.labels(method=method, code=code).inc()
-    RPC_DURATION.labels(method=method).observe(seconds)
-    if bytes_received:
-        RPC_RECEIVED_BYTES.labels(method=method).inc(bytes_received)
-    if bytes_sent:
-        RPC_SENT_BYTES.labels(method=method).inc(bytes_sent)
-
-
-def record_step(
-    *,
-    duration_s: float,
-    phases_s: Mapping[str, float],
-    samples: int,
-    loss: float,
-    grad_norm: float,
-    version: int,
-    staleness: Iterable[int] = (),
-    applied: int = 1,
-    duplicate: int = 0,
-    dropped_stale: int = 0,
-    worker_failures: int = 0,
-    retries: int = 0,
-    bytes_raw: int = 0,
-    bytes_compressed: int = 0,
-    mode: str = "sync",
-    noise_scale: float = math.nan,
-    shard_cosines: Iterable[float] = (),
-    update_ratios: Iterable[float] = (),
-    compute_spread: float = math.nan,
-    slowest_worker: int = -1,
-) -> None:
-    """Record one training step from the numbers its workers and parameter server returned.
-
-    `phases_s` maps phase names to seconds; only `STEP_PHASES` are recorded, other keys (a
-    coordinator's extra timings such as a total) are ignored so they cannot add label values.
-    `staleness` holds one value per shard gradient (versions behind when it was applied).
-    A NaN loss or norm is still recorded: a diverging run should be visible, not hidden. The
-    training signals are recorded where defined (NaN and -1 mean "not measured this step").
-    """
-    STEP_DURATION.labels(mode=mode).observe(duration_s)
-    for phase in STEP_PHASES:
-        if phase in phases_s:
-            STEP_PHASE_DURATION.labels(phase=phase).observe(phases_s[phase])
-    if samples:
-        SAMPLES.inc(samples)
-    LOSS.set(loss)
-    GRAD_NORM.set(grad_norm)
-    PARAMETER_VERSION.set(version)
-    for versions_behind in staleness:
-        STALENESS.observe(versions_behind)
-    for outcome, count in zip(UPDATE_OUTCOMES, (applied, duplicate, dropped_stale)):
-        if count:
-            UPDATES.labels(outcome=outcome).inc(count)
-    if worker_failures:
-        WORKER_FAILURES.inc(worker_failures)
-    if retries:
-        WORKER_RETRIES.inc(retries)
-    if bytes_raw:
-        GRADIENT_RAW_BYTES.inc(bytes_raw)
-    if bytes_compressed:
-        GRADIENT_COMPRESSED_BYTES.inc(bytes_compressed)
-    if bytes_raw and bytes_compressed:
-        COMPRESSION_RATIO.set(bytes_raw / bytes_compressed)
-    elif bytes_raw:
-        COMPRESSION_RATIO.set(1.0)
-    _record_signals(mode, noise_scale, shard_cosines, update_ratios, compute_spread, slowest_worker)
-
-
-def _record_signals(mode, noise_scale, shard_cosines, update_ratios, compute_spread, slowest_worker):
-    if math.isfinite(noise_scale):
-        NOISE_SCALE.labels(mode=mode).set(noise_scale)
-    for cosine in shard_cosines:
-        if math.isfinite(cosine):
-            SHARD_COSINE.observe(cosine)
-    for ratio in update_ratios:
-        if math.isfinite(ratio):
-            UPDATE_RATIO.observe(ratio)
-    if math.isfinite(compute_spread):
-        COMPUTE_SPREAD.observe(compute_spread)
-    if slowest_worker >= 0:
-        SLOWEST_WORKER.labels(position=position_label(slowest_worker)).inc()
-
-
-
-def record_table_step(*, rows_pulled: int, rows_pushed: int, bytes_pulled: int, bytes_pushed: int,
-                      dense_table_bytes: int, rows_updated: int, row_lookups: int, table_rows: int,
-                      table_bytes: int) -> None:
-    """Record one step's table traffic (StepResult's table fields, cluster/config.py)."""
-    TABLE_ROWS.labels(direction="pulled").inc(rows_pulled)
-    TABLE_ROWS.labels(direction="pushed").inc(rows_pushed)
-    TABLE_WIRE_BYTES.labels(direction="pulled").inc(bytes_pulled)
-    TABLE_WIRE_BYTES.labels(direction="pushed").inc(bytes_pushed)
-    TABLE_DENSE_BYTES.inc(dense_table_bytes)
-    if row_lookups:
-        TABLE_UNIQUE_ROW_RATIO.set(rows_updated / row_lookups)
-    TABLE_STORED_ROWS.set(table_rows)
-    TABLE_STORED_BYTES.set(table_bytes)
-
-
-def set_workers_alive(n: int) -> None:
-    """Set the number of live worker actors: the gateway hands this to `Executor.watch_workers`, so
-    the worker pool reports it when created, grown, shrunk, on a worker lost (one fewer until its
-    replacement runs) and at shutdown (0)."""
-    WORKERS_ALIVE.set(n)
-
-
-def set_active_sessions(n: int) -> None:
-    """Set the number of open training sessions (the gateway's session table size)."""
-    ACTIVE_SESSIONS.set(n)
