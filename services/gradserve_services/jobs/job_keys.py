@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from gradserve_services.cluster.config import CONSISTENCY_MODES
+from gradserve_services.cluster.config import COMPRESSIONS, CONSISTENCY_MODES
 from gradserve_services.engine.losses import LOSSES
 from gradserve_services.engine.ops import OPS, Elementwise
 from gradserve_services.optim import OPTIMIZER_NAMES, SCHEDULE_NAMES, OptimizerConfig, ScheduleConfig
@@ -40,7 +40,8 @@ MODEL_KEYS = ("mlp", "input_features", "nodes", "output", "loss")
 MLP_KEYS = ("hidden", "activation", "dropout", "layernorm")
 OPTIMIZER_KEYS = tuple(field.name for field in dataclasses.fields(OptimizerConfig))
 SCHEDULE_KEYS = tuple(field.name for field in dataclasses.fields(ScheduleConfig))
-TRAIN_KEYS = ("epochs", "batch_size", "workers", "consistency", "staleness", "micro_batch_size")
+TRAIN_KEYS = ("epochs", "batch_size", "workers", "consistency", "staleness", "micro_batch_size",
+              "local_steps", "inner_optimizer", "compression", "powersgd_rank")
 CHECKPOINT_KEYS = ("dir", "every_steps")
 SERVICE_KEYS = ("target", "token")
 
@@ -116,6 +117,13 @@ JOB_FILE_KEYS = (
     KeyDoc("train.consistency", one_of(CONSISTENCY_MODES) + " (sync: every step sees the last one's parameters)", "sync"),
     KeyDoc("train.staleness", "bounded: how many versions a gradient may lag", 0),
     KeyDoc("train.micro_batch_size", "rows per forward/backward pass within a shard (null: the whole shard)"),
+    KeyDoc("train.local_steps", "local: inner steps per round; a job step is then a round of this many "
+           "batches, and `optimizer` the servers' outer one (default nesterov, lr 0.7, momentum 0.9)", 10),
+    KeyDoc("train.inner_optimizer", "local: the workers' optimizer, a mapping of `optimizer`'s keys",
+           default_rule="`{name: adamw, lr: 0.001}`"),
+    KeyDoc("train.compression", one_of(COMPRESSIONS) + " between workers and servers (powersgd: sync only)",
+           "none"),
+    KeyDoc("train.powersgd_rank", "powersgd: rank of each compressed matrix's factors", 4),
     KeyDoc("checkpoint.dir", "folder for resumable checkpoints (null: none; `--resume` needs one)"),
     KeyDoc("checkpoint.every_steps", "steps between checkpoints", 100),
     KeyDoc("service.target", "host:port of a running `gradserve serve` (null: embed one for the job)"),

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from gradserve_services.cluster.config import CONSISTENCY_MODES
+from gradserve_services.cluster.config import COMPRESSIONS, CONSISTENCY_MODES, OUTER_OPTIMIZER, ROUND_MODES
 from gradserve_services.engine.losses import LOSSES
 from gradserve_services.errors import InvalidArgument
 from gradserve_services.optim import OPTIMIZER_NAMES, SCHEDULE_NAMES, OptimizerConfig
@@ -90,6 +90,15 @@ class TrainConfig:
     consistency: str
     staleness: int
     micro_batch_size: int | None
+    local_steps: int = 10  # local: inner steps per round (a job step is a round)
+    inner_optimizer: dict | None = None  # local: None is the cluster's INNER_OPTIMIZER
+    compression: str = "none"
+    powersgd_rank: int = 4
+
+    @property
+    def rows_per_step(self) -> int:
+        """Rows one step of the job sends: a batch, or in local mode a round of batches."""
+        return self.batch_size * (self.local_steps if self.consistency in ROUND_MODES else 1)
 
 
 @dataclass(frozen=True)
@@ -171,7 +180,8 @@ def parse_job(raw: Mapping, *, name: str = "job", base_dir: Path = Path(".")) ->
         seed=seed,
         dataset=_parse_dataset(section(raw, "dataset", required=True), base_dir),
         model=_parse_model(section(raw, "model", required=True)),
-        optimizer=_parse_optimizer(section(raw, "optimizer")),
+        optimizer=dict(OUTER_OPTIMIZER) if train.consistency in ROUND_MODES and "optimizer" not in raw
+        else _parse_optimizer(section(raw, "optimizer")),
         train=train,
         checkpoint=_parse_checkpoint(section(raw, "checkpoint")),
         target=_optional_target(service.get("target")),
@@ -333,7 +343,25 @@ def _parse_train(raw: Mapping) -> TrainConfig:
         consistency=consistency,
         staleness=integer(raw.get("staleness", 0), "train.staleness", minimum=0),
         micro_batch_size=None if micro is None else integer(micro, "train.micro_batch_size", minimum=1),
+        **_parse_rounds(raw),
     )
+
+
+def _parse_rounds(raw: Mapping) -> dict:
+    """The local-round and compression keys of `train` (their ranges checked by the cluster's
+    TrainerConfig when the session starts, except what only the job can say)."""
+    compression = raw.get("compression", "none")
+    choice(compression, COMPRESSIONS, "train.compression", what="compression")
+    inner = None
+    if raw.get("inner_optimizer") is not None:
+        try:
+            inner = _parse_optimizer(section(raw, "inner_optimizer"))
+        except InvalidArgument as bad:  # named optimizer.X by the shared reader: say which one
+            named = "inner_" + bad.field if bad.field.startswith("optimizer") else bad.field
+            raise InvalidArgument(bad.message, field="train." + named) from None
+    return {"local_steps": integer(raw.get("local_steps", 10), "train.local_steps", minimum=1),
+            "inner_optimizer": inner, "compression": compression,
+            "powersgd_rank": integer(raw.get("powersgd_rank", 4), "train.powersgd_rank", minimum=1)}
 
 
 def _parse_checkpoint(raw: Mapping) -> CheckpointConfig:

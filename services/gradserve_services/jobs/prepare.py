@@ -63,7 +63,11 @@ def prepare_job(job: Job) -> PreparedJob:
     fields = 0 if dataset.ids is None else dataset.ids.shape[1]
     spec = build_spec(job.model, input_features=dataset.x.shape[1], output_width=dataset.num_outputs, loss=loss,
                       categorical_fields=fields, table_rows=dataset.table_rows)
-    order = BatchOrder(num_samples=len(split.x_train), batch_size=job.train.batch_size, seed=job.seed)
+    order = BatchOrder(num_samples=len(split.x_train), batch_size=job.train.rows_per_step, seed=job.seed)
+    last = len(split.x_train) % order.batch_size
+    if job.train.rows_per_step != job.train.batch_size and 0 < last < job.train.local_steps:
+        raise InvalidArgument(f"an epoch's last round would hold {last} rows, fewer than its "
+                              f"{job.train.local_steps} inner steps", field="train.batch_size")
     optimizer = _complete_optimizer(job.optimizer, job.train.epochs * order.steps_per_epoch)
     return PreparedJob(job=job, dataset=dataset, split=split, spec=spec, optimizer=optimizer, order=order)
 

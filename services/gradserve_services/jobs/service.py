@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from gradserve_services.cluster.config import ROUND_MODES
 from gradserve_services.owned_folder import OwnedFolder, remove_orphans
 
 from .prepare import PreparedJob
@@ -107,6 +108,8 @@ class TrainingSession:
                 staleness=job.train.staleness,
                 num_workers=job.train.workers,
                 micro_batch_size=job.train.micro_batch_size,
+                compression=job.train.compression,
+                **_round_settings(job.train),
             )
         except BaseException:
             client.close()
@@ -174,3 +177,13 @@ def _still_open(client, record, service: Service) -> str:
             field="checkpoint.dir",
         )
     return session_id
+
+
+def _round_settings(train) -> dict:
+    """The session's local-round and PowerSGD settings, sent only where they apply."""
+    settings = {}
+    if train.consistency in ROUND_MODES:
+        settings.update(local_steps=train.local_steps, inner_optimizer=train.inner_optimizer)
+    if train.compression == "powersgd":
+        settings["powersgd_rank"] = train.powersgd_rank
+    return settings
