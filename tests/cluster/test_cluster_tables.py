@@ -88,7 +88,7 @@ def test_step_reports_its_row_traffic():
     assert result.rows_pulled == result.rows_pushed == distinct_per_worker
     assert result.rows_updated == result.table_rows == distinct
     assert result.row_lookups == 32 + 32 + len(x["tags.values"])
-    assert result.bytes_pulled == distinct_per_worker * (4 * 4 + 8)  # float32 rows of 4 + an int64 id
+    assert result.bytes_pulled == distinct_per_worker * (4 * 4 + 4)  # float32 rows of 4 + an int32 id
     assert result.bytes_pushed == result.bytes_pulled
     whole = sum(np.prod(shape) for name, shape in model.parameter_shapes().items() if name in TABLES) * 4
     assert result.dense_table_bytes == 2 * 2 * whole

@@ -37,7 +37,7 @@ def test_a_session_trains_its_tables_on_the_servers(client, table_session):  # n
     last = results[-1]
     assert last.rows_pulled > 0 and last.rows_pushed == last.rows_pulled
     assert 0 < last.rows_updated <= last.row_lookups
-    assert last.bytes_pulled == last.rows_pulled * (4 * 8 + 8)  # float64 rows of 4, an int64 id each
+    assert last.bytes_pulled == last.rows_pulled * (4 * 8 + 4)  # float64 rows of 4, an int32 id each
     assert last.dense_table_bytes == 2 * 2 * (97 + 41 + 29) * 4 * 8  # two workers pulling and pushing whole
     at, rows = client.pull_rows(table_session, "user.weight", [96, 0, 3, 3])
     assert at == 4

@@ -70,7 +70,8 @@ class ShardTables:
             if not given:
                 continue
             with np.errstate(over="ignore", invalid="ignore"):  # store.plan refuses what overflows
-                summed = SparseRows.combine(np, [SparseRows(ids, rows, store.shape) for ids, rows in given])
+                summed = SparseRows.combine(np, [SparseRows(ids.astype(np.int64, copy=False), rows, store.shape)
+                                                 for ids, rows in given])
                 grad = summed.rows * store.dtype.type(scale)
             squared += float(np.vdot(grad, grad))
             updated += int(summed.ids.shape[0])

@@ -27,7 +27,7 @@ from gradserve_services.errors import InvalidArgument
 from gradserve_services.optim.rows import TableOptimizerConfig
 
 from .row_placement import RowPlacement
-from .worker_rows import pull_requests
+from .worker_rows import pull_requests, wire_ids
 
 __all__ = ["TableLane", "InitialRows"]
 
@@ -104,7 +104,8 @@ class TableLane:
         pulls = []
         for task in tasks:
             read = rows_read(np, self.model.graph, batch.slice(np, task["start"], task["stop"]))
-            task["tables"] = {"shapes": self.shapes, "shards": len(servers), "read": read}
+            task["tables"] = {"shapes": self.shapes, "shards": len(servers),
+                              "read": {name: wire_ids(ids) for name, ids in read.items()}}
             requests = pull_requests(read, len(servers))
             pulls.append([backend.submit(server, "pull_rows", table_id, request)[0]
                           for server, request in zip(servers, requests)])

@@ -5,6 +5,9 @@ The coordinator tells each worker, in `task["tables"]`, the sorted unique ids it
 reads per table (`read`), the tables' shapes and the number of server shards; it asked every shard
 for its part of those ids (`pull_rows`), and the answers arrive as the extra arguments of `compute`,
 one `{table: rows}` per server shard, straight from the servers' object store.
+
+Ids travel as int32 (a table has at most 2^31 rows): on the wire a row of dim 16 in float32 then
+costs 64 bytes of values and 4 of id, within 7 % of the values alone.
 """
 
 from __future__ import annotations
@@ -17,7 +20,11 @@ from .row_placement import RowPlacement
 
 __all__ = ["pull_requests", "table_parameters", "row_pushes"]
 
-ID_BYTES = np.dtype(np.int64).itemsize
+WIRE_IDS = np.int32  # ids < 2^31: engine/ops' MAX_TABLE_ROWS
+
+
+def wire_ids(ids: np.ndarray) -> np.ndarray:
+    return ids.astype(WIRE_IDS, copy=False)
 
 
 def pull_requests(read: dict, shards: int) -> list[dict]:
@@ -26,7 +33,7 @@ def pull_requests(read: dict, shards: int) -> list[dict]:
     requests = [{} for _ in range(shards)]
     for name, ids in read.items():
         for shard, positions in enumerate(placement.split(ids)):
-            requests[shard][name] = ids[positions]
+            requests[shard][name] = wire_ids(ids[positions])
     return requests
 
 
@@ -34,7 +41,8 @@ def table_parameters(tables: dict, pulled: list) -> tuple[dict, int, int]:
     """`({table: SparseRows}, rows pulled, bytes pulled)` from the servers' answers."""
     placement = RowPlacement(tables["shards"])
     params, rows_pulled, bytes_pulled = {}, 0, 0
-    for name, ids in tables["read"].items():
+    for name, sent in tables["read"].items():
+        ids = sent.astype(np.int64)  # SparseRows ids are int64
         shape = tuple(tables["shapes"][name])
         answers = [answer[name] for answer in pulled]
         rows = np.empty((ids.shape[0], shape[1]), dtype=answers[0].dtype)
@@ -42,7 +50,7 @@ def table_parameters(tables: dict, pulled: list) -> tuple[dict, int, int]:
             rows[positions] = answer
         params[name] = SparseRows(ids, rows, shape)
         rows_pulled += ids.shape[0]
-        bytes_pulled += rows.nbytes + ids.nbytes
+        bytes_pulled += rows.nbytes + sent.nbytes
     return params, rows_pulled, bytes_pulled
 
 
@@ -54,7 +62,7 @@ def row_pushes(tables: dict, grad_sum: dict) -> tuple[list[dict], int, int]:
     for name in tables["read"]:
         grad = grad_sum[name]
         for shard, positions in enumerate(placement.split(grad.ids)):
-            pushes[shard][name] = (grad.ids[positions], grad.rows[positions])
+            pushes[shard][name] = (wire_ids(grad.ids[positions]), grad.rows[positions])
         rows_pushed += grad.ids.shape[0]
-        bytes_pushed += grad.rows.nbytes + grad.ids.shape[0] * ID_BYTES
+        bytes_pushed += grad.rows.nbytes + grad.ids.shape[0] * np.dtype(WIRE_IDS).itemsize
     return pushes, rows_pushed, bytes_pushed
