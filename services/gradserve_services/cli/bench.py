@@ -14,7 +14,7 @@ Output: one JSON object per line on stdout, one line per measured case (each sui
 which fields its lines carry); progress and logs go to stderr. Exit code 0 when every case ran.
 """
 
-SUITES = ("engine", "transport", "training", "scaling", "load", "soak", "sparse", "links")
+SUITES = ("engine", "transport", "training", "scaling", "load", "soak", "sparse", "links", "functions")
 
 
 def register(subparsers) -> None:
