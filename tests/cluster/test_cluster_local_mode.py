@@ -165,3 +165,22 @@ def test_worker_killed_mid_round_has_its_inner_steps_rerun_and_the_round_is_unch
     assert faulty.loss == clean.loss and faulty_version == clean_version == 2
     for name, value in clean_params.items():
         np.testing.assert_array_equal(faulty_params[name], value)
+
+
+@pytest.mark.parametrize("compression, shrink", [("fp16", 2.0), ("int8", 3.0), ("topk", 20.0)])
+def test_compressed_deltas_train_and_send_fewer_bytes(compression, shrink):
+    params = Model(MLP_SPEC).init_parameters(seed=2, dtype="float32")
+    executor = LocalExecutor(num_workers=2)
+    trainer = executor.create_trainer(
+        _config(compression=compression, topk_fraction=0.02,
+                inner_optimizer={"name": "adamw", "lr": 0.02}), params)
+    x, y = classification_data(96, seed=4, dtype="float32")
+    try:
+        results = [trainer.step(index, x, y) for index in range(4)]
+        _, trained = trainer.parameters()
+    finally:
+        trainer.close()
+        executor.shutdown()
+    assert results[-1].loss < results[0].loss
+    assert all(r.bytes_raw >= shrink * r.bytes_compressed for r in results)
+    assert all(np.isfinite(value).all() for value in trained.values())
