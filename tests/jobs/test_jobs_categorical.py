@@ -202,3 +202,18 @@ def test_synthetic_ctr_job_splits_the_planted_probability_with_the_rows():
     raw = split.feature_scaler.inverse(split.x_test).astype(np.float64)
     recomputed = 1 / (1 + np.exp(-data.model.logits(raw, split.ids_test)))
     np.testing.assert_allclose(recomputed, split.click_probability_test, rtol=1e-4, atol=1e-5)
+
+
+def test_the_dlrm_example_prepares_as_written():
+    from pathlib import Path
+
+    import yaml
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    raw = yaml.safe_load((examples / "ctr_dlrm.yaml").read_text())
+    raw["dataset"]["samples"] = 5000  # the same model and data shape, fewer rows
+    prepared = prepare_job(parse_job(raw, name="ctr_dlrm", base_dir=examples))
+    tables = [node for node in prepared.spec["nodes"] if node["op"] == "embedding"]
+    assert [node["field"] for node in tables] == list(range(26))
+    assert {node["rows"] for node in tables} == {raw["dataset"]["vocab"]} and prepared.split.ids_train.shape[1] == 26
+    assert prepared.spec["loss"] == "binary_cross_entropy" and prepared.job.train.batch_size == 512
