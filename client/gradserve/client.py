@@ -13,16 +13,18 @@ import numpy as np
 
 from gradserve.v1 import describe_pb2, service_pb2
 
-from .errors import FailedPrecondition, Unavailable
+from .errors import FailedPrecondition
 from .fields import build
 from .messages import message_dict
 from .requests import (batch_arrays, optimizer_message, outgoing_tensors, spec_message, step_messages,
                        table_optimizer_message)
 from .results import (TABLE_STEP_FIELDS, Checkpoint, ForwardStep, Gradients, SessionInfo, StepResult, TableRows,
                       gradients_by_parameter, single_answer, step_result, strip_prefix)
+from .retrying import with_retries
 from .rpc.methods import stub
 from .rpc.options import open_channel
 from .rpc.status import from_rpc_error
+from .step_ids import StepIds
 from .tensor_names import GRADIENTS, INPUT_GRADIENTS, OUTPUT_GRADIENT, OUTPUTS, PARAMETERS, TANGENT
 
 __all__ = ["Client", "Gradients", "StepResult", "ForwardStep", "SessionInfo", "Checkpoint", "TableRows"]
@@ -53,7 +55,7 @@ class Client:
         self.timeout = timeout
         self.retries = retries
         self.retry_backoff_s = retry_backoff_s
-        self._next_step_ids: dict[str, int] = {}
+        self._step_ids = StepIds()
 
     # ----- lifecycle ----------------------------------------------------------------------------
 
@@ -244,13 +246,13 @@ class Client:
             reply = self._stub.CreateSession(requests, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.RpcError as failed:
             raise from_rpc_error(failed) from None
-        self._next_step_ids[reply.session_id] = 1
+        self._step_ids.opened(reply.session_id)
         return reply.session_id
 
     def step(self, session_id: str, x: np.ndarray, y: np.ndarray, *, step_id: int | None = None,
              timeout: float | None = None) -> StepResult:
         """One training step; `step_id` defaults to this client's next id for the session."""
-        step_id = self._claim_step_id(session_id, step_id)
+        step_id = self._step_ids.claim(session_id, step_id)
         messages = step_messages(session_id, step_id, x, y)
 
         def attempt(deadline_s: float) -> StepResult:
@@ -263,7 +265,7 @@ class Client:
                      timeout: float | None = None) -> ForwardStep:
         """Phase one of a two-phase step: the session's output for `x` (training mode); the
         service holds the activations under the step id until `step_backward`."""
-        step_id = self._claim_step_id(session_id, step_id)
+        step_id = self._step_ids.claim(session_id, step_id)
         outgoing = outgoing_tensors(batch_arrays(x, None))
         header = build(service_pb2.StepForwardHeader, session_id=session_id, step_id=step_id,
                        tensors=outgoing.entries)
@@ -300,7 +302,7 @@ class Client:
         step id (retries reuse it, so the update applies once); the service keeps the forward's
         activations in between, so nothing is recomputed. If they were evicted, or (sync) another
         step moved the parameters meanwhile, the forward and the loss run once more."""
-        step_id = self._claim_step_id(session_id, step_id)
+        step_id = self._step_ids.claim(session_id, step_id)
         for attempt_number in range(2):
             forward = self.step_forward(session_id, x, step_id=step_id, timeout=timeout)
             if forward.duplicate:  # applied before (a re-run of this client): the recorded result
@@ -330,7 +332,7 @@ class Client:
     ) -> Iterator[StepResult]:
         """Steps over one stream: `batches` yields (x, y) or (step_id, x, y); one result per step,
         in order. After UNAVAILABLE the unanswered steps are sent again with the same ids."""
-        numbered = (self._numbered(session_id, batch) for batch in batches)
+        numbered = (self._step_ids.numbered(session_id, batch) for batch in batches)
         unanswered: collections.deque = collections.deque()
         attempts_left = self.retries
         refused: list[Exception] = []
@@ -402,7 +404,7 @@ class Client:
         """Close the session; returns its final parameter version."""
         reply = self._unary(self._stub.CloseSession, build(service_pb2.CloseSessionRequest, session_id=session_id),
                             timeout)
-        self._next_step_ids.pop(session_id, None)
+        self._step_ids.closed(session_id)
         return reply.version
 
     def list_sessions(self, *, timeout: float | None = None) -> list[SessionInfo]:
@@ -419,34 +421,8 @@ class Client:
             lambda deadline_s: method(request, timeout=deadline_s, metadata=self._metadata), timeout
         )
 
-    def _with_retries(self, attempt: Callable[[float], object], timeout: float | None):
-        """Run `attempt(seconds_left)`; retry UNAVAILABLE with backoff while time is left."""
-        deadline = time.monotonic() + (timeout or self.timeout)
-        for attempt_number in itertools.count():
-            try:
-                return attempt(max(deadline - time.monotonic(), 0.001))
-            except grpc.RpcError as failed:
-                error = from_rpc_error(failed)
-            pause = self.retry_backoff_s * 2**attempt_number
-            if not isinstance(error, Unavailable) or attempt_number >= self.retries \
-                    or time.monotonic() + pause >= deadline:
-                raise error
-            time.sleep(pause)
-
-    def _claim_step_id(self, session_id: str, step_id: int | None) -> int:
-        if step_id is None:
-            step_id = self._next_step_ids.get(session_id, 1)
-        else:  # checked as the header will hold it, before it moves this client's next id
-            step_id = build(service_pb2.StepHeader, step_id=step_id).step_id
-        self._next_step_ids[session_id] = max(self._next_step_ids.get(session_id, 1), step_id + 1)
-        return step_id
-
-    def _numbered(self, session_id: str, batch) -> tuple:
-        if len(batch) == 3:
-            step_id, x, y = batch
-        else:
-            (x, y), step_id = batch, None
-        return self._claim_step_id(session_id, step_id), x, y
+    def _with_retries(self, attempt, timeout: float | None):
+        return with_retries(attempt, timeout or self.timeout, self.retries, self.retry_backoff_s)
 
 
 def _record(steps: Iterator[tuple], unanswered: collections.deque) -> Iterator[tuple]:

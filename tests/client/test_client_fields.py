@@ -55,7 +55,7 @@ def test_bad_integer_raises_invalid_argument_naming_the_field(client, field, cal
 def test_a_refused_step_id_does_not_move_the_next_one(client):
     with pytest.raises(gradserve.InvalidArgument):
         client.step("some-session", X, Y, step_id=2**64)
-    assert client._claim_step_id("some-session", None) == 1
+    assert client._step_ids.claim("some-session", None) == 1
 
 
 def test_largest_values_and_numpy_integers_are_accepted():
