@@ -81,6 +81,9 @@ class StepResult:
     dense_table_bytes: int = 0
     table_rows: int = 0
     table_bytes: int = 0
+    # step_backward(..., input_gradient=True) only: dL/dx through the held forward (named inputs:
+    # {float input tensor: its gradient}); None for a repeat's recorded answer
+    input_gradient: np.ndarray | dict | None = None
 
 
 @dataclass(frozen=True)

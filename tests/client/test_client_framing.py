@@ -125,7 +125,8 @@ def test_every_method_has_codecs_and_only_part_messages_are_hand_framed():
                       ("Forward", "request"), ("Forward", "response"),
                       ("CreateSession", "request"), ("Step", "request"), ("StreamSteps", "request"),
                       ("PullParameters", "response"), ("PullRows", "request"), ("PullRows", "response"),
-                      ("StepForward", "request"), ("StepForward", "response"), ("StepBackward", "request")}
+                      ("StepForward", "request"), ("StepForward", "response"), ("StepBackward", "request"),
+                      ("StepBackward", "response")}
     assert codecs["ListSessions"].response_deserializer == service_pb2.ListSessionsResponse.FromString
 
 

@@ -25,12 +25,16 @@ def test_backward_of_a_held_forward_equals_torch(spec, dtype):
     model.forward(params, other_x)
     model.loss_and_grad_sum(params, other_x, other_y)
     output_gradient = np.random.default_rng(1).standard_normal(held.output.shape).astype(dtype)
-    grads = backward_held(model, held, output_gradient)
-    expected, _ = torch_vjp(spec, params, x, output_gradient, train=True, seed=7)
+    answer = backward_held(model, held, output_gradient, input_gradient=True)
+    grads = answer.gradients
+    expected, expected_inputs = torch_vjp(spec, params, x, output_gradient, train=True, seed=7)
     assert list(grads) == list(expected)
     for name, grad in grads.items():
         assert grad.dtype == np.dtype(dtype)
         assert_close(grad, expected[name], dtype)
+    assert list(answer.input_gradients) == ["x"]
+    assert_close(answer.input_gradients["x"], expected_inputs["x"], dtype)
+    assert backward_held(model, hold_forward(model, params, x), output_gradient).input_gradients is None
 
 
 def test_held_output_is_the_training_forward():
@@ -56,7 +60,7 @@ def test_softmax_gradient_through_a_held_forward_is_the_step_gradient():
     probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
     probabilities /= probabilities.sum(axis=1, keepdims=True)
     probabilities[np.arange(10), y] -= 1.0
-    grads = backward_held(model, held, probabilities)
+    grads = backward_held(model, held, probabilities).gradients
     expected = model.loss_and_grad_sum(params, x, y, train=True, seed=0).grad_sum
     for name in expected:
         np.testing.assert_allclose(grads[name], expected[name], rtol=1e-10, atol=1e-12)

@@ -175,7 +175,8 @@ def test_two_phase_backwards_apply_once_or_name_the_field(live, change, loss, wi
         expected = None if is_valid(grad) else "output_gradient"
     version = client.pull_parameters(session)[0]
     try:
-        reply = stub.StepBackward(iter([service_pb2.StepBackwardRequest(header=header)]), timeout=30)
+        reply = list(stub.StepBackward(iter([service_pb2.StepBackwardRequest(header=header)]), timeout=30))[0]
+        reply = reply.header.step
     except grpc.RpcError as error:
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (change, loss, error.details())
         assert field_of(error) == expected, (change, loss, with_labels, error.details())

@@ -145,3 +145,42 @@ def test_train_step_with_a_client_loss_makes_torchs_update(client, dtype, which)
         # test_gateway_custom_loss); in float64 to 1e-10.
         applied_gradient = (params[name].astype(np.float64) - trained[name]) / lr
         assert relative(applied_gradient, w.grad.numpy()) <= (1e-4 if dtype == "float32" else 1e-10), name
+
+
+def test_two_sessions_chained_train_as_one_model(client):
+    """Model A's output feeds model B (two sessions: two services in general). B's backward hands
+    back dL/d(its input) through its held forward, which is A's output gradient: both take torch's
+    SGD step of the composed model (float64, each parameter to 1e-10)."""
+    first = {"input_features": FEATURES, "nodes": [{"name": "a", "op": "dense", "inputs": ["input"], "units": 6},
+                                                   {"name": "a_act", "op": "tanh", "inputs": ["a"]}],
+             "output": "a_act", "loss": "mse"}
+    second = mlp(6, [5], CLASSES)
+    params_a = Model(first).init_parameters(seed=1, dtype="float64")
+    params_b = Model(second).init_parameters(seed=2, dtype="float64")
+    lr = 0.2
+    session_a = client.create_session(first, params_a, optimizer={"name": "sgd", "lr": lr})
+    session_b = client.create_session(second, params_b, optimizer={"name": "sgd", "lr": lr})
+    weights = {name: torch.tensor(value, requires_grad=True) for name, value in {**params_a, **params_b}.items()}
+    optimizer = torch.optim.SGD(weights.values(), lr=lr)
+    loss_of = load("custom_losses").focal_loss
+    for step in range(3):
+        x, labels = data("float64", seed=20 + step)
+        hidden = client.step_forward(session_a, x, step_id=step + 1)
+        out = client.step_forward(session_b, hidden.output, step_id=step + 1)
+        value, d_out = loss_of(labels)(out.output)
+        b_result = client.step_backward(session_b, step + 1, d_out, value, input_gradient=True)
+        a_result = client.step_backward(session_a, step + 1, b_result.input_gradient, value)
+        assert b_result.applied and a_result.applied and a_result.input_gradient is None
+
+        optimizer.zero_grad()
+        h = torch.tanh(torch.from_numpy(x) @ weights["a.weight"] + weights["a.bias"])
+        h = torch.relu(h @ weights["fc1.weight"] + weights["fc1.bias"])
+        torch_focal(labels)(h @ weights["logits.weight"] + weights["logits.bias"]).backward()
+        optimizer.step()
+    repeat = client.step_backward(session_b, 3, d_out, value, input_gradient=True)
+    assert repeat.duplicate and repeat.input_gradient is None  # a repeat's answer carries no tensors
+    (_, got_a), (_, got_b) = client.pull_parameters(session_a), client.pull_parameters(session_b)
+    for name, value in {**got_a, **got_b}.items():
+        np.testing.assert_allclose(value, weights[name].detach().numpy(), rtol=1e-10, atol=1e-13)
+    client.close_session(session_a)
+    client.close_session(session_b)

@@ -80,7 +80,7 @@ def raw_backward(stub, session_id, step_id, tensors, loss=0.5):
     header = service_pb2.StepBackwardHeader(session_id=session_id, step_id=step_id, loss=loss)
     for name, value in tensors.items():
         header.tensors.add(name=name, tensor=encode_tensor(value))
-    return stub.StepBackward(iter([service_pb2.StepBackwardRequest(header=header)]), timeout=60)
+    return list(stub.StepBackward(iter([service_pb2.StepBackwardRequest(header=header)]), timeout=60))
 
 
 def raw_forward(stub, session_id, step_id, tensors):

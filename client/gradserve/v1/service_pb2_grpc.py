@@ -65,10 +65,10 @@ class GradserveStub:
                 request_serializer=gradserve_dot_v1_dot_service__pb2.StepForwardRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_service__pb2.StepForwardResponse.FromString,
                 _registered_method=True)
-        self.StepBackward = channel.stream_unary(
+        self.StepBackward = channel.stream_stream(
                 '/gradserve.v1.Gradserve/StepBackward',
                 request_serializer=gradserve_dot_v1_dot_service__pb2.StepBackwardRequest.SerializeToString,
-                response_deserializer=gradserve_dot_v1_dot_service__pb2.StepResponse.FromString,
+                response_deserializer=gradserve_dot_v1_dot_service__pb2.StepBackwardResponse.FromString,
                 _registered_method=True)
         self.DescribeModel = channel.unary_unary(
                 '/gradserve.v1.Gradserve/DescribeModel',
@@ -168,7 +168,9 @@ class GradserveServicer:
 
     def StepBackward(self, request_iterator, context):
         """Phase two: dL/d output for a held forward; one update, exactly once per step id (a repeated
-        step id returns the recorded result with `duplicate` set and applies nothing).
+        step id returns the recorded result with `duplicate` set and applies nothing). Answers the
+        step's result and, when asked, the input gradients through the same held forward (a model in
+        the middle of a chain): a header, then chunks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -268,10 +270,10 @@ def add_GradserveServicer_to_server(servicer, server):
                     request_deserializer=gradserve_dot_v1_dot_service__pb2.StepForwardRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_service__pb2.StepForwardResponse.SerializeToString,
             ),
-            'StepBackward': grpc.stream_unary_rpc_method_handler(
+            'StepBackward': grpc.stream_stream_rpc_method_handler(
                     servicer.StepBackward,
                     request_deserializer=gradserve_dot_v1_dot_service__pb2.StepBackwardRequest.FromString,
-                    response_serializer=gradserve_dot_v1_dot_service__pb2.StepResponse.SerializeToString,
+                    response_serializer=gradserve_dot_v1_dot_service__pb2.StepBackwardResponse.SerializeToString,
             ),
             'DescribeModel': grpc.unary_unary_rpc_method_handler(
                     servicer.DescribeModel,
@@ -497,12 +499,12 @@ class Gradserve:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_unary(
+        return grpc.experimental.stream_stream(
             request_iterator,
             target,
             '/gradserve.v1.Gradserve/StepBackward',
             gradserve_dot_v1_dot_service__pb2.StepBackwardRequest.SerializeToString,
-            gradserve_dot_v1_dot_service__pb2.StepResponse.FromString,
+            gradserve_dot_v1_dot_service__pb2.StepBackwardResponse.FromString,
             options,
             channel_credentials,
             insecure,

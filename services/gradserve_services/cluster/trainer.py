@@ -112,10 +112,15 @@ class Trainer:
             held = self._two_phase.forward(step, x, steps_run=self.steps_run)
             return ForwardPhase(held.version, held.forward.output)
 
-    def backward_step(self, step_id, output_gradient, loss: float) -> StepResult:
+    def backward_step(self, step_id, output_gradient, loss: float, *, input_gradient: bool = False):
         """Phase two: the update from the caller's dL/d output, exactly once per step id (a
-        recorded id returns its result with `duplicate=True`, as `step` does)."""
-        return self._once(step_id, lambda step: self._two_phase.backward(step, output_gradient, loss))
+        recorded id returns its result with `duplicate=True`, as `step` does). With
+        `input_gradient`, `(result, dL/dx by float input tensor)` through the same held forward
+        (None for a recorded id: a repeat's answer carries no tensors)."""
+        inputs = []
+        result = self._once(step_id, lambda step: self._two_phase.backward(
+            step, output_gradient, loss, input_gradients=inputs if input_gradient else None))
+        return (result, inputs[0] if inputs else None) if input_gradient else result
 
     def _once(self, step_id, run) -> StepResult:
         """`run(step)` under the lock unless the step log answers the id; its result recorded."""

@@ -100,8 +100,9 @@ class TwoPhaseSteps:
         held = self._held[step] = HeldStep(version, forward, time.monotonic())
         return held
 
-    def backward(self, step: int, output_gradient, loss: float) -> StepResult:
-        """Phase two: one update from `output_gradient` through the held forward of `step`."""
+    def backward(self, step: int, output_gradient, loss: float, *, input_gradients: list | None = None) -> StepResult:
+        """Phase two: one update from `output_gradient` through the held forward of `step`. A
+        list given as `input_gradients` receives dL/dx of the float inputs (by tensor name)."""
         started = time.perf_counter()
         if output_gradient is None:
             raise InvalidArgument("missing tensor: the step's dL/d output", "output_gradient")
@@ -119,7 +120,9 @@ class TwoPhaseSteps:
                 f"the parameters moved from version {held.version} to {shards.version} since step {step}'s "
                 f"forward (sync mode applies gradients of the current parameters only); run the forward "
                 f"again", "step_id")
-        grads = backward_held(self._model, held.forward, output_gradient)
+        answer = backward_held(self._model, held.forward, output_gradient,
+                               input_gradient=input_gradients is not None)
+        grads = answer.gradients
         computed = time.perf_counter()
         rows = held.forward.rows
         parts = [[{"kind": "dense", "grads": {name: grads[name] for name in names}}]
@@ -134,6 +137,8 @@ class TwoPhaseSteps:
             raise
         shards.published = [output[0] for output in applying]
         del self._held[step]
+        if input_gradients is not None:
+            input_gradients.append(answer.input_gradients)
         applied = [report for report in reports if report["applied"]]
         shards.version = max(report["version"] for report in reports)
         finished = time.perf_counter()

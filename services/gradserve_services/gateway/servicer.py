@@ -175,8 +175,11 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
         header, arrays = wire.read_one(request_iterator, self._max_bytes)
         session = self._sessions.get(context.identity, header.session_id)
         tensors = wire.group(arrays, (), exact=(OUTPUT_GRADIENT,))
-        result = self._sessions.backward_step(session, header.step_id, tensors.get(OUTPUT_GRADIENT), header.loss)
-        return _step_response(header.step_id, result)
+        result, inputs = self._sessions.backward_step(session, header.step_id, tensors.get(OUTPUT_GRADIENT),
+                                                      header.loss, input_gradient=header.input_gradient)
+        reply = service_pb2.StepBackwardResult(step=_step_response(header.step_id, result))
+        arrays = {INPUT_GRADIENTS + name: value for name, value in (inputs or {}).items()}
+        yield from wire.send(reply, arrays, service_pb2.StepBackwardResponse)
 
     def DescribeModel(self, request, context):
         return describe_reply(spec_from_proto(request.model), request.dtype)

@@ -250,20 +250,26 @@ class SessionRegistry:
             self._check_open(session)
             return self._store.recovering(session, lambda: session.trainer.forward_step(step_id, x))
 
-    def backward_step(self, session: Session, step_id: int, output_gradient, loss: float) -> StepResult:
-        """Phase two. A session with a checkpoint policy checkpoints after it: replay after a lost
-        parameter server re-runs steps from their batches, and this update has none to re-run."""
+    def backward_step(self, session: Session, step_id: int, output_gradient, loss: float, *,
+                      input_gradient: bool = False) -> tuple[StepResult, dict | None]:
+        """Phase two: `(result, input gradients or None)`. A session with a checkpoint policy
+        checkpoints after it: replay after a lost parameter server re-runs steps from their
+        batches, and this update has none to re-run."""
         if step_id < 1:
             raise InvalidArgument("step ids start at 1", "step_id")
         with session.lock:
             self._check_open(session)
             started = time.perf_counter()
-            result = self._store.recovering(
-                session, lambda: session.trainer.backward_step(step_id, output_gradient, loss))
+
+            def backward():
+                answer = session.trainer.backward_step(step_id, output_gradient, loss, input_gradient=input_gradient)
+                return answer if input_gradient else (answer, None)
+
+            result, inputs = self._store.recovering(session, backward)
             record_step_metrics(result, time.perf_counter() - started)
             if result.applied and not result.duplicate and session.checkpoint_every_steps:
                 self._store.save(session)
-        return result
+        return result, inputs
 
     def table_rows(self, session: Session, table: str, ids) -> tuple[int, np.ndarray]:
         """`(version, rows)` of a session's table by id (PullRows)."""
