@@ -174,3 +174,25 @@ def test_ray_sync_training_with_tables_equals_one_process():
         executor.shutdown()
     _assert_equal(got, want, 1e-5)
     assert results[-1].rows_pulled > 0 and results[-1].bytes_pushed > 0
+
+
+def test_tables_given_whole_train_like_tables_made_on_the_servers():
+    """A caller may send a table whole: the servers load its rows, and training matches the run
+    whose tables started from the seed (the same values); a table of the wrong shape is refused."""
+    data = [table_batch(16, seed, "float64") for seed in range(5)]
+    executor = LocalExecutor(num_workers=2)
+    lazy, _ = _train(executor, data, table_optimizer=TABLE_OPTIMIZERS[1], ps_shards=2)
+    whole = Model(TABLE_SPEC).init_parameters(seed=SEED, dtype="float64")
+    trainer = executor.create_trainer(TrainerConfig(TABLE_SPEC, OPTIMIZER, num_workers=2, ps_shards=2,
+                                                    table_optimizer=TABLE_OPTIMIZERS[1]), whole)
+    try:
+        for index, (x, y) in enumerate(data):
+            trainer.step(index + 1, x, y)
+        given = trainer.parameters()[1]
+    finally:
+        trainer.close()
+    _assert_equal(given, lazy, 1e-12)
+    with pytest.raises(InvalidArgument) as caught:
+        executor.create_trainer(TrainerConfig(TABLE_SPEC, OPTIMIZER),
+                                {**whole, "user.weight": whole["user.weight"][:5]})
+    assert caught.value.field == "parameters.user.weight"
