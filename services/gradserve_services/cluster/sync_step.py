@@ -37,13 +37,14 @@ __all__ = ["SyncSteps"]
 
 class SyncSteps:
     def __init__(self, backend, config: TrainerConfig, parameter_names: list[str], runner: ShardRunner,
-                 shards: ParameterShards, lane: SharedMemoryLane | None):
+                 shards: ParameterShards, shared_memory: SharedMemoryLane | None):
         self._backend = backend
         self._config = config
         self._parameter_names = parameter_names
         self._runner = runner
         self._shards = shards
-        self._lane = lane  # this trainer's own into shared memory (the batch); None: store only
+        # this trainer's own lane into shared memory (for the batch); None: the object store only
+        self._shared_memory = shared_memory
         self._noise_scale = NoiseScale()  # smoothed over this trainer's sync steps
 
     def run(self, step: int, x, y, *, steps_run: int, num_workers: int) -> StepResult:
@@ -53,7 +54,7 @@ class SyncSteps:
         inputs.prepare(self._runner.shares_memory(num_workers))
         clock.mark("put")
         tasks = shard_tasks(self._config, shards.table, shards.partition, rows, num_workers,
-                            steps_run, self._lane is not None)
+                            steps_run, self._shared_memory is not None)
         pulls, lookups = ([()] * len(tasks), 0) if shards.lane is None else \
             shards.lane.prepare(self._backend, shards.servers, shards.table, x, tasks)  # table_lane.py
         calls = [self._runner.dispatch(position, task, inputs, rows=pulls[position])
@@ -97,7 +98,7 @@ class SyncSteps:
         """The step's inputs: the batch as one block for the workers that map shared memory
         (arrays only), through the object store for the others, who also get the servers to ask
         for copies of the parameters published as blocks."""
-        backend, lane, shards = self._backend, self._lane, self._shards
+        backend, lane, shards = self._backend, self._shared_memory, self._shards
         shared_batch = None
         if lane is not None and isinstance(x, np.ndarray):
             def shared_batch():
