@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import itertools
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import grpc
@@ -25,11 +23,14 @@ from .rpc.methods import stub
 from .rpc.options import open_channel
 from .rpc.status import from_rpc_error
 from .step_ids import StepIds
+from .step_stream import stream_steps
 from .tensor_names import GRADIENTS, INPUT_GRADIENTS, OUTPUT_GRADIENT, OUTPUTS, PARAMETERS, TANGENT
 
 __all__ = ["Client", "Gradients", "StepResult", "ForwardStep", "SessionInfo", "Checkpoint", "TableRows"]
 
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["Gradserve"]
+
+
 class Client:
     """A connection to a gradserve service.
 
@@ -333,35 +334,8 @@ class Client:
         """Steps over one stream: `batches` yields (x, y) or (step_id, x, y); one result per step,
         in order. After UNAVAILABLE the unanswered steps are sent again with the same ids."""
         numbered = (self._step_ids.numbered(session_id, batch) for batch in batches)
-        unanswered: collections.deque = collections.deque()
-        attempts_left = self.retries
-        refused: list[Exception] = []
-        while True:
-            replay = list(unanswered)
-
-            def requests():
-                # gRPC reads this in a thread of its own, where an exception only cancels the call:
-                # a bad step (or whatever `batches` raised) ends the stream before any of its
-                # messages, and is raised to the caller once the steps before it are answered.
-                try:
-                    for step in itertools.chain(replay, _record(numbered, unanswered)):
-                        yield from step_messages(session_id, *step)
-                except Exception as error:  # noqa: BLE001 - re-raised below, in the caller's thread
-                    refused.append(error)
-
-            try:
-                for reply in self._stub.StreamSteps(requests(), timeout=timeout, metadata=self._metadata):
-                    if unanswered and unanswered[0][0] == reply.step_id:
-                        unanswered.popleft()
-                    yield step_result(reply)
-                if refused:
-                    raise refused[0]
-                return
-            except grpc.RpcError as failed:
-                if failed.code() != grpc.StatusCode.UNAVAILABLE or attempts_left <= 0:
-                    raise from_rpc_error(failed) from None
-                attempts_left -= 1
-                time.sleep(self.retry_backoff_s)
+        yield from stream_steps(self._stub.StreamSteps, session_id, numbered, timeout=timeout,
+                                metadata=self._metadata, retries=self.retries, backoff_s=self.retry_backoff_s)
 
     def pull_rows(self, session_id: str, table: str, ids, *, timeout: float | None = None) -> tuple[int, np.ndarray]:
         """(version, rows): rows `ids` (int64, any order, repeats allowed) of a session's table
@@ -423,12 +397,6 @@ class Client:
 
     def _with_retries(self, attempt, timeout: float | None):
         return with_retries(attempt, timeout or self.timeout, self.retries, self.retry_backoff_s)
-
-
-def _record(steps: Iterator[tuple], unanswered: collections.deque) -> Iterator[tuple]:
-    for step in steps:
-        unanswered.append(step)
-        yield step
 
 
 def _input_gradient(gradients: dict):
