@@ -217,3 +217,13 @@ def test_the_dlrm_example_prepares_as_written():
     assert [node["field"] for node in tables] == list(range(26))
     assert {node["rows"] for node in tables} == {raw["dataset"]["vocab"]} and prepared.split.ids_train.shape[1] == 26
     assert prepared.spec["loss"] == "binary_cross_entropy" and prepared.job.train.batch_size == 512
+
+
+def test_a_checkpoint_of_other_hashing_is_not_resumed(tmp_path):
+    (tmp_path / "c.csv").write_text("site,clicked\n" + "".join(f"s{i % 7},{i % 2}\n" for i in range(40)))
+    job = {"dataset": {"path": "c.csv", "label": "clicked", "categorical": ["site"], "hash_rows": 64},
+           "model": GRAPH}
+    fingerprint = prepare_job(parse_job(job, base_dir=tmp_path)).fingerprint()
+    assert fingerprint == prepare_job(parse_job(job, base_dir=tmp_path)).fingerprint()
+    reseeded = {**job, "dataset": {**job["dataset"], "hash_seed": 1}}
+    assert prepare_job(parse_job(reseeded, base_dir=tmp_path)).fingerprint() != fingerprint

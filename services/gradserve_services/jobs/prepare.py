@@ -45,6 +45,9 @@ class PreparedJob:
             "batch_size": self.order.batch_size,
             "seed": self.job.seed,
         }
+        if self.job.dataset.categorical:  # the same values on other rows would be other data
+            config = self.job.dataset
+            identity["hashing"] = [list(config.categorical), config.hash_rows, config.hash_seed]
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
