@@ -157,3 +157,26 @@ def test_bad_backward_input_is_named_and_keeps_the_forward(gradient, loss, field
         assert refused.value.field == field and trainer.version == 0
         # the held forward survives a refused backward: the corrected one applies
         assert trainer.backward_step(1, mean_softmax_cross_entropy(phase.output, y)[1], 0.5).version == 1
+
+
+def test_each_parameter_version_held_counts_once():
+    """Forwards at one version share one parameter copy; one at a newer version (async: a step in
+    between) holds another, and the bound counts both."""
+    params = Model(MLP_SPEC).init_parameters(seed=0, dtype="float64")
+    param_bytes = sum(value.nbytes for value in params.values())
+    with LocalExecutor() as executor:
+        trainer = executor.create_trainer(TrainerConfig(MLP_SPEC, consistency="async", num_workers=1), params)
+        x, y = classification_data(8)
+        trainer.forward_step(1, x)
+        trainer.forward_step(2, x)
+        activations = trainer._two_phase.held_bytes - param_bytes
+        trainer.step(3, x, y)
+        trainer.forward_step(4, x)
+        assert trainer._two_phase.held_bytes == 3 * activations // 2 + 2 * param_bytes
+        trainer._two_phase.max_bytes = trainer._two_phase.held_bytes  # room for three forwards, two copies
+        trainer.forward_step(5, x)  # evicts step 1; step 2 still holds version 0's copy
+        assert trainer._two_phase.held_steps() == [2, 4, 5]
+        trainer._two_phase.max_bytes -= 1
+        trainer.forward_step(6, x)  # evicting step 2 frees version 0's copy too: three fit again
+        assert trainer._two_phase.held_steps() == [4, 5, 6]
+        assert trainer._two_phase.held_bytes == 3 * activations // 2 + param_bytes

@@ -11,9 +11,10 @@ loss would have made.
 Both phases run in the coordinator's process, as the gateway's Forward does: the batch is one
 caller's, and the activations must stay where phase two will find them.
 
-Memory is bounded per trainer: at most `MAX_HELD_FORWARDS` forwards and `MAX_HELD_BYTES` of their
-activations are kept; a new forward evicts the oldest ones until it fits (one over the byte
-limit on its own is refused, nothing kept). A forward is also dropped when its backward applied,
+Memory is bounded per trainer: at most `MAX_HELD_FORWARDS` forwards and `MAX_HELD_BYTES` are kept,
+counting their activations and, once per parameter version they ran at, the copy of the
+parameters their backward needs; a new forward evicts the oldest ones until it fits (one whose
+activations alone are over the byte limit is refused, nothing kept; the newest is always kept). A forward is also dropped when its backward applied,
 and all are dropped by a restore. A backward whose forward was evicted (or never ran, or ran in a
 service that restarted since) is refused with FailedPrecondition naming `step_id` and applies
 nothing: run the forward again with the same step id, then the backward.
@@ -77,7 +78,7 @@ class TwoPhaseSteps:
 
     @property
     def held_bytes(self) -> int:
-        return sum(step.forward.nbytes for step in self._held.values())
+        return _bytes_of([step.forward for step in self._held.values()])
 
     def held_steps(self) -> list[int]:
         return list(self._held)
@@ -94,8 +95,8 @@ class TwoPhaseSteps:
                                     f"over the {self.max_bytes}-byte limit of a session; send fewer rows",
                                     "batch.x")
         self._held.pop(step, None)
-        while self._held and (len(self._held) >= self.max_forwards
-                              or self.held_bytes + forward.nbytes > self.max_bytes):
+        while self._held and (len(self._held) >= self.max_forwards or _bytes_of(
+                [*(step.forward for step in self._held.values()), forward]) > self.max_bytes):
             self._held.popitem(last=False)
         held = self._held[step] = HeldStep(version, forward, time.monotonic())
         return held
@@ -171,3 +172,10 @@ class TwoPhaseSteps:
             self._parameters = (self._shards.version, {name: np.array(merged[name], copy=True)
                                                        for name in self._model.parameter_shapes()})
         return self._parameters
+
+
+def _bytes_of(forwards: list[HeldForward]) -> int:
+    """What holding `forwards` costs: their activations, and each parameter copy they share once."""
+    snapshots = {id(forward.params): forward.params for forward in forwards}
+    return sum(forward.nbytes for forward in forwards) + sum(
+        value.nbytes for params in snapshots.values() for value in params.values())
