@@ -180,3 +180,15 @@ def test_each_parameter_version_held_counts_once():
         trainer.forward_step(6, x)  # evicting step 2 frees version 0's copy too: three fit again
         assert trainer._two_phase.held_steps() == [4, 5, 6]
         assert trainer._two_phase.held_bytes == 3 * activations // 2 + param_bytes
+
+
+def test_a_model_with_tables_is_refused_naming_the_model():
+    from .table_models import TABLE_SPEC, lazy_parameters, table_batch
+
+    with LocalExecutor() as executor:
+        trainer = executor.create_trainer(TrainerConfig(TABLE_SPEC, {"name": "sgd", "lr": 0.1}), lazy_parameters(0))
+        x, _ = table_batch(6, seed=0)
+        with pytest.raises(FailedPrecondition) as refused:
+            trainer.forward_step(1, x)
+        assert refused.value.field == "model" and trainer.version == 0
+        trainer.close()
