@@ -126,10 +126,10 @@ def test_state_moves_between_shard_counts():
         want[k::2] = table.dense("t")
     for k, table in enumerate(three):
         np.testing.assert_array_equal(table.dense("t"), want[k::3])
-    moments = three[1].stores["t"].read_state(everything[1::3])["exp_avg"]
+    moments = three[1].read_state("t", everything[1::3])["exp_avg"]
     assert np.abs(moments).sum() > 0
     assert sum(t.stored()[0] for t in three) == sum(t.stored()[0] for t in two)
-    assert all(t.stores["t"].updates == 3 for t in three)
+    assert all(t.updates("t") == 3 for t in three)
 
 
 def test_non_finite_update_is_refused_whole():
@@ -169,3 +169,37 @@ def test_config_errors_name_the_field():
     assert caught.value.field == "table_optimizer.momentum"
     assert default_table_optimizer({"name": "adam", "lr": 0.01}).name == "sparse_adam"
     assert default_table_optimizer({"name": "momentum", "lr": 0.2}) == TableOptimizerConfig("sgd", 0.2)
+
+
+def test_tables_sharing_a_store_follow_torch_each():
+    """Tables of one width share a store (one pass for all of them), another width has its own:
+    each still equals its own nn.Embedding stepped by SparseAdam, on 2 shards."""
+    shapes = {"a": (23, 4), "b": (9, 4), "c": (17, 3)}
+    config = {"name": "sparse_adam", "lr": 0.05}
+    layout = {"tables": {name: list(shape) for name, shape in shapes.items()}, "dtype": "float32", "seed": 1,
+              "shards": 2, "optimizer": config}
+    tables = [ShardTables({**layout, "shard": k}) for k in range(2)]
+    assert len(tables[0].stores) == 2
+    embeddings = {}
+    for name, shape in shapes.items():
+        embeddings[name] = torch.nn.Embedding(*shape, sparse=True)
+        with torch.no_grad():
+            embeddings[name].weight.copy_(torch.from_numpy(table_rows(np, 1, name, np.arange(shape[0]), shape, np.float32)))
+    optimizer = torch.optim.SparseAdam([e.weight for e in embeddings.values()], lr=0.05)
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        grads = {name: (np.unique(rng.integers(0, shape[0], 6)), None) for name, shape in shapes.items()}
+        grads = {name: (ids, rng.standard_normal((ids.shape[0], shapes[name][1])).astype(np.float32))
+                 for name, (ids, _) in grads.items()}
+        optimizer.zero_grad()
+        sum((embeddings[name](torch.from_numpy(ids)) * torch.from_numpy(rows)).sum()
+            for name, (ids, rows) in grads.items()).backward()
+        optimizer.step()
+        for k, table in enumerate(tables):
+            push = {name: (ids[ids % 2 == k], rows[ids % 2 == k]) for name, (ids, rows) in grads.items()}
+            table.write(table.plan([push], 1.0)[0])
+    for name, shape in shapes.items():
+        got = np.empty(shape, np.float32)
+        for k, table in enumerate(tables):
+            got[k::2] = table.dense(name)
+        np.testing.assert_allclose(got, embeddings[name].weight.detach().numpy(), rtol=1e-6, atol=1e-6)

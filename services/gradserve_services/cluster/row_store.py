@@ -1,4 +1,5 @@
-"""`RowStore`: one table's rows on one parameter-server shard, materialised lazily.
+"""`RowStore`: the rows of a trainer's tables of one width on one parameter-server shard,
+materialised lazily, in one record array.
 
 A table of millions of rows starts as a function, not an array: row r of table T is
 `table_rows(seed, T, r)` (engine/table_init.py), the very value `Model.init_parameters` gives it.
@@ -6,16 +7,21 @@ A row read before any update is computed on the spot and not kept; a row becomes
 and its optimizer state) the first time an update reaches it. Memory is therefore what the steps
 touched: a 4-byte slot per row of the shard (a zero-filled array, whose untouched pages the kernel
 never backs), plus the touched rows' records in an array that doubles when full. A record is the
-row's value and its state slots side by side (`[value | slot 0 | slot 1]`), so an update gathers
-and scatters each touched row once.
+row's value and its state slots side by side (`[value | slot 0 | slot 1]`).
 
-Ids here are global row ids of the rows this shard holds (see row_placement.py). An update is
-planned first (`plan`: new values and state of the rows, nothing written), refused whole when
-anything in it is not finite, and written only by `apply`, so a sharded server can ask every shard
-before any applies.
+Every table of one width shares the store: a row is addressed by a key, its table's offset plus
+its local row (`r // S` for row r on shard `r mod S`, row_placement.py), so a step's update of all
+26 tables of a DLRM is one gather, one optimizer pass and one scatter, not 26 of each. Keys sort
+table by table, so the table of a key is found by its offset.
+
+An update is planned first (`plan`: new values and state of the rows, nothing written), refused
+whole when anything in it is not finite (naming the table), and written only by `write`, so a
+sharded server can ask every shard before any applies.
 """
 
 from __future__ import annotations
+
+from typing import Mapping
 
 import numpy as np
 
@@ -32,17 +38,33 @@ INITIAL_CAPACITY = 1024
 
 
 class RowStore:
-    def __init__(self, name: str, shape, dtype, seed: int, shard: int, placement: RowPlacement,
-                 optimizer: RowOptimizer):
-        self.name, self.shape, self.dtype = name, tuple(int(n) for n in shape), np.dtype(dtype)
+    def __init__(self, tables: Mapping[str, int], dim: int, dtype, seed: int, shard: int,
+                 placement: RowPlacement, optimizer: RowOptimizer):
+        """`tables`: rows of each table (all of width `dim`)."""
+        self.rows_of = {name: int(rows) for name, rows in tables.items()}
+        self.dim, self.dtype = int(dim), np.dtype(dtype)
         self.seed, self.shard, self.placement, self.optimizer = int(seed), shard, placement, optimizer
-        self.updates = 0  # updates applied to this table (the optimizer's step counter)
-        local_rows = placement.shard_rows(self.shape[0], shard)
-        self._slot_of = np.zeros(local_rows, dtype=np.int32)  # 0: never updated, else slot + 1
+        self.updates = 0  # updates applied to these tables (the optimizer's step counter)
+        sizes = [placement.shard_rows(rows, shard) for rows in self.rows_of.values()]
+        starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        self._offset = dict(zip(self.rows_of, (int(start) for start in starts[:-1])))
+        self._starts = starts[:-1]
+        self._names = list(self.rows_of)
+        self._slot_of = np.zeros(int(starts[-1]), dtype=np.int32)  # 0: never updated, else slot + 1
         self._count = 0
-        self._ids = np.empty(0, dtype=np.int64)  # global id of each slot
+        self._keys = np.empty(0, dtype=np.int64)  # key of each slot
         self._slots = optimizer.config.slots
-        self._records = np.empty((0, self.shape[1] * (1 + len(self._slots))), dtype=self.dtype)
+        self._records = np.empty((0, self.dim * (1 + len(self._slots))), dtype=self.dtype)
+
+    # ----- keys ----------------------------------------------------------------------------------
+
+    def keys(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """Keys of rows `ids` (global, this shard's) of table `name`."""
+        return self._offset[name] + self.placement.local(ids.astype(np.int64, copy=False))
+
+    def _tables_of(self, keys: np.ndarray) -> np.ndarray:
+        """Index into the tables of each key."""
+        return np.searchsorted(self._starts, keys, side="right") - 1
 
     # ----- reading -------------------------------------------------------------------------------
 
@@ -51,109 +73,131 @@ class RowStore:
         return self._count
 
     @property
+    def key_count(self) -> int:
+        """Rows of every table of this store on this shard: the key space."""
+        return int(self._slot_of.shape[0])
+
+    @property
     def nbytes(self) -> int:
-        """Bytes this table holds on the shard: the slot index and the stored rows' records."""
+        """Bytes held on the shard: the slot index and the stored rows' records."""
         return self._slot_of.nbytes + (self._records.shape[1] * self.dtype.itemsize + 8) * self._count
 
-    def _gather(self, ids: np.ndarray, width: int) -> np.ndarray:
-        """The first `width` columns of the records of `ids`: stored, or initial (value from the
+    def gather(self, keys: np.ndarray, width: int) -> np.ndarray:
+        """The first `width` columns of the records of `keys`: stored, or initial (value from the
         seed, state as the optimizer starts it)."""
-        slots = self._slot_of[self.placement.local(ids)].astype(np.int64) - 1
+        slots = self._slot_of[keys].astype(np.int64) - 1
         stored = slots >= 0
         if bool(stored.all()):
             return np.take(self._records[:, :width], slots, axis=0)
-        out = np.empty((ids.shape[0], width), dtype=self.dtype)
+        out = np.empty((keys.shape[0], width), dtype=self.dtype)
         out[stored] = np.take(self._records[:, :width], slots[stored], axis=0)
-        fresh = ~stored
-        dim = self.shape[1]
-        out[fresh, :dim] = table_rows(np, self.seed, self.name, ids[fresh], self.shape, self.dtype)
-        if width > dim:
-            start = self.optimizer.initial_state(1, dim, self.dtype)
-            out[fresh, dim:] = np.concatenate([start[slot] for slot in self._slots], axis=1)
+        fresh = np.flatnonzero(~stored)
+        tables = self._tables_of(keys[fresh])
+        for index in np.unique(tables):
+            name = self._names[index]
+            positions = fresh[tables == index]
+            ids = self.placement.global_ids(keys[positions] - self._offset[name], self.shard)
+            out[positions, :self.dim] = table_rows(np, self.seed, name, ids, (self.rows_of[name], self.dim),
+                                                   self.dtype)
+        if width > self.dim:
+            start = self.optimizer.initial_state(1, self.dim, self.dtype)
+            out[fresh, self.dim:] = np.concatenate([start[slot] for slot in self._slots], axis=1)
         return out
 
-    def read(self, ids: np.ndarray) -> np.ndarray:
-        """Rows `ids` (global, this shard's), stored or initial."""
-        return self._gather(ids, self.shape[1])
+    def read(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """Rows `ids` (global, this shard's) of table `name`, stored or initial."""
+        return self.gather(self.keys(name, ids), self.dim)
 
-    def read_state(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-        return self._split(self._gather(ids, self._records.shape[1]))[1]
+    def read_state(self, name: str, ids: np.ndarray) -> dict[str, np.ndarray]:
+        return self._split(self.gather(self.keys(name, ids), self._records.shape[1]))[1]
 
     def _split(self, records: np.ndarray):
         """`(values, {slot: state})` views of records."""
-        dim = self.shape[1]
+        dim = self.dim
         return records[:, :dim], {slot: records[:, dim * (k + 1):dim * (k + 2)] for k, slot in enumerate(self._slots)}
 
-    def dense(self) -> np.ndarray:
-        """Every row of this shard, in local order (row `local * S + shard`)."""
-        local = np.arange(self._slot_of.shape[0], dtype=np.int64)
-        return self.read(self.placement.global_ids(local, self.shard))
+    def dense(self, name: str) -> np.ndarray:
+        """Every row this shard holds of table `name`, in local order (row `local * S + shard`)."""
+        local = np.arange(self.placement.shard_rows(self.rows_of[name], self.shard), dtype=np.int64)
+        return self.gather(self._offset[name] + local, self.dim)
 
     # ----- updating ------------------------------------------------------------------------------
 
-    def plan(self, ids: np.ndarray, grad: np.ndarray):
-        """`(new_rows, new_state)` of the update with mean gradient rows `grad`; writes nothing.
-        FailedPrecondition if the gradient or the result is not finite."""
+    def plan(self, keys: np.ndarray, grad: np.ndarray):
+        """`(new_rows, new_state)` of the update with mean gradient rows `grad` of the sorted
+        unique `keys`; writes nothing. FailedPrecondition naming the table if the gradient or the
+        result is not finite."""
         if not all_finite(grad):
-            raise FailedPrecondition(f"the gradient of {self.name!r} is not finite (the model "
-                                     "overflows on this batch); nothing was applied",
-                                     f"gradients.{self.name}")
-        rows, state = self._split(self._gather(ids, self._records.shape[1]))
+            raise FailedPrecondition(f"the gradient of {self._name_of_bad(keys, grad)!r} is not finite "
+                                     "(the model overflows on this batch); nothing was applied",
+                                     f"gradients.{self._name_of_bad(keys, grad)}")
+        records = self.gather(keys, self._records.shape[1])
+        # contiguous copies: the rule's passes then run over flat arrays, not 16-wide strided rows
+        rows, state = self._split(records)
+        rows, state = np.ascontiguousarray(rows), {slot: np.ascontiguousarray(part) for slot, part in state.items()}
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow here is the finding
             new_rows, new_state = self.optimizer.update(rows, state, grad, self.updates + 1)
-        if not all(all_finite(array) for array in (new_rows, *new_state.values())):
-            raise FailedPrecondition(f"the update would make rows of {self.name!r} not finite; "
-                                     "nothing was applied", f"parameters.{self.name}")
-        return new_rows, new_state
+        new = np.concatenate([new_rows, *(new_state[slot] for slot in self._slots)], axis=1) \
+            if self._slots else new_rows
+        if not all_finite(new):
+            name = self._name_of_bad(keys, new)
+            raise FailedPrecondition(f"the update would make rows of {name!r} not finite; nothing "
+                                     "was applied", f"parameters.{name}")
+        return new
 
-    def write(self, ids: np.ndarray, new_rows: np.ndarray, new_state) -> None:
-        """Store planned rows (and count the update, empty or not, as torch counts its steps)."""
-        self._put(ids, new_rows, new_state)
+    def _name_of_bad(self, keys: np.ndarray, values: np.ndarray) -> str:
+        with np.errstate(invalid="ignore"):
+            bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+        return self._names[int(self._tables_of(keys[bad[:1]])[0])] if bad.size else self._names[0]
+
+    def write(self, keys: np.ndarray, records: np.ndarray) -> None:
+        """Store planned records (and count the update, empty or not, as torch counts its steps)."""
+        slots = self._slots_for(keys)  # first: it may grow the records
+        self._records[slots] = records
         self.updates += 1
 
-    def _put(self, ids: np.ndarray, rows: np.ndarray, state) -> None:
-        slots = self._slots_for(ids)
-        self._records[slots] = np.concatenate([rows, *(state[slot] for slot in self._slots)], axis=1) \
-            if self._slots else rows
-
-    def _slots_for(self, ids: np.ndarray) -> np.ndarray:
-        """Slots of `ids`, new rows given the next free ones."""
-        local = self.placement.local(ids)
-        slots = self._slot_of[local].astype(np.int64) - 1
+    def _slots_for(self, keys: np.ndarray) -> np.ndarray:
+        """Slots of `keys`, new rows given the next free ones."""
+        slots = self._slot_of[keys].astype(np.int64) - 1
         fresh = slots < 0
         added = int(fresh.sum())
         if added:
             self._reserve(self._count + added)
             new_slots = np.arange(self._count, self._count + added, dtype=np.int64)
             slots[fresh] = new_slots
-            self._slot_of[local[fresh]] = (new_slots + 1).astype(np.int32)
-            self._ids[new_slots] = ids[fresh]
+            self._slot_of[keys[fresh]] = (new_slots + 1).astype(np.int32)
+            self._keys[new_slots] = keys[fresh]
             self._count += added
         return slots
 
     def _reserve(self, needed: int) -> None:
-        capacity = self._ids.shape[0]
+        capacity = self._keys.shape[0]
         if needed <= capacity:
             return
         capacity = max(INITIAL_CAPACITY, capacity)
         while capacity < needed:
             capacity *= 2
-        self._ids = _grown(self._ids, capacity, self._count)
+        self._keys = _grown(self._keys, capacity, self._count)
         self._records = _grown(self._records, capacity, self._count)
 
     # ----- checkpoints ---------------------------------------------------------------------------
 
-    def state(self) -> dict[str, np.ndarray]:
-        """The stored rows (rows never updated are their initial values, not saved)."""
-        values, state = self._split(self._records[:self._count])
-        arrays = {"ids": self._ids[:self._count], "rows": values}
+    def state(self, name: str) -> dict[str, np.ndarray]:
+        """The stored rows of table `name` (rows never updated are their initial values, not saved)."""
+        keys = self._keys[:self._count]
+        start = self._offset[name]
+        mine = np.flatnonzero((keys >= start) & (keys < start + self.placement.shard_rows(self.rows_of[name], self.shard)))
+        values, state = self._split(self._records[mine])
+        arrays = {"ids": self.placement.global_ids(keys[mine] - start, self.shard), "rows": values}
         arrays.update({f"state/{slot}": values for slot, values in state.items()})
         return arrays
 
-    def load(self, ids: np.ndarray, rows: np.ndarray, state: dict, updates: int) -> None:
-        """Store `rows` (and their optimizer `state`) for `ids` of this shard, as `state()` gave them."""
-        self._put(ids, rows, state)
-        self.updates = int(updates)
+    def load(self, name: str, ids: np.ndarray, rows: np.ndarray, state: dict) -> None:
+        """Store `rows` (and their optimizer `state`) for `ids` of table `name`, as `state()` gave them."""
+        keys = self.keys(name, ids)
+        records = np.concatenate([rows, *(state[slot] for slot in self._slots)], axis=1) if self._slots else rows
+        slots = self._slots_for(keys)  # first: it may grow the records
+        self._records[slots] = records
 
 
 def _grown(array: np.ndarray, capacity: int, used: int) -> np.ndarray:

@@ -32,18 +32,32 @@ class ShardTables:
         self.layout = dict(layout)
         self.placement = RowPlacement(layout["shards"])
         self.optimizer = RowOptimizer(layout["optimizer"])
-        self.stores = {name: RowStore(name, shape, layout["dtype"], layout["seed"], layout["shard"],
-                                      self.placement, self.optimizer)
-                       for name, shape in layout["tables"].items()}
+        by_dim: dict[int, dict[str, int]] = {}
+        for name, (rows, dim) in layout["tables"].items():
+            by_dim.setdefault(int(dim), {})[name] = int(rows)
+        # one store per row width: a step updates all its tables in one pass (row_store.py)
+        self.stores = [RowStore(tables, dim, layout["dtype"], layout["seed"], layout["shard"], self.placement,
+                                self.optimizer) for dim, tables in by_dim.items()]
+        self._store_of = {name: store for store in self.stores for name in store.rows_of}
         # With several server shards the trainer asks each to `check` an update before it applies
         # the same one: the plan made for the check is kept for the apply (same pushes, scale and
         # table state, see _signature), so the rows' update is computed once per step.
         self._planned: tuple | None = None
 
     def pull(self, ids_by_table: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """`{table: rows}` for `{table: global ids of this shard}`."""
-        return {name: self._store(name).read(np.asarray(ids, dtype=np.int64))
-                for name, ids in ids_by_table.items()}
+        """`{table: rows}` for `{table: global ids of this shard}`: one gather per store."""
+        out = {}
+        for store in self.stores:
+            names = [name for name in ids_by_table if self._store(name) is store]
+            if not names:
+                continue
+            keys = [store.keys(name, np.asarray(ids_by_table[name])) for name in names]
+            rows = store.gather(np.concatenate(keys), store.dim)
+            bounds = np.cumsum([0] + [part.shape[0] for part in keys])
+            out.update({name: rows[bounds[i]:bounds[i + 1]] for i, name in enumerate(names)})
+        for name in ids_by_table:
+            self._store(name)  # an unknown table named even when no store holds one
+        return out
 
     def plan(self, pushes: list, scale: float):
         """The planned update of `scale * sum(pushes)` (each push `{table: (ids, row sums)}`):
@@ -58,24 +72,26 @@ class ShardTables:
 
     def _signature(self, pushes: list, scale: float) -> tuple:
         """What a plan depends on: the pushes (ids and a checksum of their rows), the scale, and
-        every table's update count (any write changes it)."""
+        every store's update count (any write changes it)."""
         parts = tuple((name, ids.shape[0], int(ids.sum()), float(np.sum(rows, dtype=np.float64)))
                       for push in pushes for name, (ids, rows) in push.items())
-        return scale, parts, tuple(store.updates for store in self.stores.values())
+        return scale, parts, tuple(store.updates for store in self.stores)
 
     def _plan(self, pushes: list, scale: float):
         writes, squared, updated = [], 0.0, 0
-        for name, store in self.stores.items():
-            given = [push[name] for push in pushes if name in push]
+        for store in self.stores:
+            given = [(store.keys(name, ids), rows) for push in pushes for name, (ids, rows) in push.items()
+                     if self._store(name) is store]
             if not given:
                 continue
             with np.errstate(over="ignore", invalid="ignore"):  # store.plan refuses what overflows
-                summed = SparseRows.combine(np, [SparseRows(ids.astype(np.int64, copy=False), rows, store.shape)
-                                                 for ids, rows in given])
+                summed = SparseRows.from_lookups(np, np.concatenate([keys for keys, _ in given]),
+                                                 np.concatenate([rows for _, rows in given]),
+                                                 (store.key_count, store.dim))
                 grad = summed.rows * store.dtype.type(scale)
             squared += float(np.vdot(grad, grad))
             updated += int(summed.ids.shape[0])
-            writes.append((store, summed.ids, *store.plan(summed.ids, grad)))
+            writes.append((store, summed.ids, store.plan(summed.ids, grad)))
         return writes, squared, updated
 
     def write(self, writes) -> None:
@@ -83,41 +99,46 @@ class ShardTables:
         parameter that has a gradient, an empty one included)."""
         self._planned = None
         written = set()
-        for store, ids, new_rows, new_state in writes:
-            store.write(ids, new_rows, new_state)
-            written.add(store.name)
-        for name, store in self.stores.items():
-            if name not in written:
+        for store, keys, records in writes:
+            store.write(keys, records)
+            written.add(id(store))
+        for store in self.stores:
+            if id(store) not in written:
                 store.updates += 1
 
     def stored(self) -> tuple[int, int]:
         """`(rows stored, bytes held)` over this shard's tables."""
-        return (sum(store.stored_rows for store in self.stores.values()),
-                sum(store.nbytes for store in self.stores.values()))
+        return (sum(store.stored_rows for store in self.stores), sum(store.nbytes for store in self.stores))
 
     def dense(self, name: str) -> np.ndarray:
-        return self._store(name).dense()
+        return self._store(name).dense(name)
+
+    def read_state(self, name: str, ids: np.ndarray) -> dict[str, np.ndarray]:
+        return self._store(name).read_state(name, ids)
+
+    def updates(self, name: str) -> int:
+        return self._store(name).updates
 
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
-        arrays = {f"rows/{name}/{key}": value for name, store in self.stores.items()
-                  for key, value in store.state().items()}
-        return arrays, {"updates": {name: store.updates for name, store in self.stores.items()}}
+        arrays = {f"rows/{name}/{key}": value for name, store in self._store_of.items()
+                  for key, value in store.state(name).items()}
+        return arrays, {"updates": {name: store.updates for name, store in self._store_of.items()}}
 
     def load(self, arrays: Mapping[str, np.ndarray], meta: Mapping) -> None:
         """Take this shard's rows out of a `state()` of any number of shards (merged arrays)."""
-        for name, store in self.stores.items():
+        for name, store in self._store_of.items():
             ids = np.asarray(arrays.get(f"rows/{name}/ids", np.zeros(0, np.int64)), dtype=np.int64)
+            store.updates = max(store.updates, int(meta["updates"][name]))
             mine = ids % self.placement.shards == store.shard
-            rows = np.asarray(arrays[f"rows/{name}/rows"])[mine] if ids.size else None
+            if not mine.any():
+                continue
+            rows = np.asarray(arrays[f"rows/{name}/rows"])[mine]
             state = {slot: np.asarray(arrays[f"rows/{name}/state/{slot}"])[mine]
-                     for slot in self.optimizer.config.slots} if ids.size else {}
-            if ids.size:
-                store.load(ids[mine], rows, state, meta["updates"][name])
-            else:
-                store.updates = int(meta["updates"][name])
+                     for slot in self.optimizer.config.slots}
+            store.load(name, ids[mine], rows, state)
 
     def _store(self, name: str) -> RowStore:
-        store = self.stores.get(name)
+        store = self._store_of.get(name)
         if store is None:
             raise InvalidArgument(f"{name!r} is not a table of this model", "table")
         return store

@@ -110,25 +110,40 @@ class RowOptimizer:
         return {slot: np.full((count, dim), fill, dtype=dtype) for slot in self.config.slots}
 
     def update(self, rows: np.ndarray, state: Mapping[str, np.ndarray], grad: np.ndarray, step: int):
+        """New rows and state; may overwrite `rows` and `state` (the caller's gathered copies),
+        never `grad`. In place where it can: a step's rows are tens of thousands."""
         return getattr(self, f"_{self.config.name}")(rows, state, grad, step)
 
     def _sgd(self, rows, state, grad, step):
         # torch SGD, sparse gradient: param.add_(grad, alpha=-lr)
-        return rows - grad * rows.dtype.type(self.config.lr), {}
+        rows -= grad * rows.dtype.type(self.config.lr)
+        return rows, {}
 
     def _adagrad(self, rows, state, grad, step):
         config, dtype = self.config, rows.dtype.type
-        total = state["sum"] + grad * grad  # state_sum.add_(grad_values.pow(2))
-        std = np.sqrt(total) + dtype(config.epsilon)  # std_values.sqrt_().add_(eps)
-        return rows - (grad / std) * dtype(config.lr), {"sum": total}  # lr_decay 0: clr = lr
+        total = state["sum"]
+        total += grad * grad  # state_sum.add_(grad_values.pow(2))
+        std = np.sqrt(total)
+        std += dtype(config.epsilon)  # std_values.sqrt_().add_(eps)
+        np.divide(grad, std, out=std)
+        std *= dtype(config.lr)
+        rows -= std  # param.add_(grad / std, alpha=-clr); lr_decay 0: clr = lr
+        return rows, {"sum": total}
 
     def _sparse_adam(self, rows, state, grad, step):
         config, dtype = self.config, rows.dtype.type
         old_avg, old_sq = state["exp_avg"], state["exp_avg_sq"]
-        avg_update = (grad - old_avg) * dtype(1 - config.beta1)
-        sq_update = (grad * grad - old_sq) * dtype(1 - config.beta2)
-        numer = avg_update + old_avg
-        second = sq_update + old_sq
-        denom = np.sqrt(second) + dtype(config.epsilon)
+        numer = grad - old_avg
+        numer *= dtype(1 - config.beta1)  # exp_avg_update_values
+        numer += old_avg  # the new exp_avg
+        second = grad * grad
+        second -= old_sq
+        second *= dtype(1 - config.beta2)  # exp_avg_sq_update_values
+        second += old_sq  # the new exp_avg_sq
+        denom = np.sqrt(second)
+        denom += dtype(config.epsilon)
         step_size = config.lr * math.sqrt(1 - config.beta2 ** step) / (1 - config.beta1 ** step)
-        return rows + (-step_size) * (numer / denom), {"exp_avg": numer, "exp_avg_sq": second}
+        np.divide(numer, denom, out=denom)
+        denom *= -step_size
+        rows += denom
+        return rows, {"exp_avg": numer, "exp_avg_sq": second}
