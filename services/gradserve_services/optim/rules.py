@@ -49,20 +49,23 @@ def sgd(config, param, grad, state, scratch, scale, c):
     param += g
 
 
-def momentum(config, param, grad, state, scratch, scale, c):
+def _momentum_step(config, param, grad, state, scratch, scale):
+    """(g, buf): the scaled gradient and the momentum buffer after `buf = momentum * buf + g`."""
     g = _scaled_grad(config, param, grad, scratch[0], scale, l2=True)
     buf = state["momentum_buffer"]
     buf *= config.momentum
     buf += g
+    return g, buf
+
+
+def momentum(config, param, grad, state, scratch, scale, c):
+    g, buf = _momentum_step(config, param, grad, state, scratch, scale)
     np.multiply(buf, -c["lr"], out=g)
     param += g
 
 
 def nesterov(config, param, grad, state, scratch, scale, c):
-    g = _scaled_grad(config, param, grad, scratch[0], scale, l2=True)
-    buf = state["momentum_buffer"]
-    buf *= config.momentum
-    buf += g
+    g, buf = _momentum_step(config, param, grad, state, scratch, scale)
     np.multiply(buf, config.momentum, out=scratch[1])
     g += scratch[1]
     g *= -c["lr"]
