@@ -227,3 +227,17 @@ def test_a_checkpoint_of_other_hashing_is_not_resumed(tmp_path):
     assert fingerprint == prepare_job(parse_job(job, base_dir=tmp_path)).fingerprint()
     reseeded = {**job, "dataset": {**job["dataset"], "hash_seed": 1}}
     assert prepare_job(parse_job(reseeded, base_dir=tmp_path)).fingerprint() != fingerprint
+
+
+@pytest.mark.parametrize("dataset, model, field", [
+    ({"categorical": ["nope"]}, GRAPH, "dataset.categorical"),
+    ({"categorical": ["site"]}, {"mlp": {}}, "model.mlp"),
+    ({"categorical": ["site"], "hash_rows": 65}, GRAPH, "model.nodes[table]"),
+])
+def test_a_bad_categorical_job_stops_before_training_naming_the_key(tmp_path, write_job, run_cli, dataset, model,
+                                                                     field):
+    (tmp_path / "c.csv").write_text("site,clicked\na,1\nb,0\na,0\nc,1\n")
+    job = write_job({"dataset": {"path": str(tmp_path / "c.csv"), "label": "clicked", **dataset}, "model": model})
+    # nothing listens on port 1: a job that got as far as training would exit 1, not 2
+    code, out, err = run_cli("train", job, "--target", "127.0.0.1:1")
+    assert code == 2 and out == "" and field in err, err

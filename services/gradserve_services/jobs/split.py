@@ -8,6 +8,7 @@ uninterrupted job would have drawn: no batch repeated, none skipped.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,7 +77,10 @@ def split_dataset(
     stratify = None
     if dataset.task == "classification":
         counts = np.bincount(dataset.y)
-        if counts[counts > 0].min() >= 2:
+        classes = int((counts > 0).sum())
+        test_rows = math.ceil(test_fraction * len(dataset.y))  # as scikit-learn counts them
+        # stratifying needs two of each class and room for every class on both sides
+        if counts[counts > 0].min() >= 2 and min(test_rows, len(dataset.y) - test_rows) >= classes:
             stratify = dataset.y
     rows_train, rows_test = train_test_split(
         np.arange(len(dataset.x)), test_size=test_fraction, random_state=seed, stratify=stratify
