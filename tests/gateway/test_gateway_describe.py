@@ -17,6 +17,7 @@ from gradserve_services.engine import LOSSES, OPS, Model
 from gradserve_services.engine.describe import describe_model
 from gradserve_services.gateway.sessions import SessionLimits
 from gradserve_services.optim import OPTIMIZER_NAMES, OptimizerConfig
+from gradserve_services.optim.rows import TABLE_OPTIMIZER_NAMES
 
 
 def test_describe_model_is_the_engines_description(client):
@@ -51,6 +52,7 @@ def test_server_info_lists_what_the_service_validates_with(client):
     assert info["optimizers"] == list(OPTIMIZER_NAMES)
     assert info["consistency_modes"] == list(CONSISTENCY_MODES)
     assert info["compression_methods"] == list(COMPRESSIONS)
+    assert info["table_optimizers"] == list(TABLE_OPTIMIZER_NAMES)
     assert info["dtypes"] == ["float32", "float64"]
     limits = SessionLimits()
     assert info["limits"]["sessions_per_owner"] == limits.sessions_per_owner

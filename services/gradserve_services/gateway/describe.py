@@ -18,6 +18,7 @@ from gradserve_services.engine.describe import describe_model, loss_catalogue, o
 from gradserve_services.errors import InvalidArgument
 from gradserve_services.optim import OPTIMIZER_NAMES, SCHEDULE_NAMES, OptimizerConfig, ScheduleConfig
 from gradserve_services.optim.config import OPTIMIZER_RANGES, SCHEDULE_RANGES
+from gradserve_services.optim.rows import TABLE_OPTIMIZER_NAMES
 
 __all__ = ["describe_reply", "server_info_reply"]
 
@@ -60,6 +61,7 @@ def server_info_reply(limits, max_request_bytes: int) -> describe_pb2.GetServerI
         dtypes=[str(dtype) for dtype in FLOAT_DTYPES],
         input_kinds=INPUT_KINDS,
         limits=numbers,
+        table_optimizers=TABLE_OPTIMIZER_NAMES,
     )
 
 
