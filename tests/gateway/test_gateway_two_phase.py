@@ -133,13 +133,18 @@ def test_bad_forward_is_named(client, stub, session):
 
 
 def test_forward_answers_the_training_mode_output_chunked(client):
-    """Outputs over 1 MiB come back in chunks; they equal the session's forward (no dropout)."""
+    """Outputs over 1 MiB come back in chunks; they equal the session's forward (no dropout); a
+    large output gradient goes and a large input gradient comes back in chunks."""
     session = new_session(client)
     x = np.random.default_rng(3).standard_normal((100_000, 6)).astype(np.float32)
     forward = client.step_forward(session, x)
     version, expected = client.forward_session(session, x)
     assert forward.version == version == 0
     np.testing.assert_array_equal(forward.output, expected)
+    y = (np.arange(len(x)) % 3).astype(np.int64)
+    value, grad = mean_cross_entropy(y)(forward.output)  # 1.2 MB: chunked on the way back too
+    result = client.step_backward(session, forward.step_id, grad, value, input_gradient=True)
+    assert result.applied and result.input_gradient.shape == x.shape  # 2.4 MB answered in chunks
     client.close_session(session)
 
 
