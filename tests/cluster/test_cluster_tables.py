@@ -85,11 +85,13 @@ def test_step_reports_its_row_traffic():
     halves = [{key: value for key, value in _rows_of(x, start, stop).items()} for start, stop in ((0, 16), (16, 32))]
     distinct_per_worker = sum(len(np.unique(half[name])) for half in halves for name in half)
     distinct = sum(len(np.unique(np.concatenate([half[name] for half in halves]))) for name in halves[0])
-    assert result.rows_pulled == result.rows_pushed == distinct_per_worker
-    assert result.rows_updated == result.table_rows == distinct
+    # the step's distinct rows are pulled once (every worker maps the same answers); each worker
+    # pushes one gradient row per id of its shard
+    assert result.rows_pulled == result.rows_updated == result.table_rows == distinct
+    assert result.rows_pushed == distinct_per_worker > distinct
     assert result.row_lookups == 32 + 32 + len(x["tags.values"])
-    assert result.bytes_pulled == distinct_per_worker * (4 * 4 + 4)  # float32 rows of 4 + an int32 id
-    assert result.bytes_pushed == result.bytes_pulled
+    assert result.bytes_pulled == distinct * (4 * 4 + 4)  # float32 rows of 4 + an int32 id
+    assert result.bytes_pushed == distinct_per_worker * (4 * 4 + 4)
     whole = sum(np.prod(shape) for name, shape in model.parameter_shapes().items() if name in TABLES) * 4
     assert result.dense_table_bytes == 2 * 2 * whole
     assert result.table_bytes > distinct * 4 * 4 * 3  # value and two moments per stored row

@@ -55,7 +55,7 @@ class SyncSteps:
         clock.mark("put")
         tasks = shard_tasks(self._config, shards.table, shards.partition, rows, num_workers,
                             steps_run, self._shared_memory is not None)
-        pulls, lookups = ([()] * len(tasks), 0) if shards.lane is None else \
+        pulls, pull_figures = ([()] * len(tasks), {}) if shards.lane is None else \
             shards.lane.prepare(self._backend, shards.servers, shards.table, x, tasks)  # table_lane.py
         calls = [self._runner.dispatch(position, task, inputs, rows=pulls[position])
                  for position, task in enumerate(tasks)]
@@ -83,7 +83,7 @@ class SyncSteps:
                              positions=[call.position for call in calls])
         shards.version = result.version
         if shards.lane is not None:
-            result = replace(result, **shards.lane.fields(stats, reports, lookups))
+            result = replace(result, **shards.lane.fields(stats, reports, pull_figures))
         return replace(result, **self._gradient_signals(reports, [s["count"] for s in stats]))
 
     def _apply(self, key: str, calls: list[ShardCall], steps_run: int, norm) -> list:

@@ -3,10 +3,12 @@
 A model's tables never travel whole. Each parameter-server shard holds its rows of every table
 (row r on shard r mod S, row_placement.py), initialised there from (seed, table, row); the dense
 parameters keep their own partition over the shards. Per sync step the coordinator, which holds the
-batch, works out each worker shard's distinct ids per table (`engine.rows_read`), asks every
-server for its part of them (`pull_rows`, submitted before the step's apply, so Ray's per-caller
-order makes it read the previous step's rows), and hands the answers to the worker as references:
-the rows go from the servers' object store to the worker, never through this process. Workers push
+batch, works out the step's distinct ids per table (`engine.rows_read`) and each worker shard's,
+asks every server once for its part of the step's ids (`pull_rows`, submitted before the step's
+apply, so Ray's per-caller order makes it read the previous step's rows), and hands the same
+answers to every worker as references: each server's answer is one object in the object store,
+which every worker on its node maps without a copy, so a row that several workers' shards read
+crosses the wire once, not once per worker; each worker picks its own rows out of it. Workers push
 one summed gradient row per id they read; the servers add the pushes and scale by the step's count
 (shard_tables.py), so N workers give exactly the full-batch mean gradient of every row.
 
@@ -27,7 +29,7 @@ from gradserve_services.errors import InvalidArgument
 from gradserve_services.optim.rows import TableOptimizerConfig
 
 from .row_placement import RowPlacement
-from .worker_rows import pull_requests, wire_ids
+from .worker_rows import WIRE_IDS, pull_requests, wire_ids
 
 __all__ = ["TableLane", "InitialRows"]
 
@@ -98,32 +100,36 @@ class TableLane:
 
     # ----- a step --------------------------------------------------------------------------------
 
-    def prepare(self, backend, servers, table_id: str, batch, tasks: list[dict]) -> tuple[list, int]:
-        """Add each task's ids (`task["tables"]`) and submit its pulls; returns `(pull futures
-        per task, lookups the batch makes)`."""
-        pulls = []
+    def prepare(self, backend, servers, table_id: str, batch, tasks: list[dict]) -> tuple[list, dict]:
+        """Add each task's ids (`task["tables"]`) and submit the step's pulls; returns `(pull
+        futures per task, the step's pull figures)`."""
+        union = rows_read(np, self.model.graph, batch)
+        requests = pull_requests(union, len(servers))
+        pulls = [backend.submit(server, "pull_rows", table_id, request)[0]
+                 for server, request in zip(servers, requests)]
+        pulled = {name: wire_ids(ids) for name, ids in union.items()}
         for task in tasks:
             read = rows_read(np, self.model.graph, batch.slice(np, task["start"], task["stop"]))
-            task["tables"] = {"shapes": self.shapes, "shards": len(servers),
+            task["tables"] = {"shapes": self.shapes, "shards": len(servers), "pulled": pulled,
                               "read": {name: wire_ids(ids) for name, ids in read.items()}}
-            requests = pull_requests(read, len(servers))
-            pulls.append([backend.submit(server, "pull_rows", table_id, request)[0]
-                          for server, request in zip(servers, requests)])
-        return pulls, lookup_count(self.model.graph, batch)
+        rows = sum(ids.shape[0] for ids in union.values())
+        figures = {"row_lookups": lookup_count(self.model.graph, batch), "rows_pulled": rows,
+                   "bytes_pulled": sum(ids.shape[0] * (self.shapes[name][1] * self.dtype.itemsize
+                                                       + np.dtype(WIRE_IDS).itemsize)
+                                       for name, ids in union.items())}
+        return [pulls] * len(tasks), figures
 
-    def fields(self, stats: list, reports: list, lookups: int) -> dict:
-        """The step's table fields of StepResult (config.py) from the workers' stats and every
-        server shard's report."""
+    def fields(self, stats: list, reports: list, figures: dict) -> dict:
+        """The step's table fields of StepResult (config.py) from the pulls (`prepare`), the
+        workers' stats and every server shard's report."""
         whole = sum(rows * dim for rows, dim in self.shapes.values()) * self.dtype.itemsize
         return {
-            "rows_pulled": sum(s.get("rows_pulled", 0) for s in stats),
+            **figures,
             "rows_pushed": sum(s.get("rows_pushed", 0) for s in stats),
-            "bytes_pulled": sum(s.get("bytes_pulled", 0) for s in stats),
             "bytes_pushed": sum(s.get("bytes_pushed", 0) for s in stats),
             "rows_updated": sum(r.get("rows_updated", 0) for r in reports),
             "table_rows": sum(r.get("table_rows", 0) for r in reports),
             "table_bytes": sum(r.get("table_bytes", 0) for r in reports),
-            "row_lookups": lookups,
             "dense_table_bytes": 2 * len(stats) * whole,
         }
 

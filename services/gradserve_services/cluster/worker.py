@@ -111,24 +111,22 @@ class GradientWorker:
         bytes_sent, fetch_ms, compute_ms. With `task["tables"]`, `pulled_rows`
         are the servers' answers for the rows this shard reads (worker_rows.py); each part then
         carries its server's share of the table gradients as `part["rows"]`, and the stats count
-        rows_pulled, rows_pushed, bytes_pulled, bytes_pushed.
+        rows_pushed and bytes_pushed.
         """
         started = time.perf_counter()
         if isinstance(x, BlockRef):  # the batch in shared memory: sent only to a worker with a lane
             batch = self._lane.read(x)
             x, y = batch["x"], batch["y"]
         version, params = self._parameters(task["table"], params_refs, task.get("servers"))
-        tables, row_stats = task.get("tables"), {}
+        tables = task.get("tables")
         if tables is not None:
-            rows, pulled, pulled_bytes = table_parameters(tables, pulled_rows)
-            params = {**params, **rows}
-            row_stats.update(rows_pulled=pulled, bytes_pulled=pulled_bytes)
+            params = {**params, **table_parameters(tables, pulled_rows)}
         fetched = time.perf_counter()
         model = self._model(task["spec"])
         start, stop = task["start"], task["stop"]
         options = {"micro_batch_size": task.get("micro_batch_size"), "seed": task.get("seed", 0),
                    "sample_offset": start}
-        stats = {"count": stop - start, "version": version, "jvp_sum": None, **row_stats}
+        stats = {"count": stop - start, "version": version, "jvp_sum": None}
         if isinstance(x, Batch):  # named inputs: the batch slices itself (bags by their offsets)
             shard_x, shard_y = x.slice(model.xp, start, stop), y[start:stop]
         else:
