@@ -14,10 +14,12 @@ caller's, and the activations must stay where phase two will find them.
 Memory is bounded per trainer: at most `MAX_HELD_FORWARDS` forwards and `MAX_HELD_BYTES` are kept,
 counting their activations and, once per parameter version they ran at, the copy of the
 parameters their backward needs; a new forward evicts the oldest ones until it fits (one whose
-activations alone are over the byte limit is refused, nothing kept; the newest is always kept). A forward is also dropped when its backward applied,
-and all are dropped by a restore. A backward whose forward was evicted (or never ran, or ran in a
-service that restarted since) is refused with FailedPrecondition naming `step_id` and applies
-nothing: run the forward again with the same step id, then the backward.
+activations alone are over the byte limit is refused, nothing kept; the newest is always kept).
+The copy of the newest version read stays cached for the next forward (one per trainer). A
+forward is dropped when its backward applied (a refused backward keeps it, so a corrected one may
+follow), and all are dropped by a restore. A backward whose forward was evicted (or never ran, or
+ran in a service that restarted since) is refused with FailedPrecondition naming `step_id` and
+applies nothing: run the forward again with the same step id, then the backward.
 
 Versions: the update is a gradient computed at the version the forward ran at. In sync mode it
 is refused (FailedPrecondition naming `step_id`, nothing applied) when another step applied since;
@@ -53,7 +55,6 @@ MAX_HELD_BYTES = 256 * 2**20
 class HeldStep:
     version: int  # the parameter version the forward ran at
     forward: HeldForward
-    made_s: float  # time.monotonic() when the forward ran
 
 
 @dataclass(frozen=True)
@@ -96,9 +97,9 @@ class TwoPhaseSteps:
                                     "batch.x")
         self._held.pop(step, None)
         while self._held and (len(self._held) >= self.max_forwards or _bytes_of(
-                [*(step.forward for step in self._held.values()), forward]) > self.max_bytes):
+                [*(kept.forward for kept in self._held.values()), forward]) > self.max_bytes):
             self._held.popitem(last=False)
-        held = self._held[step] = HeldStep(version, forward, time.monotonic())
+        held = self._held[step] = HeldStep(version, forward)
         return held
 
     def backward(self, step: int, output_gradient, loss: float, *, input_gradients: list | None = None) -> StepResult:
