@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gradserve_services.cli.train import job_file_reference
-from gradserve_services.jobs import jobfile
+from gradserve_services.jobs import job_keys, jobfile
 from gradserve_services.optim import OptimizerConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -30,6 +30,7 @@ def accepted_keys() -> set[str]:
         "model.mlp": jobfile.MLP_KEYS, "optimizer": jobfile.OPTIMIZER_KEYS,
         "optimizer.schedule": jobfile.SCHEDULE_KEYS, "train": jobfile.TRAIN_KEYS,
         "checkpoint": jobfile.CHECKPOINT_KEYS, "service": jobfile.SERVICE_KEYS,
+        "table_optimizer": job_keys.TABLE_OPTIMIZER_KEYS,
     }
     keys = {f"{prefix}.{key}" if prefix else key for prefix, names in sections.items() for key in names}
     # a section is documented by its keys, except the two that are also values (mlp, schedule)

@@ -12,10 +12,11 @@ from gradserve_services.cluster.config import COMPRESSIONS, CONSISTENCY_MODES
 from gradserve_services.engine.losses import LOSSES
 from gradserve_services.engine.ops import OPS, Elementwise
 from gradserve_services.optim import OPTIMIZER_NAMES, SCHEDULE_NAMES, OptimizerConfig, ScheduleConfig
+from gradserve_services.optim.rows import TABLE_OPTIMIZER_NAMES, TableOptimizerConfig
 
 __all__ = ["DATASET_NAMES", "FILE_DATASETS", "TASKS", "ACTIVATIONS", "TOP_LEVEL_KEYS", "DATASET_KEYS",
            "MODEL_KEYS", "MLP_KEYS", "OPTIMIZER_KEYS", "SCHEDULE_KEYS", "TRAIN_KEYS", "CHECKPOINT_KEYS",
-           "SERVICE_KEYS", "KeyDoc", "JOB_FILE_KEYS", "OVERRIDES", "one_of"]
+           "SERVICE_KEYS", "TABLE_OPTIMIZER_KEYS", "KeyDoc", "JOB_FILE_KEYS", "OVERRIDES", "one_of"]
 
 DATASET_NAMES = ("digits", "diabetes", "synthetic_ctr", "npz", "csv", "parquet")
 FILE_DATASETS = ("npz", "csv", "parquet")
@@ -30,7 +31,7 @@ def one_of(names) -> str:
     return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
 
 
-TOP_LEVEL_KEYS = ("seed", "dataset", "model", "optimizer", "train", "checkpoint", "service", "out")
+TOP_LEVEL_KEYS = ("seed", "dataset", "model", "optimizer", "table_optimizer", "train", "checkpoint", "service", "out")
 DATASET_KEYS = (
     "name", "path", "label", "features", "x_key", "y_key", "task", "test_fraction",
     "standardize", "standardize_target", "drop_missing", "categorical", "hash_rows", "hash_seed",
@@ -40,6 +41,7 @@ MODEL_KEYS = ("mlp", "input_features", "nodes", "output", "loss")
 MLP_KEYS = ("hidden", "activation", "dropout", "layernorm")
 OPTIMIZER_KEYS = tuple(field.name for field in dataclasses.fields(OptimizerConfig))
 SCHEDULE_KEYS = tuple(field.name for field in dataclasses.fields(ScheduleConfig))
+TABLE_OPTIMIZER_KEYS = tuple(field.name for field in dataclasses.fields(TableOptimizerConfig))
 TRAIN_KEYS = ("epochs", "batch_size", "workers", "consistency", "staleness", "micro_batch_size",
               "local_steps", "inner_optimizer", "compression", "powersgd_rank")
 CHECKPOINT_KEYS = ("dir", "every_steps")
@@ -111,6 +113,17 @@ JOB_FILE_KEYS = (
     KeyDoc("optimizer.schedule.total_steps", "cosine: steps to reach `min_lr`",
            default_rule="cosine: the job's steps (epochs x batches per epoch); else `1000`"),
     KeyDoc("optimizer.schedule.min_lr", "cosine: the final learning rate", 0.0),
+    KeyDoc("table_optimizer.name", "the tables' per-row rule: " + one_of(TABLE_OPTIMIZER_NAMES)
+           + " (lazy Adam: torch's SparseAdam); `optimizer` covers the other parameters",
+           default_rule="without the section, the service's: `sparse_adam` for adam and adamw, else `sgd`"),
+    KeyDoc("table_optimizer.lr", "the tables' learning rate (constant: schedules and clipping are dense only)",
+           default_rule="`optimizer.lr`"),
+    KeyDoc("table_optimizer.beta1", "sparse_adam: first-moment decay", default_rule="`optimizer.beta1`"),
+    KeyDoc("table_optimizer.beta2", "sparse_adam: second-moment decay", default_rule="`optimizer.beta2`"),
+    KeyDoc("table_optimizer.eps", "denominator guard",
+           default_rule="`optimizer.eps` for sparse_adam under adam, else torch's (1e-8 sparse_adam, 1e-10 adagrad)"),
+    KeyDoc("table_optimizer.initial_accumulator_value", "adagrad: each row's starting sum of squares",
+           default_rule="`0.0`"),
     KeyDoc("train.epochs", "passes over the train split", 10),
     KeyDoc("train.batch_size", "rows per step, split across the workers", 64),
     KeyDoc("train.workers", "Ray worker actors, each computing the gradient of its shard", 2),

@@ -34,6 +34,7 @@ from gradserve_services.optim import OPTIMIZER_NAMES, SCHEDULE_NAMES, OptimizerC
 from .job_keys import (ACTIVATIONS, CHECKPOINT_KEYS, DATASET_KEYS, DATASET_NAMES, FILE_DATASETS, JOB_FILE_KEYS,
                        MLP_KEYS, MODEL_KEYS, OPTIMIZER_KEYS, OVERRIDES, SCHEDULE_KEYS, SERVICE_KEYS, TASKS,
                        TOP_LEVEL_KEYS, TRAIN_KEYS, KeyDoc)
+from .table_optimizer import parse_table_optimizer
 from .values import (boolean, choice, integer, number, optional_string, reject_unknown, section,
                      string)
 
@@ -119,6 +120,7 @@ class Job:
     target: str | None  # host:port of a running service; None embeds one
     token: str | None
     out_dir: Path
+    table_optimizer: dict | None = None  # the tables' per-row rule; None: the service derives it
 
 
 def read_job_file(path: str | Path) -> dict:
@@ -175,18 +177,21 @@ def parse_job(raw: Mapping, *, name: str = "job", base_dir: Path = Path(".")) ->
         raise InvalidArgument(f"must be a folder path, got {out!r}", field="out")
     service = section(raw, "service")
     reject_unknown(service, SERVICE_KEYS, "service")
+    optimizer = dict(OUTER_OPTIMIZER) if train.consistency in ROUND_MODES and "optimizer" not in raw \
+        else _parse_optimizer(section(raw, "optimizer"))
+    tables = section(raw, "table_optimizer") if raw.get("table_optimizer") is not None else None
     return Job(
         name=name,
         seed=seed,
         dataset=_parse_dataset(section(raw, "dataset", required=True), base_dir),
         model=_parse_model(section(raw, "model", required=True)),
-        optimizer=dict(OUTER_OPTIMIZER) if train.consistency in ROUND_MODES and "optimizer" not in raw
-        else _parse_optimizer(section(raw, "optimizer")),
+        optimizer=optimizer,
         train=train,
         checkpoint=_parse_checkpoint(section(raw, "checkpoint")),
         target=_optional_target(service.get("target")),
         token=optional_string(service.get("token"), "service.token"),
         out_dir=Path(out),
+        table_optimizer=parse_table_optimizer(tables, optimizer),
     )
 
 

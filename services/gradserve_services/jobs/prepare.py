@@ -45,6 +45,8 @@ class PreparedJob:
             "batch_size": self.order.batch_size,
             "seed": self.job.seed,
         }
+        if self.job.table_optimizer is not None:
+            identity["table_optimizer"] = self.job.table_optimizer
         if self.job.dataset.categorical:  # the same values on other rows would be other data
             config = self.job.dataset
             identity["hashing"] = [list(config.categorical), config.hash_rows, config.hash_seed]

@@ -109,6 +109,7 @@ class TrainingSession:
                 num_workers=job.train.workers,
                 micro_batch_size=job.train.micro_batch_size,
                 compression=job.train.compression,
+                table_optimizer=job.table_optimizer,
                 **_round_settings(job.train),
             )
         except BaseException:
