@@ -11,6 +11,7 @@ it; the README's job-file reference is that text). In outline:
     dataset:    {name, path, label, features, categorical, hash_rows, x_key, y_key, task, test_fraction, ...}
     model:      {mlp: {hidden, activation, dropout, layernorm} | nodes: [...], output: NAME ; loss}
     optimizer:  {name, lr, momentum, beta1, beta2, eps, weight_decay, clip_norm, schedule: {...}}
+    table_optimizer: {name, lr, beta1, beta2, eps, initial_accumulator_value}
     train:      {epochs, batch_size, workers, consistency, staleness, micro_batch_size}
     checkpoint: {dir, every_steps}
     service:    {target, token}
