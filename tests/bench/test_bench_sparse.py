@@ -17,10 +17,11 @@ FIELDS = ("suite", "config", "ps_shards", "samples_per_s", "torch_samples_per_s"
           "dense_over_sparse", "server_rss_bytes")
 
 
-def test_minimum_bytes_count_each_workers_distinct_rows_per_table():
+def test_minimum_bytes_count_the_steps_distinct_rows_pulled_and_each_workers_pushed():
     ids = np.array([[0, 1], [0, 2], [0, 1], [3, 1]])
-    # worker 0 (rows 0-1): field 0 {0}, field 1 {1, 2}; worker 1 (rows 2-3): field 0 {0, 3}, field 1 {1}
-    assert min_bytes_per_step(ids, 2, dim=8, itemsize=4) == 2 * 6 * 8 * 4
+    # pulled once: field 0 {0, 3}, field 1 {1, 2}; pushed: worker 0 (rows 0-1) field 0 {0},
+    # field 1 {1, 2}; worker 1 (rows 2-3) field 0 {0, 3}, field 1 {1}
+    assert min_bytes_per_step(ids, 2, dim=8, itemsize=4) == (4 + 6) * 8 * 4
     assert min_bytes_per_step(ids, 1, dim=8, itemsize=4) == 2 * (2 + 2) * 8 * 4
     assert dense_bytes_per_step(fields=2, vocab=10, dim=8, itemsize=4, workers=2) == 2 * 2 * 2 * 10 * 8 * 4
 

@@ -14,8 +14,9 @@ parameters (config `dense_tables`).
 
 One JSON line per configuration: suite, config, ps_shards, samples_per_s, torch_samples_per_s,
 ratio_vs_torch, and the table traffic per step: wire_bytes_per_step (rows the workers pulled plus
-row gradients they pushed, as the service counts them), min_bytes_per_step (each worker's distinct
-rows per table x dim x itemsize, pulled and pushed: what any row-sparse exchange must move),
+row gradients they pushed, as the service counts them), min_bytes_per_step (the step's distinct
+rows per table pulled once plus each worker's distinct rows pushed, x dim x itemsize: what a
+parameter-server exchange of rows must move),
 bytes_over_min, dense_bytes_per_step (every worker pulling the tables whole and pushing whole table
 gradients), dense_over_sparse, and server_rss_bytes (resident memory of the parameter-server
 processes after the timed steps). A configuration the cluster cannot run prints its line with
@@ -89,13 +90,16 @@ def ctr_batches(count: int, rows: int, *, fields: int, vocab: int, zipf: float, 
 
 
 def min_bytes_per_step(ids: np.ndarray, workers: int, dim: int, itemsize: int) -> int:
-    """Each worker's shard (contiguous rows, as the trainer splits) pulls its distinct rows of every
-    table and pushes one gradient row each: 2 x distinct rows x dim x itemsize, summed."""
+    """The least a parameter-server exchange of rows moves: the step's distinct rows of every
+    table pulled once (workers on one node read the same answers), and each worker's shard
+    (contiguous rows, as the trainer splits) pushing one gradient row per distinct id it read
+    (workers do not add their gradients among themselves): rows x dim x itemsize, summed."""
     from gradserve_services.cluster.sharding import split_rows
 
-    distinct = sum(len(np.unique(ids[start:stop, field]))
-                   for start, stop in split_rows(len(ids), workers) for field in range(ids.shape[1]))
-    return 2 * distinct * dim * itemsize
+    pulled = sum(len(np.unique(ids[:, field])) for field in range(ids.shape[1]))
+    pushed = sum(len(np.unique(ids[start:stop, field]))
+                 for start, stop in split_rows(len(ids), workers) for field in range(ids.shape[1]))
+    return (pulled + pushed) * dim * itemsize
 
 
 def dense_bytes_per_step(fields: int, vocab: int, dim: int, itemsize: int, workers: int) -> int:
