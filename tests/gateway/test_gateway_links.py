@@ -31,13 +31,23 @@ def test_a_local_session_trains_round_by_round_and_a_repeated_round_applies_noth
     assert second.loss < first.loss  # the same rows again, after a round trained on them
 
 
-def test_a_powersgd_session_steps(client):
+def test_a_powersgd_session_steps_and_its_bytes_reach_the_metrics(client):
+    from gradserve_services.metrics import REGISTRY
+
+    def counted(name):
+        return REGISTRY.get_sample_value(name + "_total") or 0.0
+
     session = client.create_session(MATRIX, optimizer={"name": "sgd", "lr": 0.1},
                                     compression="powersgd", powersgd_rank=2, num_workers=2)
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((32, 64)).astype(np.float32), rng.integers(0, 3, 32)
+    raw, sent = counted("gradserve_gradient_raw_bytes"), counted("gradserve_gradient_compressed_bytes")
     results = [client.step(session, x, y) for _ in range(3)]
     assert [r.version for r in results] == [1, 2, 3] and results[-1].loss < results[0].loss
+    # per worker: the 64x96 weight as P (64x2) and Q (96x2), the rest (96 + 96*3 + 3) as it is
+    per_step = 2 * 4 * ((64 + 96) * 2 + 96 + 288 + 3)
+    assert counted("gradserve_gradient_compressed_bytes") - sent == 3 * per_step
+    assert counted("gradserve_gradient_raw_bytes") - raw == 3 * 2 * 4 * (64 * 96 + 96 + 288 + 3)
 
 
 @pytest.mark.parametrize("settings, field", [
