@@ -1,6 +1,7 @@
 """Losses the service does not know, computed in numpy on the client: each returns (mean loss,
-dL/d logits) for `Client.loss_gradients`, and the service differentiates the model through the
-output gradient (a vector-Jacobian product). Run against a service:
+dL/d logits) for `Client.loss_gradients` (stateless) or `Client.train_step` (a session trains on
+it: two-phase steps), and the service differentiates the model through the output gradient (a
+vector-Jacobian product). Run against a service:
 
     python examples/custom_losses.py 127.0.0.1:50051
 """
@@ -58,6 +59,10 @@ def main(target: str) -> None:
     with Client(target) as client:
         result = client.loss_gradients(spec, params, x, focal_loss(labels))
         print({"focal_loss": result.loss, "gradient_norm": float(np.sqrt(sum((g ** 2).sum() for g in result.gradients.values())))})
+        session = client.create_session(spec, params, optimizer={"name": "adam", "lr": 0.01})
+        losses = [client.train_step(session, x, focal_loss(labels)).loss for _ in range(20)]
+        print({"focal_loss_first_step": losses[0], "focal_loss_after_20_steps": losses[-1]})
+        client.close_session(session)
 
 
 if __name__ == "__main__":
