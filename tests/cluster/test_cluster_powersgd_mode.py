@@ -85,3 +85,25 @@ def test_a_rank_of_zero_or_above_a_matrix_side_is_refused_naming_the_field(rank)
     finally:
         executor.shutdown()
     assert refused.value.field == "config.powersgd_rank"
+
+
+@pytest.mark.integration
+def test_on_ray_with_the_shared_memory_lane_equals_in_process():
+    from gradserve_services.cluster import RayExecutor
+
+    _, expected, params = _train(workers=2)
+    executor = RayExecutor(num_workers=2, num_cpus=2, object_store_memory=128 * 1024 * 1024)
+    config = TrainerConfig(SPEC, {"name": "sgd", "lr": LR}, num_workers=2, compression="powersgd",
+                           powersgd_rank=RANK)
+    try:
+        trainer = executor.create_trainer(config, params)
+        try:
+            for index, (x, y) in enumerate(_data()):
+                trainer.step(index, x, y)
+            _, ours = trainer.parameters()
+        finally:
+            trainer.close()
+    finally:
+        executor.shutdown()
+    for name, value in expected.items():
+        np.testing.assert_allclose(ours[name], value, rtol=1e-10, atol=1e-12)
