@@ -8,6 +8,7 @@ vector-Jacobian product). Run against a service:
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -58,10 +59,10 @@ def main(target: str) -> None:
     labels = rng.integers(0, 4, size=32)
     with Client(target) as client:
         result = client.loss_gradients(spec, params, x, focal_loss(labels))
-        print({"focal_loss": result.loss, "gradient_norm": float(np.sqrt(sum((g ** 2).sum() for g in result.gradients.values())))})
+        print(json.dumps({"focal_loss": result.loss, "gradient_norm": float(np.sqrt(sum((g ** 2).sum() for g in result.gradients.values())))}))
         session = client.create_session(spec, params, optimizer={"name": "adam", "lr": 0.01})
         losses = [client.train_step(session, x, focal_loss(labels)).loss for _ in range(20)]
-        print({"focal_loss_first_step": losses[0], "focal_loss_after_20_steps": losses[-1]})
+        print(json.dumps({"focal_loss_first_step": losses[0], "focal_loss_after_20_steps": losses[-1]}))
         client.close_session(session)
 
 

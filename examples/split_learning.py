@@ -12,6 +12,7 @@ torch autograd). Run against a service:
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 
@@ -80,7 +81,7 @@ def main(target: str) -> None:
         for epoch in range(20):
             losses = [split_step(client, session, head, x[i:i + 32], labels[i:i + 32], lr=0.5).loss
                       for i in range(0, len(x), 32)]
-        print({"epochs": epoch + 1, "train_loss": float(np.mean(losses))})
+        print(json.dumps({"epochs": epoch + 1, "train_loss": float(np.mean(losses))}))
         client.close_session(session)
 
 

@@ -6,6 +6,7 @@ focal loss or KL to soft targets makes the update torch's optimizer makes with t
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 
 import numpy as np
@@ -184,3 +185,13 @@ def test_two_sessions_chained_train_as_one_model(client):
         np.testing.assert_allclose(value, weights[name].detach().numpy(), rtol=1e-10, atol=1e-13)
     client.close_session(session_a)
     client.close_session(session_b)
+
+
+@pytest.mark.parametrize("example", ["split_learning", "custom_losses"])
+def test_the_examples_run_against_a_service_and_learn(gateway, capsys, example):
+    load(example).main(gateway[1])
+    last = json.loads(capsys.readouterr().out.splitlines()[-1])
+    if example == "split_learning":  # 20 epochs of the split model on a learnable 3-class rule
+        assert last["train_loss"] < 0.5
+    else:  # 20 two-phase steps on the focal loss
+        assert last["focal_loss_after_20_steps"] < 0.6 * last["focal_loss_first_step"]
