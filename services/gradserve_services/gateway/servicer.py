@@ -175,6 +175,7 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
         header, arrays = wire.read_one(request_iterator, self._max_bytes)
         session = self._sessions.get(context.identity, header.session_id)
         tensors = wire.group(arrays, (), exact=(OUTPUT_GRADIENT,))
+        _check_deadline(context)  # a caller gone before the update starts gets none applied
         result, inputs = self._sessions.backward_step(session, header.step_id, tensors.get(OUTPUT_GRADIENT),
                                                       header.loss, input_gradient=header.input_gradient)
         reply = service_pb2.StepBackwardResult(step=_step_response(header.step_id, result))
