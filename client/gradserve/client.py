@@ -280,19 +280,23 @@ class Client:
         return self._with_retries(attempt, timeout)
 
     def step_backward(self, session_id: str, step_id: int, output_gradient, loss: float, *,
-                      timeout: float | None = None) -> StepResult:
+                      input_gradient: bool = False, timeout: float | None = None) -> StepResult:
         """Phase two: apply the vector-Jacobian product of `output_gradient` (dL/d output of the
         caller's loss, never divided by the rows here: a mean loss has its 1/rows in it) through
         the held forward of `step_id`, once; `loss` is reported back. A retried or repeated id
-        answers the recorded result (`duplicate`)."""
+        answers the recorded result (`duplicate`). With `input_gradient`, `.input_gradient` is
+        dL/dx through the same forward (a model in the middle of a chain hands it upstream)."""
         arrays = {} if output_gradient is None else {OUTPUT_GRADIENT: output_gradient}
         outgoing = outgoing_tensors(arrays)
         header = build(service_pb2.StepBackwardHeader, session_id=session_id, step_id=step_id, loss=loss,
-                       tensors=outgoing.entries)
+                       input_gradient=input_gradient, tensors=outgoing.entries)
 
         def attempt(deadline_s: float) -> StepResult:
             requests = itertools.chain([service_pb2.StepBackwardRequest(header=header)], outgoing.chunks())
-            return step_result(self._stub.StepBackward(requests, timeout=deadline_s, metadata=self._metadata))
+            answer, arrays = single_answer(self._stub.StepBackward(requests, timeout=deadline_s,
+                                                                   metadata=self._metadata))
+            return dataclasses.replace(step_result(answer.step),
+                                       input_gradient=_input_gradient(strip_prefix(arrays, INPUT_GRADIENTS)))
 
         return self._with_retries(attempt, timeout)
 
