@@ -198,3 +198,29 @@ def test_tables_given_whole_train_like_tables_made_on_the_servers():
         executor.create_trainer(TrainerConfig(TABLE_SPEC, OPTIMIZER),
                                 {**whole, "user.weight": whole["user.weight"][:5]})
     assert caught.value.field == "parameters.user.weight"
+
+
+def test_dense_tables_keep_tables_whole_under_the_dense_optimizer():
+    """`dense_tables`: the tables travel and update whole with the dense optimizer (the peer bench
+    sparse compares against), equal to one process stepping Adam on every parameter; any
+    consistency mode may take them."""
+    from gradserve_services.engine import dense_gradients
+
+    data = [table_batch(16, seed, "float64") for seed in range(20)]
+    model = Model(TABLE_SPEC)
+    want = model.init_parameters(seed=SEED, dtype="float64")
+    optimizer = Optimizer(OPTIMIZER, want)
+    for x, y in data:
+        optimizer.step(want, [dense_gradients(model.loss_and_grad(want, x, y)[1])])
+    got, results = _train(LocalExecutor(num_workers=2), data, table_optimizer=None, ps_shards=2, dense_tables=True)
+    _assert_equal(got, want, 1e-9)
+    assert results[-1].rows_pulled == 0 and results[-1].bytes_raw > 0
+    trainer = LocalExecutor(num_workers=2).create_trainer(
+        TrainerConfig(TABLE_SPEC, OPTIMIZER, consistency="async", dense_tables=True), lazy_parameters(SEED, "float64"))
+    try:
+        assert trainer.step(1, *data[0]).applied
+    finally:
+        trainer.close()
+    with pytest.raises(InvalidArgument) as caught:
+        TrainerConfig(TABLE_SPEC, OPTIMIZER, dense_tables="yes").validated()
+    assert caught.value.field == "config.dense_tables"

@@ -8,6 +8,8 @@ The on-arrival modes never use shared memory: they apply while other shards stil
 
 from __future__ import annotations
 
+from gradserve_services.engine import Batch
+
 from .config import StepResult, TrainerConfig
 from .parameter_shards import ParameterShards
 from .shard_runner import Failures, ShardInputs, ShardRunner
@@ -40,7 +42,8 @@ class ArrivalSteps:
         batch = self._backend.put(x), self._backend.put(y)
         inputs = ShardInputs(shards.published, lambda: batch)
         clock.mark("put")
-        tasks = shard_tasks(self._config, shards.table, shards.partition, x.shape[0], num_workers, steps_run)
+        rows = x.rows if isinstance(x, Batch) else x.shape[0]  # named inputs: a Batch
+        tasks = shard_tasks(self._config, shards.table, shards.partition, rows, num_workers, steps_run)
         pending = {index: runner.dispatch(index, task, inputs) for index, task in enumerate(tasks)}
         stats, positions, report_futures, failures = [], [], [], Failures()
         while pending:

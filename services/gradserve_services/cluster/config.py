@@ -62,6 +62,9 @@ class TrainerConfig:
     signals_every: int = SIGNALS_EVERY
     # The per-row rule of the model's tables (optim/rows.py); None: derived from `optimizer`.
     table_optimizer: Mapping | TableOptimizerConfig | None = None
+    # Keep a model's tables whole among the dense parameters (sent and updated whole by
+    # `optimizer`) instead of row-sharded (table_lane.py): the peer bench sparse measures against.
+    dense_tables: bool = False
     local_steps: int = 10
     inner_optimizer: Mapping | OptimizerConfig = field(default_factory=lambda: dict(INNER_OPTIMIZER))
     powersgd_rank: int = 4
@@ -92,6 +95,8 @@ class TrainerConfig:
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
                 or not 0.0 < fraction <= 1.0:
             raise InvalidArgument(f"must be in (0, 1], got {fraction!r}", "config.topk_fraction")
+        if not isinstance(self.dense_tables, bool):
+            raise InvalidArgument(f"must be true or false, got {self.dense_tables!r}", "config.dense_tables")
         tables = default_table_optimizer(OptimizerConfig.from_dict(self.optimizer).to_dict()) \
             if self.table_optimizer is None else TableOptimizerConfig.from_dict(self.table_optimizer)
         self = replace(self, table_optimizer=tables)

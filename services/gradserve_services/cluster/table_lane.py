@@ -25,6 +25,7 @@ import numpy as np
 
 from gradserve_services.engine import Model, SparseRows, rows_read
 from gradserve_services.engine.lookups import lookup_count
+from gradserve_services.engine.table_init import init_table
 from gradserve_services.errors import InvalidArgument
 from gradserve_services.optim.rows import TableOptimizerConfig
 
@@ -54,10 +55,14 @@ class TableLane:
 
     @classmethod
     def of(cls, model: Model, config, params: Mapping) -> tuple["TableLane | None", dict]:
-        """`(lane or None, params without the tables)`. Tables come as arrays or `InitialRows`."""
+        """`(lane or None, params without the tables)`. Tables come as arrays or `InitialRows`;
+        with `config.dense_tables` they stay among the dense parameters, made whole here."""
         tables = model.graph.tables
         if not tables:
             return None, dict(params)
+        if config.dense_tables:
+            return None, {name: init_table(np, value.seed, name, tables[name], value.dtype)
+                          if isinstance(value, InitialRows) else value for name, value in params.items()}
         if config.consistency != "sync":
             raise InvalidArgument("a model with tables trains in sync mode", "config.consistency")
         if config.compression != "none":

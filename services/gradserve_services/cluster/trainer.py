@@ -58,7 +58,8 @@ class Trainer:
         self._dtype = self._lane.dtype if self._lane else self._model.validate_parameters(params)
         check_fits_dtype(self.config.optimizer, self._dtype)
         self._table = uuid.uuid4().hex
-        self._dense_names = [name for name in self._model.parameter_shapes() if name not in self._model.graph.tables]
+        self._dense_names = [name for name in self._model.parameter_shapes()  # tables kept whole are dense too
+                             if self._lane is None or name not in self._model.graph.tables]
         self._partition = partition_parameters({name: self._model.parameter_shapes()[name]
                                                 for name in self._dense_names}, self.config.ps_shards)
         if self._lane is not None:  # every shard holds rows, whatever the dense partition

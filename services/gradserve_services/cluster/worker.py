@@ -14,6 +14,7 @@ arrive resolved). `metadata()` reports both for the backend to record.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -21,7 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 
-from gradserve_services.engine import Batch, Model
+from gradserve_services.engine import Batch, Model, dense_gradients
 from gradserve_services.errors import FailedPrecondition
 from gradserve_services.optim import all_finite
 
@@ -144,6 +145,8 @@ class GradientWorker:
                 result = run_task_round(model, params, x, y, task)
             else:
                 result = model.loss_and_grad_sum(params, shard_x, shard_y, **options)
+                if tables is None and task.get("finite_only"):  # a trainer's tables kept whole
+                    result = dataclasses.replace(result, grad_sum=dense_gradients(result.grad_sum))
             stats["loss_sum"], stats["count"] = result.loss_sum, result.count
             computed = time.perf_counter()
             feedback = self._feedback.setdefault(task["table"], ErrorFeedback()) \
