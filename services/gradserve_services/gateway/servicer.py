@@ -48,6 +48,25 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
 
     def ComputeGradients(self, request_iterator, context):
         header, arrays = wire.read_one(request_iterator, self._max_bytes)
+        spec, tensors, version = self._gradients_request(header, arrays, context)
+        if OUTPUT_GRADIENT in tensors:
+            yield from self._vjp(spec, header, tensors, version)
+            return
+        result = self._executor.compute_gradients(
+            spec,
+            tensors[wire.PARAMETERS],
+            tensors["batch.x"],
+            tensors["batch.y"],
+            micro_batch_size=header.micro_batch_size or None,
+            tangent=tensors[wire.TANGENT] or None,
+            seed=header.seed,
+        )
+        yield from wire.send(*_gradients_answer(result, version), service_pb2.ComputeGradientsResponse)
+
+    def _gradients_request(self, header, arrays, context) -> tuple[dict, dict, int]:
+        """(spec, tensors, version) of a ComputeGradients request, checked: labels or an output
+        gradient (vector-Jacobian mode, where `batch.y` is left out), activations within the
+        limit, the caller still waiting."""
         tensors = wire.group(arrays, (wire.PARAMETERS, wire.TANGENT, wire.BATCH_PREFIX), exact=(OUTPUT_GRADIENT,))
         spec, tensors[wire.PARAMETERS], version = self._model_and_parameters(header, tensors, context)
         x, y = wire.batch_tensors(tensors[wire.BATCH_PREFIX], spec)  # named inputs: a mapping
@@ -61,28 +80,10 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
         if OUTPUT_GRADIENT in tensors:
             if y is None:
                 del tensors["batch.y"]
-            yield from self._vjp(spec, header, tensors, version)
-            return
-        if header.input_gradient:
+        elif header.input_gradient:
             raise InvalidArgument("an input gradient is answered in vector-Jacobian mode only "
                                   "(send output_gradient instead of batch.y)", "input_gradient")
-        result = self._executor.compute_gradients(
-            spec,
-            tensors[wire.PARAMETERS],
-            tensors["batch.x"],
-            tensors["batch.y"],
-            micro_batch_size=header.micro_batch_size or None,
-            tangent=tensors[wire.TANGENT] or None,
-            seed=header.seed,
-        )
-        reply = service_pb2.ComputeGradientsResult(loss=result["loss"], count=result["count"],
-                                                   retries=result["retries"],
-                                                   worker_failures=result["worker_failures"], version=version)
-        reply.timings_ms.update({k: float(v) for k, v in result["timings"].items()})
-        if result["jvp"] is not None:
-            reply.jvp = result["jvp"]
-        gradients = wire.gradient_arrays(result["grads"] or {})  # tables as (ids, rows)
-        yield from wire.send(reply, gradients, service_pb2.ComputeGradientsResponse)
+        return spec, tensors, version
 
     def _model_and_parameters(self, header, tensors, context) -> tuple[dict, dict, int]:
         """(spec, parameters, version): a session's model at its current parameters when the
@@ -228,6 +229,17 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
             )
             for s in sessions
         ])
+
+
+def _gradients_answer(result: dict, version: int) -> tuple:
+    """(ComputeGradientsResult, gradient arrays) of an executor's compute_gradients result."""
+    reply = service_pb2.ComputeGradientsResult(loss=result["loss"], count=result["count"],
+                                               retries=result["retries"],
+                                               worker_failures=result["worker_failures"], version=version)
+    reply.timings_ms.update({k: float(v) for k, v in result["timings"].items()})
+    if result["jvp"] is not None:
+        reply.jvp = result["jvp"]
+    return reply, wire.gradient_arrays(result["grads"] or {})  # tables as (ids, rows)
 
 
 def _step_response(step_id: int, result) -> service_pb2.StepResponse:
