@@ -76,16 +76,15 @@ def run(args) -> int:
             try:
                 _warm_up(executor, args.workers)
                 runs = {}
-                for name in names:
+                for name in names:  # each line as soon as its run is measured (sync's comes first)
                     print(f"links: {name}", file=sys.stderr, flush=True)
                     runs[name] = measure(executor, site, name, args)
+                    print(json.dumps(report(runs, args)[-1]), flush=True)
             finally:
                 executor.shutdown()
     except SiteUnavailable as reason:
         print(f"links: {reason}", file=sys.stderr)
         return 2
-    for line in report(runs, args):
-        print(json.dumps(line), flush=True)
     return 0
 
 
