@@ -88,7 +88,7 @@ class ParameterTable:
         if weight > 0.0:
             count = count if isinstance(count, int) else sum(count)
             if self.rows is not None:
-                self.rows.plan(_pushes(parts), weight / count)
+                self.rows.plan(_pushes(parts), weight / count, keep=True)  # for the apply after it
             self.optimizer.check(self.params, [decode(part) for part in parts],
                                  grad_scale=weight / count, norm=norm)
 

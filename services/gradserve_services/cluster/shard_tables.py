@@ -59,15 +59,16 @@ class ShardTables:
             self._store(name)  # an unknown table named even when no store holds one
         return out
 
-    def plan(self, pushes: list, scale: float):
+    def plan(self, pushes: list, scale: float, *, keep: bool = False):
         """The planned update of `scale * sum(pushes)` (each push `{table: (ids, row sums)}`):
         `(writes, squared_norm, rows_updated)`, nothing written; FailedPrecondition if any table's
-        gradient or update is not finite."""
-        signature = self._signature(pushes, scale)
-        if self._planned is not None and self._planned[0] == signature:
-            return self._planned[1]
+        gradient or update is not finite. `keep`: a check's plan, kept for the apply after it."""
+        if self._planned is not None:
+            signature = self._signature(pushes, scale)
+            if self._planned[0] == signature:
+                return self._planned[1]
         planned = self._plan(pushes, scale)
-        self._planned = (signature, planned)
+        self._planned = (self._signature(pushes, scale), planned) if keep else None
         return planned
 
     def _signature(self, pushes: list, scale: float) -> tuple:
