@@ -38,11 +38,15 @@ def test_sparse_suite_prints_every_field_for_each_configuration():
     for line in lines:
         assert set(FIELDS) <= set(line) and line["suite"] == "sparse" and line["batch"] == 512
         assert line["dense_bytes_per_step"] == 2 * 2 * 4 * 5000 * 8 * 4
+    for line in lines[2:]:  # the tables whole on the servers: every worker moves them whole
+        assert "error" not in line, line["error"]
+        assert line["samples_per_s"] > 0 and line["server_rss_bytes"] > 0
+        assert line["wire_bytes_per_step"] == line["dense_bytes_per_step"] and line["dense_over_sparse"] == 1.0
     for line in lines[:2]:
         assert "error" not in line, line["error"]
         assert line["samples_per_s"] > 0 and line["torch_samples_per_s"] > 0 and line["server_rss_bytes"] > 0
         assert line["ratio_vs_torch"] == pytest.approx(line["samples_per_s"] / line["torch_samples_per_s"], rel=1e-3)
-        # no exchange of rows moves fewer bytes than each worker's distinct rows, pulled and pushed
+        # no exchange of rows moves fewer bytes than the step's distinct rows pulled and each worker's pushed
         assert line["wire_bytes_per_step"] >= line["min_bytes_per_step"] > 0
         assert line["bytes_over_min"] == pytest.approx(line["wire_bytes_per_step"] / line["min_bytes_per_step"],
                                                        rel=1e-3)

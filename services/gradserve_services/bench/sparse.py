@@ -9,16 +9,16 @@ on the tables (`--table-optimizer`: sparse_adam or adagrad). Data: the synthetic
 PyTorch runs in its own process with `--workers` threads: `nn.EmbeddingBag(sparse=True)` per field
 with `torch.optim.SparseAdam` / `Adagrad` on the tables and `Adam` on the MLPs. gradserve runs sync
 steps on `--workers` Ray workers with the tables row-sharded over 1 and 2 parameter-server shards
-(config `sparse_tables`), and, where the cluster can hold tables whole, with the tables as dense
-parameters (config `dense_tables`).
+(config `sparse_tables`), and with the tables as dense parameters (config `dense_tables`,
+`TrainerConfig.dense_tables`: the tables whole on the servers, updated by the dense Adam).
 
 One JSON line per configuration: suite, config, ps_shards, samples_per_s, torch_samples_per_s,
 ratio_vs_torch, and the table traffic per step: wire_bytes_per_step (rows the workers pulled plus
 row gradients they pushed, as the service counts them), min_bytes_per_step (the step's distinct
 rows per table pulled once plus each worker's distinct rows pushed, x dim x itemsize: what a
-parameter-server exchange of rows must move),
-bytes_over_min, dense_bytes_per_step (every worker pulling the tables whole and pushing whole table
-gradients), dense_over_sparse, and server_rss_bytes (resident memory of the parameter-server
+parameter-server exchange of rows must move), bytes_over_min, dense_bytes_per_step (every worker
+pulling the tables whole and pushing whole table gradients; a dense_tables line's wire bytes are
+that figure), dense_over_sparse, and server_rss_bytes (resident memory of the parameter-server
 processes after the timed steps). A configuration the cluster cannot run prints its line with
 `error` and null figures; the suite goes on.
 """
