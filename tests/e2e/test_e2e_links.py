@@ -3,27 +3,44 @@ behind a tc token bucket (bench/links_site.py over tests/support/netns.py), the 
 the parameter servers on this machine. Sync and local rounds both train the same task; what the
 links carried (their interface counters) shows local rounds moving parameters and deltas once a
 round, the batches' rows every step; the namespaces are gone afterwards. Skipped, with the reason,
-where namespaces cannot be made."""
+where namespaces cannot be made.
+
+The driver runs in a child process with the cluster's environment (its auth token): Ray keeps
+authentication state per process, so driving this cluster from the test process would fail after
+any earlier test's embedded runtime, and leak into every later one."""
 
 from __future__ import annotations
 
-import numpy as np
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
-from gradserve import mlp
 from gradserve_services.bench.links_site import SiteUnavailable, far_site, harness
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+RATE_MBIT = 20.0
+PARAMETERS = 9476  # mlp(32, [256], 4): 37 KB a float32 copy
+ROWS, H, ROUNDS = 64, 8, 3  # samples per inner step, inner steps per round, rounds
+
+DRIVER = r"""
+import json, sys
+import numpy as np
+from gradserve import mlp
+from gradserve_services.bench.links_site import FarSite
 from gradserve_services.cluster import RayExecutor, TrainerConfig
 from gradserve_services.cluster.config import OUTER_OPTIMIZER
 from gradserve_services.engine import Model
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-SPEC = mlp(32, [256], 4)  # 9,476 parameters: 37 KB a copy
-ROWS, H, ROUNDS = 64, 8, 3  # samples per inner step, inner steps per round, rounds
-RATE_MBIT = 20.0
+site = FarSite(**json.loads(sys.argv[1]))
+ROWS, H, ROUNDS = (int(value) for value in sys.argv[2:5])
+SPEC = mlp(32, [256], 4)
 
 
-def _batches(count, seed=0):
+def batches(count, seed=0):
     rng = np.random.default_rng(seed)
     teacher = rng.standard_normal((32, 4))
     out = []
@@ -33,7 +50,7 @@ def _batches(count, seed=0):
     return out
 
 
-def _train(executor, site, config, steps):
+def train(executor, config, steps):
     params = Model(SPEC).init_parameters(seed=0, dtype="float32")
     trainer = executor.create_trainer(config, params)
     try:
@@ -44,36 +61,51 @@ def _train(executor, site, config, steps):
         trainer.close()
 
 
+executor = RayExecutor(address=site.address, num_workers=2)
+try:
+    inner = batches(H * ROUNDS)
+    sync, sync_link, _ = train(
+        executor, TrainerConfig(SPEC, {"name": "adamw", "lr": 0.01}, num_workers=2), inner)
+    rounds = [(np.concatenate([x for x, _ in inner[r * H:(r + 1) * H]]),
+               np.concatenate([y for _, y in inner[r * H:(r + 1) * H]])) for r in range(ROUNDS)]
+    local, local_link, params = train(
+        executor, TrainerConfig(SPEC, OUTER_OPTIMIZER, consistency="local", local_steps=H,
+                                inner_optimizer={"name": "adamw", "lr": 0.01}, num_workers=2),
+        rounds)
+finally:
+    executor.shutdown()
+print(json.dumps({
+    "sync_link": sync_link, "local_link": local_link,
+    "local_versions": [r.version for r in local], "local_losses": [r.loss for r in local],
+    "params_finite": all(bool(np.isfinite(value).all()) for value in params.values()),
+    "sync_samples": sum(r.samples for r in sync), "local_samples": sum(r.samples for r in local),
+    "sync_bytes": sum(r.bytes_compressed for r in sync),
+    "local_bytes": sum(r.bytes_compressed for r in local)}))
+"""
+
+
 def test_sync_and_local_rounds_over_shaped_links():
     netns, _ = harness()
     others = set(netns.namespace_names())
     try:
         with far_site(workers=2, rate_mbit=RATE_MBIT) as site:
             made = set(netns.namespace_names()) - others
-            executor = RayExecutor(address=site.address, num_workers=2)
-            try:
-                inner = _batches(H * ROUNDS)
-                sync, sync_link, _ = _train(
-                    executor, site, TrainerConfig(SPEC, {"name": "adamw", "lr": 0.01}, num_workers=2),
-                    inner)
-                rounds = [(np.concatenate([x for x, _ in inner[r * H:(r + 1) * H]]),
-                           np.concatenate([y for _, y in inner[r * H:(r + 1) * H]])) for r in range(ROUNDS)]
-                local, local_link, params = _train(
-                    executor, site,
-                    TrainerConfig(SPEC, OUTER_OPTIMIZER, consistency="local", local_steps=H,
-                                  inner_optimizer={"name": "adamw", "lr": 0.01}, num_workers=2),
-                    rounds)
-            finally:
-                executor.shutdown()
+            described = {"address": site.address, "env": site.env, "rate_mbit": site.rate_mbit,
+                         "interfaces": site.interfaces}
+            finished = subprocess.run(
+                [sys.executable, "-c", DRIVER, json.dumps(described), str(ROWS), str(H), str(ROUNDS)],
+                capture_output=True, text=True, timeout=480, cwd=os.getcwd(),
+                env={**os.environ, **site.env})
     except SiteUnavailable as reason:
         pytest.skip(str(reason))
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    report = json.loads(finished.stdout.strip().splitlines()[-1])
     assert len(made) == 2 and not made & set(netns.namespace_names())  # removed after
-    assert [r.version for r in local] == [1, 2, 3] and local[-1].loss < local[0].loss
-    assert all(np.isfinite(value).all() for value in params.values())
-    samples = ROWS * H * ROUNDS
-    assert sum(r.samples for r in sync) == sum(r.samples for r in local) == samples
+    assert report["local_versions"] == [1, 2, 3]
+    assert report["local_losses"][-1] < report["local_losses"][0]
+    assert report["params_finite"]
+    assert report["sync_samples"] == report["local_samples"] == ROWS * H * ROUNDS
     # sync: parameters down and a gradient up per worker and step; local: once per round
-    assert sum(r.bytes_compressed for r in local) * H == sum(r.bytes_compressed for r in sync)
-    params_bytes = 9476 * 4
-    assert sync_link > 2 * 2 * params_bytes * H * ROUNDS  # both workers, both ways, every step
-    assert local_link < sync_link / 2
+    assert report["local_bytes"] * H == report["sync_bytes"]
+    assert report["sync_link"] > 2 * 2 * PARAMETERS * 4 * H * ROUNDS  # both workers, both ways, every step
+    assert report["local_link"] < report["sync_link"] / 2
