@@ -88,9 +88,9 @@ class RowStore:
         slots = self._slot_of[keys].astype(np.int64) - 1
         stored = slots >= 0
         if bool(stored.all()):
-            return np.take(self._records[:, :width], slots, axis=0)
+            return self._stored_records(slots, width)
         out = np.empty((keys.shape[0], width), dtype=self.dtype)
-        out[stored] = np.take(self._records[:, :width], slots[stored], axis=0)
+        out[stored] = self._stored_records(slots[stored], width)
         fresh = np.flatnonzero(~stored)
         tables = self._tables_of(keys[fresh])
         for index in np.unique(tables):
@@ -103,6 +103,14 @@ class RowStore:
             start = self.optimizer.initial_state(1, self.dim, self.dtype)
             out[fresh, self.dim:] = np.concatenate([start[slot] for slot in self._slots], axis=1)
         return out
+
+    def _stored_records(self, slots: np.ndarray, width: int) -> np.ndarray:
+        """The first `width` columns of the records in `slots`. Never `np.take` of a column slice:
+        take makes its (strided) source contiguous first, a copy of every stored record (a loaded
+        table's millions) per call; an index of rows and columns reads the rows asked only."""
+        if width == self._records.shape[1]:
+            return np.take(self._records, slots, axis=0)
+        return self._records[slots, :width]
 
     def read(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Rows `ids` (global, this shard's) of table `name`, stored or initial."""
