@@ -90,8 +90,9 @@ def job_file_reference() -> str:
 def _default_text(entry) -> str:
     if entry.default_rule is not None:
         return entry.default_rule
-    # as written in a job file: YAML's true/false/null, flow-style lists
-    return f"`{entry.default if isinstance(entry.default, str) else json.dumps(entry.default)}`"
+    # as written in a job file: YAML's true/false/null, flow-style lists; a `|` escaped, not a cell's end
+    text = entry.default if isinstance(entry.default, str) else json.dumps(entry.default)
+    return "`" + text.replace("|", "\\|") + "`"
 
 
 def run(args) -> int:

@@ -10,19 +10,23 @@ classification -> int64 `(n,)` class indices; regression and binary -> float32 `
 
 Categorical columns (`dataset.categorical`) are hashed into table rows (hashing.py) and kept as
 `ids`, int64 `(n, columns)`: the model then reads two named inputs, `dense` (the float features, when
-there are any) and `categorical` (the ids), instead of the single `input`.
+there are any) and `categorical` (the ids), instead of the single `input`. Bag columns
+(`dataset.bags`, bags.py) are hashed the same way, value by value, into one `BagColumn` each: the
+bag input of the column's name.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from gradserve_services.errors import InvalidArgument
 
+from .bags import BagColumn, RawBag, csv_bag, npz_bag
+from .job_keys import CATEGORICAL_INPUT, DENSE_INPUT
 from .jobfile import DatasetConfig
 
 __all__ = ["Dataset", "LOSS_FOR_TASK", "TASK_FOR_LOSS", "DENSE_INPUT", "CATEGORICAL_INPUT", "load_dataset"]
@@ -35,7 +39,6 @@ TASK_FOR_LOSS = {
 LOSS_FOR_TASK = {task: loss for loss, task in TASK_FOR_LOSS.items()}
 BUILTIN_TASKS = {"digits": "classification", "diabetes": "regression"}
 MISSING_TEXTS = frozenset({"", "nan", "na", "n/a", "null", "none", "?"})
-DENSE_INPUT, CATEGORICAL_INPUT = "dense", "categorical"  # the named inputs of a dataset with ids
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,12 @@ class Dataset:
     categorical_names: tuple[str, ...] = ()
     table_rows: int = 0  # ids lie in [0, table_rows)
     click_probability: np.ndarray | None = None  # synthetic_ctr: the planted model's, (n,)
+    bags: dict[str, BagColumn] = field(default_factory=dict)  # hashed bag columns, by input name
+
+    @property
+    def named(self) -> bool:
+        """Whether the model reads named inputs (dense, categorical, bags) instead of `input`."""
+        return self.ids is not None or bool(self.bags)
 
 
 def load_dataset(config: DatasetConfig, loss: str | None = None, *, seed: int = 0) -> Dataset:
@@ -58,28 +67,31 @@ def load_dataset(config: DatasetConfig, loss: str | None = None, *, seed: int = 
     if config.name == "synthetic_ctr":
         return _load_synthetic_ctr(config, loss, seed)
     raw_columns: list = []  # categorical columns, raw values, in dataset.categorical's order
+    raw_bags: list[RawBag] = []  # bag columns, in dataset.bags' order
     if config.name in BUILTIN_TASKS:
         x, y, names, label_texts = _load_builtin(config.name)
         source, default_task = config.name, BUILTIN_TASKS[config.name]
     elif config.name == "npz":
-        x, y, names, raw_columns = _load_npz(config)
+        x, y, names, raw_columns, raw_bags = _load_npz(config)
         label_texts, source, default_task = None, str(config.path), _task_from_dtype(y)
     elif config.name == "parquet":
         from .parquet_data import load_parquet
 
-        x, y, names, raw_columns = load_parquet(config)
+        x, y, names, raw_columns, raw_bags = load_parquet(config)
         label_texts, source, default_task = None, str(config.path), _task_from_dtype(y)
     else:
-        x, y, names, label_texts, raw_columns = _load_csv(config)
+        x, y, names, label_texts, raw_columns, raw_bags = _load_csv(config)
         source, default_task = str(config.path), _task_from_texts(label_texts)
     task = _resolve_task(config.task, loss, default_task)
     ids = _hashed_ids(raw_columns, config, len(x))
-    x, y, label_texts, ids = _handle_missing(x, y, label_texts, ids, config, source)
+    bags = _hashed_bags(raw_bags, config)
+    x, y, label_texts, ids, bags = _handle_missing(x, y, label_texts, ids, bags, config, source)
     y, num_outputs = _shape_labels(y, label_texts, task, config, source)
     if len(x) < 2:
         raise InvalidArgument(f"{source} has {len(x)} usable rows; a train/test split needs at least 2", field="dataset")
-    categorical = {} if ids is None else {"ids": ids, "categorical_names": _column_names(config, ids),
-                                          "table_rows": config.hash_rows}
+    categorical = {} if ids is None else {"ids": ids, "categorical_names": _column_names(config, ids)}
+    if ids is not None or bags:
+        categorical.update(bags=bags, table_rows=config.hash_rows)
     return Dataset(x=x.astype(np.float32), y=y, task=task, num_outputs=num_outputs,
                    feature_names=tuple(names), source=source, **categorical)
 
@@ -110,6 +122,17 @@ def _hashed_ids(raw_columns: list, config: DatasetConfig, rows: int) -> np.ndarr
     for column, values in enumerate(raw_columns):
         ids[:, column] = hash_column(values, config.hash_rows, seed=config.hash_seed, column=column)
     return ids
+
+
+def _hashed_bags(raw_bags: list[RawBag], config: DatasetConfig) -> dict[str, BagColumn]:
+    """Each bag's values hashed as categorical ones are, positions numbered on after the
+    categorical columns (hashing.py): a bag and a column may share a table without sharing rows."""
+    from .hashing import hash_column
+
+    first = len(config.categorical)
+    return {name: BagColumn.of_lengths(hash_column(raw.values, config.hash_rows, seed=config.hash_seed,
+                                                   column=first + index), raw.lengths)
+            for index, (name, raw) in enumerate(zip(config.bags, raw_bags))}
 
 
 def _column_names(config: DatasetConfig, ids: np.ndarray) -> tuple[str, ...]:
@@ -151,6 +174,7 @@ def _load_npz(config: DatasetConfig):
             categorical = [archive[key] for key in config.categorical]
         except ValueError as failure:  # object arrays need pickle, which is refused
             raise InvalidArgument(f"{config.path}: {failure}", field=field) from None
+        bags = [npz_bag(archive, name, len(x), config.path) for name in config.bags]
     if x.dtype.kind not in "iufb" or x.ndim < 2:
         raise InvalidArgument(
             f"array {config.x_key!r} must be numeric with a batch axis and features, got {x.dtype} {x.shape}",
@@ -166,7 +190,7 @@ def _load_npz(config: DatasetConfig):
             f"{config.x_key!r} has {len(x)} rows but {config.y_key!r} has {len(y)}", field="dataset.y_key"
         )
     x = x.reshape(len(x), -1).astype(np.float64)  # images (n, h, w) become (n, h*w) features
-    return x, y, [f"f{i}" for i in range(x.shape[1])], _npz_columns(config, categorical, len(x))
+    return x, y, [f"f{i}" for i in range(x.shape[1])], _npz_columns(config, categorical, len(x)), bags
 
 
 def _npz_columns(config: DatasetConfig, arrays, rows: int) -> list:
@@ -199,15 +223,13 @@ def _load_csv(config: DatasetConfig):
         raise InvalidArgument(
             f"column {config.label!r} is not in {config.path} (columns: {', '.join(header)})", field="dataset.label"
         )
-    for column in config.categorical:
+    for column, key in [(c, "dataset.categorical") for c in config.categorical] + [(c, "dataset.bags")
+                                                                                    for c in config.bags]:
         if column not in header:
-            raise InvalidArgument(
-                f"column {column!r} is not in {config.path} (columns: {', '.join(header)})", field="dataset.categorical"
-            )
-    if config.label in config.categorical or set(config.features or ()) & set(config.categorical):
-        raise InvalidArgument("a categorical column is also the label or a dense feature", field="dataset.categorical")
+            raise InvalidArgument(f"column {column!r} is not in {config.path} (columns: {', '.join(header)})", field=key)
+    check_column_roles(config)
     features = list(config.features) if config.features else [
-        c for c in header if c != config.label and c not in config.categorical]
+        c for c in header if c != config.label and c not in config.categorical and c not in config.bags]
     for column in features:
         if column not in header:
             raise InvalidArgument(
@@ -215,7 +237,7 @@ def _load_csv(config: DatasetConfig):
             )
     if config.label in features:
         raise InvalidArgument(f"the label column {config.label!r} is also a feature", field="dataset.features")
-    if not features and not config.categorical:
+    if not features and not config.categorical and not config.bags:
         raise InvalidArgument(f"{config.path} has no feature columns besides the label", field="dataset.features")
     positions = [header.index(column) for column in features]
     categorical_positions = [header.index(column) for column in config.categorical]
@@ -234,7 +256,16 @@ def _load_csv(config: DatasetConfig):
         label_texts.append((line, row[label_position].strip()))
         for column, position in enumerate(categorical_positions):
             categorical[column][row_index] = row[position]  # missing stays text: a category of its own
-    return x, None, features, label_texts, [np.array(values, dtype=object) for values in categorical]
+    bags = [csv_bag([(line, row[header.index(name)]) for line, row in body], config.bag_separator, name, config.path)
+            for name in config.bags]
+    return x, None, features, label_texts, [np.array(values, dtype=object) for values in categorical], bags
+
+
+def check_column_roles(config: DatasetConfig) -> None:
+    """A column is one of: the label, a dense feature, categorical, a bag."""
+    for keyed, key in ((config.categorical, "dataset.categorical"), (config.bags, "dataset.bags")):
+        if config.label in keyed or set(config.features or ()) & set(keyed):
+            raise InvalidArgument(f"a column of {key} is also the label or a dense feature", field=key)
 
 
 def _cell_number(text: str, config: DatasetConfig, line: int, column: str) -> float:
@@ -269,7 +300,7 @@ def _resolve_task(configured: str | None, loss: str | None, default: str) -> str
     return from_loss or configured or default
 
 
-def _handle_missing(x, y, label_texts, ids, config: DatasetConfig, source: str):
+def _handle_missing(x, y, label_texts, ids, bags, config: DatasetConfig, source: str):
     """Refuse rows with a NaN/missing value (naming the first), or drop them with `drop_missing`."""
     bad_rows = ~np.isfinite(x).all(axis=1)
     if label_texts is not None:
@@ -277,11 +308,12 @@ def _handle_missing(x, y, label_texts, ids, config: DatasetConfig, source: str):
     elif y.dtype.kind == "f":
         bad_rows |= ~np.isfinite(y.reshape(len(y), -1)).all(axis=1)
     if not bad_rows.any():
-        return x, y, label_texts, ids
+        return x, y, label_texts, ids, bags
     if config.drop_missing:
         keep = ~bad_rows
         kept_texts = None if label_texts is None else [t for t, k in zip(label_texts, keep) if k]
-        return x[keep], None if y is None else y[keep], kept_texts, None if ids is None else ids[keep]
+        return (x[keep], None if y is None else y[keep], kept_texts, None if ids is None else ids[keep],
+                {name: bag.take(keep) for name, bag in bags.items()})
     first = int(np.flatnonzero(bad_rows)[0])
     where = f"line {label_texts[first][0]}" if label_texts is not None else f"row {first}"
     raise InvalidArgument(

@@ -2,13 +2,15 @@
 model runs where its parameters live (no parameters are pulled to evaluate), in inference mode.
 The loss of the outputs is the engine's own loss definition, so the test loss means exactly what
 the training loss means. A binary task with one output also gets the ROC AUC of its logits. The
-inputs are the features, or a mapping of named inputs (categorical data), cut into row ranges
-alike.
+inputs are the features, or a mapping of named inputs (categorical data; bags by their offsets),
+cut into row ranges alike.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from .bags import slice_inputs
 
 __all__ = ["Evaluator"]
 
@@ -55,7 +57,7 @@ class Evaluator:
 
 def _rows(x, start: int, stop: int):
     if isinstance(x, dict):
-        return {name: values[start:stop] for name, values in x.items()}
+        return slice_inputs(x, start, stop)
     return x[start:stop]
 
 

@@ -5,7 +5,8 @@ A value's row is
     blake2b(f"{column}:{text}".encode("utf-8"), digest_size=8, key=seed as 8 little-endian bytes)
         read as a little-endian unsigned 64-bit integer, modulo `rows`
 
-where `column` is the value's position in `dataset.categorical` (0, 1, ...) and `text` is the value
+where `column` is the value's position in `dataset.categorical` (0, 1, ...), or for a value in a bag
+(bags.py) its bag's position numbered on after them (`len(categorical)`, ...), and `text` is the value
 as text: an integer's decimal digits (`7`, `-3`; a float column's whole numbers count as integers),
 a string as written, stripped of surrounding blanks; a missing value is the empty text, a category of
 its own. The same value in two columns lands on unrelated rows, so columns may share one table.

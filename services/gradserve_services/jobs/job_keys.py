@@ -10,17 +10,22 @@ from dataclasses import dataclass
 
 from gradserve_services.cluster.config import COMPRESSIONS, CONSISTENCY_MODES
 from gradserve_services.engine.losses import LOSSES
+from gradserve_services.engine.inputs import INPUT
 from gradserve_services.engine.ops import OPS, Elementwise
 from gradserve_services.optim import OPTIMIZER_NAMES, SCHEDULE_NAMES, OptimizerConfig, ScheduleConfig
 from gradserve_services.optim.rows import TABLE_OPTIMIZER_NAMES, TableOptimizerConfig
 
 __all__ = ["DATASET_NAMES", "FILE_DATASETS", "TASKS", "ACTIVATIONS", "TOP_LEVEL_KEYS", "DATASET_KEYS",
            "MODEL_KEYS", "MLP_KEYS", "OPTIMIZER_KEYS", "SCHEDULE_KEYS", "TRAIN_KEYS", "CHECKPOINT_KEYS",
-           "SERVICE_KEYS", "TABLE_OPTIMIZER_KEYS", "KeyDoc", "JOB_FILE_KEYS", "OVERRIDES", "one_of"]
+           "SERVICE_KEYS", "TABLE_OPTIMIZER_KEYS", "DENSE_INPUT", "CATEGORICAL_INPUT", "RESERVED_INPUTS", "KeyDoc",
+           "JOB_FILE_KEYS", "OVERRIDES", "one_of"]
 
 DATASET_NAMES = ("digits", "diabetes", "synthetic_ctr", "npz", "csv", "parquet")
 FILE_DATASETS = ("npz", "csv", "parquet")
 TASKS = ("classification", "regression", "binary")
+# The named inputs a job's data feeds besides its bags (datasets.py), and the single input's name.
+DENSE_INPUT, CATEGORICAL_INPUT = "dense", "categorical"
+RESERVED_INPUTS = (DENSE_INPUT, CATEGORICAL_INPUT, INPUT)
 # The names the engine, the optimizer and the cluster define: the job file restates none of them.
 ACTIVATIONS = tuple(kind for kind, op in OPS.items() if isinstance(op, Elementwise))
 
@@ -34,7 +39,8 @@ def one_of(names) -> str:
 TOP_LEVEL_KEYS = ("seed", "dataset", "model", "optimizer", "table_optimizer", "train", "checkpoint", "service", "out")
 DATASET_KEYS = (
     "name", "path", "label", "features", "x_key", "y_key", "task", "test_fraction",
-    "standardize", "standardize_target", "drop_missing", "categorical", "hash_rows", "hash_seed",
+    "standardize", "standardize_target", "drop_missing", "categorical", "bags", "bag_separator", "hash_rows",
+    "hash_seed",
     "samples", "fields", "vocab", "zipf",
 )
 MODEL_KEYS = ("mlp", "input_features", "nodes", "output", "loss")
@@ -63,15 +69,23 @@ JOB_FILE_KEYS = (
            "model, below), `npz`, `csv` or `parquet`", default_rule="from `dataset.path`'s suffix"),
     KeyDoc("dataset.path", "the `.npz` / `.csv` / `.parquet` file, relative to the job file's folder"),
     KeyDoc("dataset.label", "csv, parquet: the label column (header name)", "label"),
-    KeyDoc("dataset.features", "csv, parquet: the dense feature columns (input `dense` when there are categorical ones)",
-           default_rule="every column but the label and the categorical ones"),
+    KeyDoc("dataset.features", "csv, parquet: the dense feature columns (input `dense` when there are categorical "
+           "or bag ones)",
+           default_rule="every column but the label, the categorical and the bag ones"),
     KeyDoc("dataset.categorical", "categorical columns (csv, parquet) or arrays (npz, each `(n,)` or `(n, k)`), "
            "strings or integers, hashed into `hash_rows` rows each; the model reads them as the ids input "
            "`categorical` `(batch, columns)` and needs the graph form", []),
-    KeyDoc("dataset.hash_rows", "categorical: the rows each column's values hash into: BLAKE2b (8-byte digest, "
-           "keyed by `hash_seed`) of `POSITION:TEXT` (the column's position in `categorical`; an integer's digits "
-           "or a string stripped; missing: empty), modulo `hash_rows`", 65536),
-    KeyDoc("dataset.hash_seed", "categorical: the hashing key; the same seed gives the same rows in any process", 0),
+    KeyDoc("dataset.bags", "multi-hot columns, a bag of values per row (possibly empty), each value hashed as "
+           "`categorical` ones are; bag `NAME` is the bag input `NAME` (`batch.NAME.values` + `batch.NAME.offsets`, "
+           "torch EmbeddingBag style) that an `embedding_bag` node reads. csv: a cell of values separated by "
+           "`bag_separator` (an empty cell: an empty bag); parquet: a list column; npz: the arrays `NAME.values` and "
+           "`NAME.offsets` (one per row, from 0, non-decreasing)", []),
+    KeyDoc("dataset.bag_separator", "csv: what separates a bag cell's values (each stripped)", "|"),
+    KeyDoc("dataset.hash_rows", "categorical and bags: the rows each column's values hash into: BLAKE2b (8-byte "
+           "digest, keyed by `hash_seed`) of `POSITION:TEXT` (the column's position in `categorical`, then bags "
+           "numbered on after them; an integer's digits or a string stripped; missing: empty), modulo `hash_rows`",
+           65536),
+    KeyDoc("dataset.hash_seed", "categorical and bags: the hashing key; the same seed gives the same rows in any process", 0),
     KeyDoc("dataset.samples", "synthetic_ctr: rows generated", 200000),
     KeyDoc("dataset.fields", "synthetic_ctr: categorical fields (input `categorical`, ids in `[0, vocab)`), "
            "beside 13 dense features (input `dense`)", 26),

@@ -8,7 +8,7 @@ Every key, its default and its meaning: `JOB_FILE_KEYS` in `job_keys.py` (`grads
 it; the README's job-file reference is that text). In outline:
 
     seed: 0
-    dataset:    {name, path, label, features, categorical, hash_rows, x_key, y_key, task, test_fraction, ...}
+    dataset:    {name, path, label, features, categorical, bags, hash_rows, x_key, y_key, task, test_fraction, ...}
     model:      {mlp: {hidden, activation, dropout, layernorm} | nodes: [...], output: NAME ; loss}
     optimizer:  {name, lr, momentum, beta1, beta2, eps, weight_decay, clip_norm, schedule: {...}}
     table_optimizer: {name, lr, beta1, beta2, eps, initial_accumulator_value}
@@ -33,8 +33,8 @@ from gradserve_services.errors import InvalidArgument
 from gradserve_services.optim import OPTIMIZER_NAMES, SCHEDULE_NAMES, OptimizerConfig
 
 from .job_keys import (ACTIVATIONS, CHECKPOINT_KEYS, DATASET_KEYS, DATASET_NAMES, FILE_DATASETS, JOB_FILE_KEYS,
-                       MLP_KEYS, MODEL_KEYS, OPTIMIZER_KEYS, OVERRIDES, SCHEDULE_KEYS, SERVICE_KEYS, TASKS,
-                       TOP_LEVEL_KEYS, TRAIN_KEYS, KeyDoc)
+                       MLP_KEYS, MODEL_KEYS, OPTIMIZER_KEYS, OVERRIDES, RESERVED_INPUTS, SCHEDULE_KEYS, SERVICE_KEYS,
+                       TASKS, TOP_LEVEL_KEYS, TRAIN_KEYS, KeyDoc)
 from .table_optimizer import parse_table_optimizer
 from .values import (boolean, choice, integer, number, optional_string, reject_unknown, section,
                      string)
@@ -69,6 +69,8 @@ class DatasetConfig:
     standardize_target: bool  # regression targets scaled to unit variance (fitted on train)
     drop_missing: bool  # drop rows with missing/NaN values instead of refusing the file
     categorical: tuple[str, ...] = ()  # columns / arrays hashed into table rows
+    bags: tuple[str, ...] = ()  # multi-hot columns: a bag of values per row, each hashed (bags.py)
+    bag_separator: str = "|"  # csv: between a bag cell's values
     hash_rows: int = 65536
     hash_seed: int = 0
     samples: int = 200000  # synthetic_ctr's size and shape
@@ -228,6 +230,7 @@ def _parse_dataset(raw: Mapping, base_dir: Path) -> DatasetConfig:
     if categorical and name not in FILE_DATASETS:
         raise InvalidArgument(f"the built-in {name!r} dataset has no categorical columns to choose",
                               field="dataset.categorical")
+    bags = _parse_bags(raw.get("bags", []), name, categorical)
     zipf = number(raw.get("zipf", 1.5), "dataset.zipf")
     if zipf <= 0:
         raise InvalidArgument(f"must be > 0, got {zipf}", field="dataset.zipf")
@@ -244,6 +247,8 @@ def _parse_dataset(raw: Mapping, base_dir: Path) -> DatasetConfig:
         standardize_target=boolean(raw.get("standardize_target", True), "dataset.standardize_target"),
         drop_missing=boolean(raw.get("drop_missing", False), "dataset.drop_missing"),
         categorical=tuple(categorical),
+        bags=bags,
+        bag_separator=_bag_separator(raw.get("bag_separator", "|")),
         hash_rows=integer(raw.get("hash_rows", 65536), "dataset.hash_rows", minimum=1),
         hash_seed=integer(raw.get("hash_seed", 0), "dataset.hash_seed", minimum=0, maximum=2**64 - 1),
         samples=integer(raw.get("samples", 200000), "dataset.samples", minimum=2),
@@ -251,6 +256,30 @@ def _parse_dataset(raw: Mapping, base_dir: Path) -> DatasetConfig:
         vocab=integer(raw.get("vocab", 1000), "dataset.vocab", minimum=1),
         zipf=zipf,
     )
+
+
+def _parse_bags(bags, name: str, categorical: list) -> tuple[str, ...]:
+    """Bag columns name the bag inputs the model reads: a name an input may have, taken by no
+    other input or column."""
+    if not isinstance(bags, list) or not all(isinstance(b, str) and b for b in bags) or len(set(bags)) != len(bags):
+        raise InvalidArgument("must be a list of distinct column names", field="dataset.bags")
+    if bags and name not in FILE_DATASETS:
+        raise InvalidArgument(f"the built-in {name!r} dataset has no bag columns to choose", field="dataset.bags")
+    for bag in bags:
+        if "." in bag or bag in RESERVED_INPUTS:
+            raise InvalidArgument(f"bag column {bag!r} names the model's bag input: it needs a name without '.' "
+                                  f"other than {', '.join(RESERVED_INPUTS)}", field="dataset.bags")
+        if bag in categorical:
+            raise InvalidArgument(f"column {bag!r} is both categorical and a bag", field="dataset.bags")
+    return tuple(bags)
+
+
+def _bag_separator(value) -> str:
+    separator = string(value, "dataset.bag_separator")
+    if "," in separator or "\n" in separator or '"' in separator:
+        raise InvalidArgument(f"must not hold a comma, quote or newline (CSV's own), got {separator!r}",
+                              field="dataset.bag_separator")
+    return separator
 
 
 def _parse_model(raw: Mapping) -> ModelConfig:

@@ -47,9 +47,11 @@ class PreparedJob:
         }
         if self.job.table_optimizer is not None:
             identity["table_optimizer"] = self.job.table_optimizer
-        if self.job.dataset.categorical:  # the same values on other rows would be other data
+        if self.job.dataset.categorical or self.job.dataset.bags:  # the same values on other rows: other data
             config = self.job.dataset
             identity["hashing"] = [list(config.categorical), config.hash_rows, config.hash_seed]
+            if config.bags:
+                identity["bags"] = [list(config.bags), config.bag_separator]
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -67,7 +69,7 @@ def prepare_job(job: Job) -> PreparedJob:
         raise InvalidArgument("the split leaves an empty train or test set", field="dataset.test_fraction")
     fields = 0 if dataset.ids is None else dataset.ids.shape[1]
     spec = build_spec(job.model, input_features=dataset.x.shape[1], output_width=dataset.num_outputs, loss=loss,
-                      categorical_fields=fields, table_rows=dataset.table_rows)
+                      categorical_fields=fields, bags=tuple(dataset.bags), table_rows=dataset.table_rows)
     order = BatchOrder(num_samples=len(split.x_train), batch_size=job.train.rows_per_step, seed=job.seed)
     last = len(split.x_train) % order.batch_size
     if job.train.rows_per_step != job.train.batch_size and 0 < last < job.train.local_steps:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .bags import BagColumn
 from .datasets import CATEGORICAL_INPUT, DENSE_INPUT, Dataset
 
 __all__ = ["Split", "Standardizer", "BatchOrder", "split_dataset"]
@@ -29,21 +30,26 @@ class Split:
     ids_train: np.ndarray | None = None  # categorical ids, split with the same rows
     ids_test: np.ndarray | None = None
     click_probability_test: np.ndarray | None = None  # synthetic_ctr: the planted model's, test rows
+    bags_train: dict[str, BagColumn] | None = None  # bag columns (by input name), split with the same rows
+    bags_test: dict[str, BagColumn] | None = None
 
     def train_inputs(self, rows) -> "np.ndarray | dict[str, np.ndarray]":
-        """The model's batch of training rows `rows`: the features, or with categorical ids the
-        named inputs (`dense`, `categorical`)."""
-        return _inputs(self.x_train, self.ids_train, rows)
+        """The model's batch of training rows `rows`: the features, or with categorical ids or bags
+        the named inputs (`dense`, `categorical`, each bag's `NAME.values` and `NAME.offsets`)."""
+        return _inputs(self.x_train, self.ids_train, self.bags_train, rows)
 
     def test_inputs(self) -> "np.ndarray | dict[str, np.ndarray]":
-        return _inputs(self.x_test, self.ids_test, slice(None))
+        return _inputs(self.x_test, self.ids_test, self.bags_test, slice(None))
 
 
-def _inputs(x, ids, rows):
-    if ids is None:
+def _inputs(x, ids, bags, rows):
+    if ids is None and not bags:
         return x[rows]
     named = {DENSE_INPUT: x[rows]} if x.shape[1] else {}
-    named[CATEGORICAL_INPUT] = ids[rows]
+    if ids is not None:
+        named[CATEGORICAL_INPUT] = ids[rows]
+    for name, bag in (bags or {}).items():
+        named.update(bag.take(rows).tensors(name))
     return named
 
 
@@ -103,6 +109,8 @@ def split_dataset(
         ids_train=None if dataset.ids is None else np.ascontiguousarray(dataset.ids[rows_train]),
         ids_test=None if dataset.ids is None else np.ascontiguousarray(dataset.ids[rows_test]),
         click_probability_test=None if dataset.click_probability is None else dataset.click_probability[rows_test],
+        bags_train={name: bag.take(rows_train) for name, bag in dataset.bags.items()},
+        bags_test={name: bag.take(rows_test) for name, bag in dataset.bags.items()},
     )
 
 
