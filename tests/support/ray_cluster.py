@@ -146,6 +146,9 @@ def _ray_start(args: list[str], num_cpus: int, temp_dir: Path, env: dict[str, st
     except subprocess.TimeoutExpired:
         node.kill()
         raise RuntimeError(f"`ray start {name}` did not finish in {START_TIMEOUT_S} s")
+    except BaseException:  # interrupted (a stop signal raised here): the caller never gets the node
+        node.kill()
+        raise
     if code != 0:
         node.kill()
         raise RuntimeError(f"`ray start {name}` exited {code}:\n{log_path.read_text()[-3000:]}")

@@ -62,17 +62,19 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from .links_site import SiteUnavailable, far_site
+    from .stop_signals import stop_signals_raise
 
     names = ["sync"] + [n for n in args.configs.split(",") if n and n != "sync"]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         print(f"unknown config {unknown[0]!r}; one of {', '.join(CONFIGS)}", file=sys.stderr)
         return 2
-    try:
-        with far_site(args.workers, args.rate_mbit) as site:
+    try:  # stopped by SIGTERM or SIGINT, the site is removed as after a finished run
+        with stop_signals_raise("links") as stop, far_site(args.workers, args.rate_mbit) as site:
             from gradserve_services.cluster import RayExecutor
 
             executor = RayExecutor(address=site.address, num_workers=args.workers)
+            stop.install()  # ray.init replaced the SIGTERM handler
             try:
                 _warm_up(executor, args.workers)
                 runs = {}
