@@ -7,8 +7,9 @@ Each subcommand lives in its own module with `register(subparsers)`; modules kee
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+
+from .modules import present_modules
 
 __all__ = ["main", "build_parser"]
 
@@ -18,13 +19,7 @@ SUBCOMMAND_MODULES = ("serve", "train", "bench")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradserve", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"gradserve_services.cli.{name}")
-        except ModuleNotFoundError as missing:
-            if missing.name != f"gradserve_services.cli.{name}":
-                raise
-            continue
+    for _, module in present_modules("gradserve_services.cli", SUBCOMMAND_MODULES):
         module.register(subparsers)
     return parser
 

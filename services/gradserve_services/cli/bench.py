@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-import importlib
-
 from .help import HelpFormatter
+from .modules import present_modules
 
 BENCH_HELP = """\
 Run a benchmark suite; the peer it is compared with is measured in the same run.
@@ -21,13 +20,7 @@ def register(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="run a benchmark suite, JSON lines on stdout",
                                   description=BENCH_HELP, formatter_class=HelpFormatter)
     suites = bench.add_subparsers(dest="suite", required=True)
-    for name in SUITES:
-        try:
-            module = importlib.import_module(f"gradserve_services.bench.{name}")
-        except ModuleNotFoundError as missing:
-            if missing.name != f"gradserve_services.bench.{name}":
-                raise
-            continue
+    for name, module in present_modules("gradserve_services.bench", SUITES):
         summary = (module.__doc__ or name).strip()
         parser = suites.add_parser(name, help=summary.splitlines()[0], description=summary,
                                    formatter_class=HelpFormatter)
