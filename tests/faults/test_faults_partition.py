@@ -19,8 +19,8 @@ import pytest
 from tests.support import netns
 from tests.support.ray_cluster import start_cluster
 
+from .fixtures import gateway  # noqa: F401 (serves on this module's cluster)
 from .helpers import (
-    Gateway,
     actor_pids,
     assert_exactly_once,
     assert_same_parameters,
@@ -62,15 +62,6 @@ def cluster(far):
         yield cluster
     finally:
         cluster.stop()
-
-
-@pytest.fixture(scope="module")
-def gateway(cluster, tmp_path_factory):
-    gateway = Gateway(cluster, tmp_path_factory.mktemp("partition"))
-    try:
-        yield gateway
-    finally:
-        gateway.server.stop()
 
 
 @pytest.fixture(scope="module")

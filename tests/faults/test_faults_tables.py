@@ -8,11 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.support.ray_cluster import start_cluster
-
+from .fixtures import cluster, gateway, head_sid  # noqa: F401 (fixtures the tests request)
 from .helpers import (
     STEPS,
-    Gateway,
     actor_pids,
     assert_exactly_once,
     assert_same_parameters,
@@ -67,29 +65,6 @@ def run_and_audit(gateway, client, session, **fault):
     client.close_session(session)
     assert_exactly_once(result)
     return results, parameters
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    cluster = start_cluster(num_cpus=2)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-@pytest.fixture(scope="module")
-def head_sid(cluster):
-    return cluster.nodes[0].pgid
-
-
-@pytest.fixture(scope="module")
-def gateway(cluster, tmp_path_factory):
-    gateway = Gateway(cluster, tmp_path_factory.mktemp("faults-tables"))
-    try:
-        yield gateway
-    finally:
-        gateway.server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,12 @@ import pytest
 import gradserve
 from gradserve_services import procfs
 
-from tests.support.ray_cluster import start_cluster
 from tests.support.tcp_proxy import CuttingProxy
 
+from .fixtures import cluster, gateway, head_sid  # noqa: F401 (fixtures the tests request)
 from .helpers import (
     OTHER_TOKEN,
     STEPS,
-    Gateway,
     actor_pids,
     assert_exactly_once,
     assert_same_parameters,
@@ -35,29 +34,6 @@ from .helpers import (
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    cluster = start_cluster(num_cpus=2)  # exactly the gateway's two pool workers fit on the head
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-@pytest.fixture(scope="module")
-def head_sid(cluster):
-    return cluster.nodes[0].pgid  # `ray start` leads its session; its raylet's workers stay in it
-
-
-@pytest.fixture(scope="module")
-def gateway(cluster, tmp_path_factory):
-    gateway = Gateway(cluster, tmp_path_factory.mktemp("faults"))
-    try:
-        yield gateway
-    finally:
-        gateway.server.stop()
 
 
 @pytest.fixture(scope="module")
