@@ -7,11 +7,16 @@ both ends set, and the receiver copies each chunk straight into a buffer preallo
 header's dtype and shape.
 
 Chunk messages are framed by hand (`gradserve.rpc.frames`): each MiB is copied once per side.
+
+A `StreamedTensor` is sent as it is produced: its descriptor from its dtype and shape, its chunks
+from the parts it yields one after another (a table read out of the servers a range of rows at a
+time), so the sender holds one part, never the whole tensor.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,6 +32,7 @@ __all__ = [
     "INLINE_HEADER_BYTES",
     "DEFAULT_MAX_REQUEST_BYTES",
     "OutgoingTensors",
+    "StreamedTensor",
     "TensorAssembler",
     "read_messages",
 ]
@@ -38,14 +44,33 @@ INLINE_HEADER_BYTES = 4 << 20  # inline bytes of one header; later tensors are c
 DEFAULT_MAX_REQUEST_BYTES = 2 << 30  # total tensor bytes of one request (service default)
 
 
+@dataclass(frozen=True)
+class StreamedTensor:
+    """A tensor of `dtype` and `shape` whose bytes are those of the arrays `parts()` yields, in
+    order (C order; each part any number of leading-axis rows)."""
+
+    dtype: np.dtype
+    shape: tuple
+    parts: Callable[[], Iterable[np.ndarray]]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
 class OutgoingTensors:
-    """Named arrays split into header entries and the chunks that follow the header."""
+    """Named arrays split into header entries and the chunks that follow the header; a
+    `StreamedTensor` is always chunked, its parts taken only as its chunks are."""
 
     def __init__(self, arrays: Mapping[str, object]):
         self.entries: list[tensor_pb2.NamedTensor] = []
-        self._chunked: list[tuple[int, memoryview]] = []
+        self._chunked: list[tuple[int, memoryview | StreamedTensor]] = []
         inline_bytes = 0
         for name, array in arrays.items():
+            if isinstance(array, StreamedTensor):
+                self._chunked.append((len(self.entries), array))
+                self.entries.append(_streamed_entry(name, array))
+                continue
             try:
                 array = wire_array(array)
             except TensorFormatError as bad:
@@ -66,9 +91,40 @@ class OutgoingTensors:
         """Every chunk, in order: a `Chunk` view for streams serialized by `PartCodec` (the bytes
         are copied once, into the frame), or with `wrap` the protobuf message `wrap(chunk=...)`."""
         for index, raw in self._chunked:
-            for offset in range(0, len(raw), CHUNK_BYTES):
-                chunk = Chunk(index, offset, raw[offset : offset + CHUNK_BYTES])
-                yield chunk if wrap is None else chunk.message(wrap)
+            pieces = _streamed_bytes(self.entries[index].name, raw) if isinstance(raw, StreamedTensor) else [(0, raw)]
+            for start, piece in pieces:
+                for offset in range(0, len(piece), CHUNK_BYTES):
+                    chunk = Chunk(index, start + offset, piece[offset : offset + CHUNK_BYTES])
+                    yield chunk if wrap is None else chunk.message(wrap)
+
+
+def _streamed_entry(name: str, tensor: StreamedTensor) -> tensor_pb2.NamedTensor:
+    try:
+        dtype = wire_array(np.empty(0, dtype=tensor.dtype)).dtype
+    except TensorFormatError as bad:
+        raise TensorFormatError(bad.message, field=name) from None
+    entry = tensor_pb2.NamedTensor(name=name, chunked=True)
+    entry.tensor.dtype = dtype.name
+    entry.tensor.shape.extend(int(extent) for extent in tensor.shape)
+    return entry
+
+
+def _streamed_bytes(name: str, tensor: StreamedTensor) -> Iterator[tuple[int, memoryview]]:
+    """`(offset, bytes)` of each non-empty part; a part of another dtype or a total other than the
+    shape's is the producer's error, raised before a wrong byte is sent."""
+    dtype, offset = np.dtype(tensor.dtype), 0
+    for part in tensor.parts():
+        part = np.asarray(part)
+        if part.dtype != dtype:
+            raise TensorFormatError(f"a part of dtype {part.dtype}, declared {dtype}", field=name)
+        raw = memoryview(wire_array(part).reshape(-1)).cast("B")
+        if offset + len(raw) > tensor.nbytes:
+            raise TensorFormatError(f"parts of more than the {tensor.nbytes} bytes declared", field=name)
+        if len(raw):
+            yield offset, raw
+        offset += len(raw)
+    if offset != tensor.nbytes:
+        raise TensorFormatError(f"parts of {offset} bytes, {tensor.nbytes} declared", field=name)
 
 
 class TensorAssembler:

@@ -296,3 +296,11 @@ class ParameterServer:
         if table is None:
             raise NotFound(f"no parameter table {table_id!r} on this server", "table")
         return table
+
+    def table_row_range(self, table_id: str, name: str, start: int, stop: int):
+        """The rows this shard holds of table `name` among rows [start, stop), in row order: a
+        table read out one range at a time (table_stream.py), never whole."""
+        table = self._table(table_id)
+        if table.rows is None:
+            raise NotFound("this model has no tables", "table")
+        return table.rows.row_range(name, start, stop)

@@ -143,3 +143,15 @@ class ShardTables:
         if store is None:
             raise InvalidArgument(f"{name!r} is not a table of this model", "table")
         return store
+
+    def row_range(self, name: str, start: int, stop: int) -> np.ndarray:
+        """The rows of table `name` this shard holds among rows [start, stop), in row order (rows
+        `first, first + S, ...`, `first` the range's first row of this shard): one part of a
+        table read out a range at a time (table_stream.py)."""
+        store = self._store(name)
+        rows = store.rows_of[name]
+        if not 0 <= int(start) <= int(stop) <= rows:
+            raise InvalidArgument(f"rows [{start}, {stop}) are not within the {rows} rows of {name!r}", "rows")
+        shards = self.placement.shards
+        first = int(start) + (store.shard - int(start)) % shards
+        return store.read(name, np.arange(first, int(stop), shards, dtype=np.int64))

@@ -30,6 +30,7 @@ from gradserve_services.errors import InvalidArgument
 from gradserve_services.optim.rows import TableOptimizerConfig
 
 from .row_placement import RowPlacement
+from .table_stream import TableStream
 from .worker_rows import WIRE_IDS, pull_requests, wire_ids
 
 __all__ = ["TableLane", "InitialRows"]
@@ -150,6 +151,15 @@ class TableLane:
                 table[shard::len(servers)] = part
             tables[name] = table
         return tables
+
+    def streams(self, get, submit, servers, table_id: str) -> dict[str, TableStream]:
+        """Every table as a `TableStream`: read from the shards one range of rows at a time when
+        its parts are taken, never assembled whole."""
+        def asker(name: str):
+            return lambda start, stop: [submit(server, "table_row_range", table_id, name, start, stop)[0]
+                                        for server in servers]
+
+        return {name: TableStream(name, shape, self.dtype, asker(name), get) for name, shape in self.shapes.items()}
 
     def rows(self, get, submit, servers, table_id: str, name: str, ids: np.ndarray) -> np.ndarray:
         """Rows `ids` (any order, repeats allowed, already checked in range) of table `name`."""

@@ -42,6 +42,7 @@ from .powersgd_step import PowerSGDSteps
 from .sync_step import SyncSteps
 from .two_phase import ForwardPhase, TwoPhaseSteps
 from .table_lane import TableLane
+from .table_stream import TableStream
 
 __all__ = ["Trainer"]
 
@@ -150,19 +151,21 @@ class Trainer:
     @contextlib.contextmanager
     def parameters_in_place(self):
         """`(version, params)` where the servers keep them, copied nowhere: read-only views (of
-        the servers' shared-memory blocks, their in-process arrays, or the object store's copy;
-        a model's tables assembled from their rows), valid inside the `with` block, during which
-        this trainer runs no step, restore or close (its lock is held). For streaming them out
+        the servers' shared-memory blocks, their in-process arrays, or the object store's copy);
+        a model's tables as `TableStream`s, read from the servers a range of rows at a time as
+        their parts are taken, never assembled. Valid inside the `with` block, during which this
+        trainer runs no step, restore or close (its lock is held). For streaming them out
         (PullParameters) without a copy first."""
         with self._lock:
             self._check_open()
             snapshots = self._shards.get(self._shards.published)
             attached = Attachments()  # mapped for this block only: a later restore unlinks them
-            merged = {} if self._lane is None else self._lane.whole(  # tables: assembled from rows
+            merged = {} if self._lane is None else self._lane.streams(  # tables: read a range at a time
                 self._shards.get, self._backend.submit, self._shards.servers, self._table)
             for _, held in snapshots:
                 merged.update(attached.arrays(held) if isinstance(held, BlockRef) else held)
-            yield snapshots[0][0], {name: _read_only(merged[name]) for name in self._model.parameter_shapes()}
+            yield snapshots[0][0], {name: merged[name] if isinstance(merged[name], TableStream) else
+                                    _read_only(merged[name]) for name in self._model.parameter_shapes()}
 
     def server_pids(self) -> list[int]:
         """Process ids of this trainer's parameter-server shards, in shard order (their memory is

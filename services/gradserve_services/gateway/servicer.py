@@ -193,7 +193,7 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
         session = self._sessions.get(context.identity, request.session_id)
         # streamed from where the servers keep them (no copy first); no step runs meanwhile
         with self._sessions.parameters_in_place(session) as (version, params):
-            arrays = {wire.PARAMETERS + name: value for name, value in params.items()}
+            arrays = wire.parameter_arrays(params)  # tables a range of rows at a time
             yield from wire.send(service_pb2.ParametersHeader(version=version), arrays,
                                  service_pb2.PullParametersResponse)
 

@@ -10,10 +10,11 @@ import numpy as np
 from gradserve.codec import TensorFormatError, TensorTooLarge
 from gradserve.spec import optimizer_from_proto, spec_from_proto, table_optimizer_from_proto
 from gradserve.tensor_names import GRADIENTS, PARAMETERS, TANGENT
-from gradserve.transfer import INLINE_TENSOR_BYTES, MAX_MESSAGE_BYTES, OutgoingTensors, read_messages
+from gradserve.transfer import INLINE_TENSOR_BYTES, MAX_MESSAGE_BYTES, OutgoingTensors, StreamedTensor, read_messages
 from gradserve.v1 import service_pb2
 
 from gradserve_services.cluster import TrainerConfig
+from gradserve_services.cluster.table_stream import TableStream
 from gradserve_services.engine import SparseRows
 from gradserve_services.errors import GradserveError, InvalidArgument, ResourceExhausted
 
@@ -130,6 +131,13 @@ def batch_tensors(batch: Mapping[str, np.ndarray], spec) -> tuple[object, object
     if "x" not in batch:
         raise InvalidArgument("missing tensor", "batch.x")
     return batch["x"], batch.get("y")
+
+
+def parameter_arrays(params: Mapping) -> dict[str, object]:
+    """`parameters.<param>` tensors; a table the servers read out a range of rows at a time
+    (TableStream) is sent as its parts are read, never assembled here."""
+    return {PARAMETERS + name: StreamedTensor(value.dtype, value.shape, value.parts)
+            if isinstance(value, TableStream) else value for name, value in params.items()}
 
 
 def gradient_arrays(grads: Mapping) -> dict[str, np.ndarray]:
