@@ -55,11 +55,6 @@ class Dataset:
     click_probability: np.ndarray | None = None  # synthetic_ctr: the planted model's, (n,)
     bags: dict[str, BagColumn] = field(default_factory=dict)  # hashed bag columns, by input name
 
-    @property
-    def named(self) -> bool:
-        """Whether the model reads named inputs (dense, categorical, bags) instead of `input`."""
-        return self.ids is not None or bool(self.bags)
-
 
 def load_dataset(config: DatasetConfig, loss: str | None = None, *, seed: int = 0) -> Dataset:
     """Load and check the configured dataset; `loss` (if given) fixes the task it must fit; `seed`
