@@ -132,6 +132,8 @@ def test_taking_rows_of_bags_keeps_each_bag():
     taken = bags.take(np.array([3, 1, 0, 2, 2]))
     assert taken.offsets.tolist() == [0, 1, 1, 3, 6] and taken.values.tolist() == [5, 0, 1, 2, 3, 4, 2, 3, 4]
     assert bags.take(np.array([1])).values.shape == (0,)
+    kept = bags.take(np.array([True, False, False, True]))  # dataset.drop_missing's mask
+    assert kept.offsets.tolist() == [0, 2] and kept.values.tolist() == [0, 1, 5]
 
 
 def test_bad_bags_are_refused_naming_the_column_and_the_file(tmp_path):
