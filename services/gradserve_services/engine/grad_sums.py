@@ -39,6 +39,10 @@ class GradSums:
         """Table `name`'s gradient from this pass: `rows[i]` belongs to row `ids[i]` (ids repeat)."""
         self.row_sums.setdefault(name, []).append(SparseRows.from_lookups(self.xp, ids, rows, self.shapes[name]))
 
+    def add_row_sums(self, name: str, sums: SparseRows) -> None:
+        """Table `name`'s gradient from this pass, already summed per id."""
+        self.row_sums.setdefault(name, []).append(sums)
+
     def result(self) -> dict[str, object]:
         """Every parameter in model order; one no pass reached (impossible for a valid graph) is 0."""
         return {name: self._total(name, shape) for name, shape in self.shapes.items()}

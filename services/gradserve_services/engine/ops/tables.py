@@ -1,12 +1,15 @@
 """Lookups in embedding tables: one id per field (`embedding`) or a bag of ids per row
-(`embedding_bag`). A table's gradient goes to `param_grads.add_rows`, one row per lookup."""
+(`embedding_bag`). A table's gradient goes to `param_grads.add_rows`, one row per lookup; for a
+table given as `SparseRows` (a worker's pulled rows) the forward's positions of the ids among the
+rows are kept, and the backward sums the gradient by them (`SparseRows.from_positions`: a radix
+sort of small positions, not a sort of the ids) into `param_grads.add_row_sums`."""
 
 from __future__ import annotations
 
 from gradserve_services.errors import InvalidArgument, SpecError
 
 from ..inputs import BAG, IDS
-from ..sparse_rows import gather_rows
+from ..sparse_rows import SparseRows, gather_rows, row_positions
 from .base import Attribute, Choice, Op
 
 __all__ = ["MAX_TABLE_ROWS", "Lookup", "Embedding", "EmbeddingBag"]
@@ -39,6 +42,24 @@ class Lookup(Op):
     def rows_of(self, node, ctx, table, ids, field_prefix: str):
         return gather_rows(ctx.xp, table, ids, f"{field_prefix}.{node.name}.weight")
 
+    def lookup(self, node, ctx, table, ids, field_prefix: str):
+        """`(rows, positions)`: the rows of `ids` (a fresh array) and, for a table given as
+        `SparseRows`, where each id is among its rows (else None), for `add_gradient`."""
+        if not isinstance(table, SparseRows):
+            return ctx.xp.take(table, ids, axis=0), None
+        positions = row_positions(ctx.xp, table, ids, f"{field_prefix}.{node.name}.weight")
+        return ctx.xp.take(table.rows, positions, axis=0), positions
+
+    def add_gradient(self, node, ctx, params, param_grads, ids, positions, rows) -> None:
+        """`rows[i]` is the gradient of the lookup of `ids[i]` (`positions[i]` among the rows of a
+        `SparseRows` table, or None)."""
+        name = f"{node.name}.weight"
+        if positions is None:
+            param_grads.add_rows(name, ids, rows)
+        else:
+            param_grads.add_row_sums(name, SparseRows.from_positions(ctx.xp, params[name].ids, positions, rows,
+                                                                     params[name].shape))
+
 
 class Embedding(Lookup):
     """One table row per id. Reads an ids input (batch, fields): with `field`, that column's ids,
@@ -68,15 +89,17 @@ class Embedding(Lookup):
     def forward(self, node, ctx, inputs, params):
         (ids,) = inputs
         looked_up = self._ids(node, ids)  # row-major: lookup b * fields + f is ids[b, f]
-        rows = self.rows_of(node, ctx, params[f"{node.name}.weight"], looked_up, "parameters")
-        return rows.reshape(ids.shape[0], -1), looked_up
+        rows, positions = self.lookup(node, ctx, params[f"{node.name}.weight"], looked_up, "parameters")
+        return rows.reshape(ids.shape[0], -1), (looked_up, positions)
 
     def backward(self, node, ctx, grad_out, saved, params, param_grads, wants):
-        param_grads.add_rows(f"{node.name}.weight", saved, grad_out.reshape(-1, node.attrs["dim"]))
+        looked_up, positions = saved
+        self.add_gradient(node, ctx, params, param_grads, looked_up, positions,
+                          grad_out.reshape(-1, node.attrs["dim"]))
         return [None]  # ids have no gradient
 
     def tangent(self, node, ctx, inputs, tangents, out, saved, params, param_tangents):
-        return self.rows_of(node, ctx, param_tangents[f"{node.name}.weight"], saved, "tangent").reshape(out.shape)
+        return self.rows_of(node, ctx, param_tangents[f"{node.name}.weight"], saved[0], "tangent").reshape(out.shape)
 
 
 class EmbeddingBag(Lookup):
@@ -108,25 +131,27 @@ class EmbeddingBag(Lookup):
         return None
 
     def _bag_sums(self, node, ctx, table, bag, scale, role: str, field_prefix: str):
-        rows = self.rows_of(node, ctx, table, bag.values, field_prefix)  # a fresh (n, dim) array
+        """`(sums per row, positions of the values among a SparseRows table's rows or None)`."""
+        rows, positions = self.lookup(node, ctx, table, bag.values, field_prefix)  # a fresh (n, dim) array
         if scale is not None:
             rows *= scale[:, None]
         out = ctx.buffer(node.name, role, (bag.rows, node.attrs["dim"]))
-        return bag.sum_per_row(ctx.xp, rows, out)
+        return bag.sum_per_row(ctx.xp, rows, out), positions
 
     def forward(self, node, ctx, inputs, params):
         (bag,) = inputs
         scale = self._value_scale(node, ctx, bag)
-        return self._bag_sums(node, ctx, params[f"{node.name}.weight"], bag, scale, "out", "parameters"), (bag, scale)
+        out, positions = self._bag_sums(node, ctx, params[f"{node.name}.weight"], bag, scale, "out", "parameters")
+        return out, (bag, scale, positions)
 
     def backward(self, node, ctx, grad_out, saved, params, param_grads, wants):
-        bag, scale = saved
-        row_grads = grad_out[bag.row_of_value]  # every value of a row gets that row's gradient
+        bag, scale, positions = saved
+        row_grads = ctx.xp.take(grad_out, bag.row_of_value, axis=0)  # every value of a row gets that row's gradient
         if scale is not None:
             row_grads *= scale[:, None]
-        param_grads.add_rows(f"{node.name}.weight", bag.values, row_grads)
+        self.add_gradient(node, ctx, params, param_grads, bag.values, positions, row_grads)
         return [None]
 
     def tangent(self, node, ctx, inputs, tangents, out, saved, params, param_tangents):
-        bag, scale = saved
-        return self._bag_sums(node, ctx, param_tangents[f"{node.name}.weight"], bag, scale, "tangent", "tangent")
+        bag, scale, _ = saved
+        return self._bag_sums(node, ctx, param_tangents[f"{node.name}.weight"], bag, scale, "tangent", "tangent")[0]
