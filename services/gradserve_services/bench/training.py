@@ -10,7 +10,10 @@ with N threads; PyTorch DistributedDataParallel with N processes of one thread e
 them, ratios included (the median of the per-repetition ratios, each taken within one repetition).
 The phase fields are means over a repetition's timed steps: `gather_ms` and `apply_ms` are how long
 those phases ran, and `hidden_ms` is the part of them that ran while workers still computed
-(broadcast + compute + gather + apply - total; 0 when the reduction waits for every worker).
+(broadcast + compute + gather + apply - total, plus `overlapped_ms`: the servers' summing of
+gradient buckets pushed while a worker still computed). gradserve pushes its gradients in buckets
+during backward (the default); `returned_samples_per_s` measures the same steps with each worker
+returning its sums when done, and `pushed_over_returned` is the ratio of the two.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def synthetic_batches(count: int, rows: int, seed: int = 0, layers=LAYERS):
 
 
 def measure_gradserve(executor, *, workers: int, batch: int, steps: int, warmup: int,
-                      layers=LAYERS) -> dict:
+                      layers=LAYERS, push_gradients: bool = True) -> dict:
     """Samples/s of sync SGD steps and the mean phase breakdown (ms) over the timed steps."""
     from gradserve_services.cluster import TrainerConfig
     from gradserve_services.engine import Model
@@ -62,7 +65,8 @@ def measure_gradserve(executor, *, workers: int, batch: int, steps: int, warmup:
     spec = reference_spec(layers)
     params = Model(spec).init_parameters(seed=0, dtype="float32")
     trainer = executor.create_trainer(
-        TrainerConfig(spec, {"name": "sgd", "lr": 0.01}, num_workers=workers), params)
+        TrainerConfig(spec, {"name": "sgd", "lr": 0.01}, num_workers=workers, push_gradients=push_gradients),
+        params)
     data = synthetic_batches(4, batch, layers=layers)
     try:
         for step in range(warmup):
@@ -78,15 +82,18 @@ def measure_gradserve(executor, *, workers: int, batch: int, steps: int, warmup:
     breakdown = {f"{phase}_ms": round(float(np.mean([r.timings[phase] for r in results])), 3)
                  for phase in phases}
     breakdown["hidden_ms"] = round(float(np.mean([hidden_ms(r.timings) for r in results])), 3)
+    breakdown["overlapped_ms"] = round(float(np.mean([r.timings.get("overlapped", 0.0) for r in results])), 3)
     return {"samples_per_s": batch * steps / elapsed, "breakdown": breakdown,
             "final_loss": results[-1].loss}
 
 
 def hidden_ms(timings: dict) -> float:
     """The part of a step's gather and apply that overlapped the workers' compute: the phases'
-    durations add up to more than the step's wall time by exactly that much."""
+    durations add up to more than the step's wall time by exactly that much; and, where the
+    workers pushed their gradients during backward, the servers' summing of the buckets that came
+    while a worker still computed (`overlapped`)."""
     phases = timings["broadcast"] + timings["compute"] + timings["gather"] + timings["apply"]
-    return max(phases - timings["total"], 0.0)
+    return max(phases - timings["total"], 0.0) + timings.get("overlapped", 0.0)
 
 
 # ----- PyTorch baselines (each in fresh processes, so thread settings do not leak) ---------------
@@ -211,6 +218,11 @@ def _measure_all(args, executor) -> dict:
                                  steps=args.steps, warmup=args.warmup)
     record["gradserve_samples_per_s"] = measured["samples_per_s"]
     record.update(measured["breakdown"])
+    # the same steps with each worker returning its sums when done (no buckets during backward)
+    record["returned_samples_per_s"] = measure_gradserve(
+        executor, workers=args.workers, batch=args.batch, steps=args.steps, warmup=args.warmup,
+        push_gradients=False)["samples_per_s"]
+    record["pushed_over_returned"] = record["gradserve_samples_per_s"] / record["returned_samples_per_s"]
     if not args.skip_torch:
         record["ratio_vs_torch"] = record["gradserve_samples_per_s"] / record["torch_samples_per_s"]
         record["ratio_vs_ddp"] = record["gradserve_samples_per_s"] / record["ddp_samples_per_s"]

@@ -39,6 +39,14 @@ class Backend(ActorCalls, Protocol):
     # `(folder, token)` of the shared-memory area for actors on the coordinator's machine, or None
     # (see shared.py).
     shared_area: tuple[str, str] | None
+    # Whether workers can push gradient buckets to the servers during backward (they hold
+    # `ActorCalls` of their own) and a server can wait for them on a thread of its own
+    # (`submit_waiting`): Ray's actors can; this process's plain objects cannot.
+    pushes_gradients: bool
+
+    def submit_waiting(self, server, method: str, *args, num_returns: int = 1) -> list:
+        """`submit` to a server's waiting threads: the call may block until other calls to the
+        server (pushes) arrive, without holding up the server's own sequence of calls."""
 
     def put(self, value) -> Any:
         """A future holding `value`, shared by every call that receives it."""

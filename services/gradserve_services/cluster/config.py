@@ -10,6 +10,7 @@ from gradserve_services.errors import InvalidArgument
 from gradserve_services.optim import OptimizerConfig
 from gradserve_services.optim.rows import TableOptimizerConfig, default_table_optimizer
 
+from .gradient_push import DEFAULT_BUCKET_BYTES
 from .steplog import DEFAULT_STEP_WINDOW
 
 __all__ = ["TrainerConfig", "StepResult", "CONSISTENCY_MODES", "STALE_POLICIES", "COMPRESSIONS",
@@ -68,6 +69,10 @@ class TrainerConfig:
     local_steps: int = 10
     inner_optimizer: Mapping | OptimizerConfig = field(default_factory=lambda: dict(INNER_OPTIMIZER))
     powersgd_rank: int = 4
+    # Sync steps on Ray: workers push their gradient sums to the servers in buckets during
+    # backward (gradient_push.py); False: each returns its sums when done. The same update either way.
+    push_gradients: bool = True
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES  # about how much one push carries
 
     def validated(self) -> "TrainerConfig":
         """A copy with the optimizer parsed; InvalidArgument names the bad field as `config.X`."""
@@ -84,6 +89,7 @@ class TrainerConfig:
             _integer(self.micro_batch_size, "config.micro_batch_size", low=1)
         _integer(self.local_steps, "config.local_steps", low=1)
         _integer(self.powersgd_rank, "config.powersgd_rank", low=1)
+        _integer(self.bucket_bytes, "config.bucket_bytes", low=1)
         if self.compression in SYNC_ONLY_COMPRESSIONS and self.consistency != "sync":
             raise InvalidArgument(f"{self.compression} needs consistency 'sync', got "
                                   f"{self.consistency!r}", "config.compression")
@@ -95,6 +101,8 @@ class TrainerConfig:
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) \
                 or not 0.0 < fraction <= 1.0:
             raise InvalidArgument(f"must be in (0, 1], got {fraction!r}", "config.topk_fraction")
+        if not isinstance(self.push_gradients, bool):
+            raise InvalidArgument(f"must be true or false, got {self.push_gradients!r}", "config.push_gradients")
         if not isinstance(self.dense_tables, bool):
             raise InvalidArgument(f"must be true or false, got {self.dense_tables!r}", "config.dense_tables")
         tables = default_table_optimizer(OptimizerConfig.from_dict(self.optimizer).to_dict()) \

@@ -24,6 +24,7 @@ class _Done:
 
 class LocalBackend:
     shared_area = None  # one process: snapshots and gradients are shared already
+    pushes_gradients = False  # a call runs to its end when submitted: nothing could wait for pushes
 
     def __init__(self, num_workers: int = 1):
         # Workers in the caller's process must not change its BLAS thread count.

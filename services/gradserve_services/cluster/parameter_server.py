@@ -23,11 +23,12 @@ from typing import Mapping
 
 import numpy as np
 
-from gradserve_services.errors import NotFound
+from gradserve_services.errors import NotFound, Unavailable
 from gradserve_services.optim import Optimizer, global_norm
 
 from .compression import decode
 from .handover import take
+from .pushed_updates import PushedUpdates
 from .shard_tables import ShardTables
 from .shared import BlockRef, SharedMemoryLane, remove_block
 from .steplog import DEFAULT_STEP_WINDOW, StepLog
@@ -93,7 +94,7 @@ class ParameterTable:
                                  grad_scale=weight / count, norm=norm)
 
     def apply(self, key: str, parts: list, count, computed_on: int,
-              norm: float | None = None) -> dict:
+              norm: float | None = None, idle_cores: bool = False) -> dict:
         """Apply `sum(parts) / count` once for `key`; returns the report of what happened.
 
         `count` is the samples summed in the parts: one number, or one per part, in which case the
@@ -116,7 +117,7 @@ class ParameterTable:
             writes, rows_squared, rows_updated = self.rows.plan(_pushes(parts), weight / count) \
                 if self.rows is not None else (None, 0.0, 0)
             info = self.optimizer.step(self.params, grads, grad_scale=weight / count, norm=norm,
-                                       update_ratios=ratios, products=products)
+                                       update_ratios=ratios, products=products, idle_cores=idle_cores)
             if writes is not None:
                 self.rows.write(writes)
             self.version += 1
@@ -179,6 +180,7 @@ class ParameterServer:
         self.tables: dict[str, ParameterTable] = {}
         self._blocks: dict[str, BlockRef] = {}  # table id -> its parameter block
         self._lane = SharedMemoryLane.joined(shared_area)
+        self._pushes = PushedUpdates()  # gradient buckets pushed during backward, by update key
 
     def pid(self) -> int:
         return os.getpid()
@@ -225,6 +227,7 @@ class ParameterServer:
 
     def drop_table(self, table_id: str) -> None:
         self.tables.pop(table_id, None)
+        self._pushes.drop_table(table_id)
         block = self._blocks.pop(table_id, None)
         if block is not None:
             remove_block(block)
@@ -255,24 +258,85 @@ class ParameterServer:
     # the workers' gradients reach this method straight from the object store.
 
     def squared_norm(self, table_id: str, grad_scale: float, *parts) -> float:
-        return self._table(table_id).squared_norm(self._dense(parts), grad_scale)
+        return self._table(table_id).squared_norm(self._dense(parts, table_id), grad_scale)
 
     def check(self, table_id: str, count: int, computed_on: int, norm: float | None, *parts) -> None:
         """FailedPrecondition if `apply` of these arguments would be refused (changes nothing)."""
-        self._table(table_id).check(self._dense(parts), count, computed_on, norm)
+        self._table(table_id).check(self._dense(parts, table_id), count, computed_on, norm)
 
     def apply(self, table_id: str, key: str, count: int, computed_on: int, norm: float | None,
               *parts):
         """`(published, report)`: Ray stores the first as its own object for the workers."""
         table = self._table(table_id)
-        report = table.apply(key, self._dense(parts), count, computed_on, norm)
+        collection = self._pushes.collection(table_id, key) if parts and parts[0]["kind"] == "pushed" else None
+        report = table.apply(key, self._dense(parts, table_id), count, computed_on, norm)
+        if collection is not None:  # made: the pushed parts are no longer needed
+            report.update(PushedUpdates.figures(collection))
+            self._pushes.take(table_id, key)
         return self.published(table_id), report
 
-    def _dense(self, parts) -> list:
+    def _dense(self, parts, table_id: str | None = None) -> list:
         """Parts that arrived as shared blocks become dense parts (views into the blocks); their
-        table rows travel beside the block."""
-        return [{"kind": "dense", "grads": self._lane.read(part["block"]), "rows": part.get("rows")}
-                if part["kind"] == "shared" else part for part in parts]
+        table rows travel beside the block. A `pushed` part stands for the buckets the workers
+        pushed for its update key (gradient_push.py): the collected parts."""
+        dense = []
+        for part in parts:
+            if part["kind"] == "pushed":
+                collection = self._pushes.collection(table_id, part["key"])
+                if not collection.completed or collection.error is not None:
+                    raise Unavailable("the workers' pushed gradients for this update are not all here",
+                                      "gradients")
+                dense.extend(collection.parts(self._table(table_id).params))
+            elif part["kind"] == "shared":
+                dense.append({"kind": "dense", "grads": self._lane.read(part["block"]), "rows": part.get("rows")})
+            else:
+                dense.append(part)
+        return dense
+
+    # ----- pushed updates: buckets arrive during the workers' backward pass (pushed_updates.py) --
+
+    def expect(self, table_id: str, key: str, shards: int, counts, computed_on: int, norm: float | None,
+               apply_now: bool) -> None:
+        """The update `key` is made of `shards` batch shards' pushes; with `apply_now` this server
+        applies it the moment the last bucket is in, else it waits for `apply` by key."""
+        collection = self._pushes.expect(table_id, key, shards, (counts, computed_on, norm), apply_now)
+        self._complete_if_ready(table_id, key, collection)
+
+    def push(self, table_id: str, key: str, shard: int, bucket: int, total: int | None, part: dict) -> None:
+        """One bucket of batch shard `shard`'s gradient sums (`total`: buckets in all, on its last)."""
+        try:
+            grads = self._dense([part])[0]["grads"]
+        except Exception as error:  # noqa: BLE001 - recorded for the trainer's wait
+            self._pushes.finish(table_id, key, self._pushes.collection(table_id, key), error=error)
+            return
+        collection = self._pushes.push(table_id, key, shard, bucket, total, grads)
+        self._complete_if_ready(table_id, key, collection)
+
+    def outcome(self, table_id: str, key: str, timeout_s: float):
+        """`(published, report)` of the pushed update `key` once made (`(None, {"ready": True})`
+        where it waits for `apply`). Runs on the server's waiting threads, not its update thread."""
+        return PushedUpdates.wait(self._pushes.collection(table_id, key), timeout_s)
+
+    def abandon(self, table_id: str, key: str) -> None:
+        """Forget the pushes of an update the trainer gave up (a refused shard, a failed step)."""
+        self._pushes.abandon(table_id, key, Unavailable("the update was abandoned", "gradients"))
+
+    def _complete_if_ready(self, table_id: str, key: str, collection) -> None:
+        if collection.completed or not collection.complete():
+            return
+        if not collection.apply_now:
+            self._pushes.finish(table_id, key, collection, outcome=(None, {"ready": True}))
+            return
+        try:
+            table = self._table(table_id)
+            # every worker has pushed its last bucket: their cores are free for the update
+            report = table.apply(key, collection.parts(table.params), *collection.args, idle_cores=True)
+            report.update(PushedUpdates.figures(collection))
+            outcome = (self.published(table_id), report)
+        except Exception as error:  # noqa: BLE001 - refused or failed: the trainer's wait raises it
+            self._pushes.finish(table_id, key, collection, error=error)
+            return
+        self._pushes.finish(table_id, key, collection, outcome=outcome)
 
     def pull_rows(self, table_id: str, ids_by_table: Mapping):
         """`{table: rows}` of this shard's `ids` of each table, at the current version."""

@@ -18,7 +18,11 @@ import numpy as np
 from .backend import Backend
 from .recovery import get_from_servers, load_replacing_lost, server_lost, servers_alive
 
-__all__ = ["ParameterShards"]
+__all__ = ["ParameterShards", "PUSH_WAIT_S"]
+
+# How long a server waits for the pushed gradients of one update (re-runs of lost shards included)
+# before it gives the update up.
+PUSH_WAIT_S = 600.0
 
 
 class ParameterShards:
@@ -103,6 +107,22 @@ class ParameterShards:
         return [self._backend.submit(server, "apply", self.table, key, counts, computed_on, norm, *grads,
                                      num_returns=2)
                 for server, grads in zip(self.servers, grads_per_shard)]
+
+    def expect_pushes(self, key: str, batch_shards: int, counts, alone: bool) -> list:
+        """Tell every shard the update `key` will be pushed by `batch_shards` shards; returns each
+        shard's `(published, report)` futures of the wait for it (`alone`: the one server applies
+        it as soon as it is complete)."""
+        waiting = []
+        for server in self.servers:
+            self._backend.submit(server, "expect", self.table, key, batch_shards, counts, self.version, None, alone)
+            waiting.append(self._backend.submit_waiting(server, "outcome", self.table, key, PUSH_WAIT_S,
+                                                        num_returns=2))
+        return waiting
+
+    def abandon_pushes(self, key: str, waiting: list) -> None:
+        for server in self.servers:
+            self._backend.submit(server, "abandon", self.table, key)
+        self.discard([future for output in waiting for future in output])
 
     def settle(self, applying: list) -> list[dict]:
         """The reports of `apply`'s futures; the parameters they published become the workers'

@@ -19,7 +19,10 @@ from .worker import GradientWorker
 __all__ = ["RayBackend", "RayCalls", "RemoteWorker", "RemoteServer"]
 
 RemoteWorker = ray.remote(GradientWorker)
-RemoteServer = ray.remote(ParameterServer)
+# A server runs its calls one at a time, in order, on its main thread, except `outcome`, a wait
+# for pushed gradients, which gets threads of its own so that it never holds up the pushes.
+WAITING_GROUP = "waiting"
+RemoteServer = ray.remote(concurrency_groups={WAITING_GROUP: 16})(ParameterServer)
 
 # How long new actors may take to start (process spawn, imports) before the cluster is "too small".
 START_TIMEOUT_S = 120.0
@@ -66,6 +69,11 @@ class RayCalls:
         futures = getattr(handle, method).options(num_returns=num_returns).remote(*args)
         return list(futures) if num_returns > 1 else [futures]
 
+    def submit_waiting(self, server, method: str, *args, num_returns: int = 1) -> list:
+        futures = getattr(server, method).options(num_returns=num_returns,
+                                                  concurrency_group=WAITING_GROUP).remote(*args)
+        return list(futures) if num_returns > 1 else [futures]
+
     def get(self, futures):
         return ray.get(futures)
 
@@ -74,6 +82,8 @@ class RayCalls:
 
 
 class RayBackend(RayCalls):
+    pushes_gradients = True
+
     def __init__(self):
         self._lock = threading.RLock()
         self._workers: list = []

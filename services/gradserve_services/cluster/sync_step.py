@@ -24,6 +24,7 @@ import numpy as np
 from gradserve_services.engine import Batch
 
 from .config import StepResult, TrainerConfig
+from .gradient_push import pushed_part
 from .parameter_shards import ParameterShards
 from .shard_runner import Failures, ShardCall, ShardInputs, ShardRunner
 from .shared import SharedMemoryLane
@@ -57,6 +58,8 @@ class SyncSteps:
                             steps_run, self._shared_memory is not None)
         pulls, pull_figures = ([()] * len(tasks), {}) if shards.lane is None else \
             shards.lane.prepare(self._backend, shards.servers, shards.table, x, tasks)  # table_lane.py
+        if self._pushes_gradients():
+            return self._run_pushed(key, clock, inputs, tasks, rows, steps_run, num_workers)
         calls = [self._runner.dispatch(position, task, inputs, rows=pulls[position])
                  for position, task in enumerate(tasks)]
         applying = self._apply(key, calls, steps_run, None) if len(shards.partition) == 1 else None
@@ -81,17 +84,65 @@ class SyncSteps:
             norm = global_norm_of(reports)
         result = step_result("sync", stats, [reports[0]], clock, failures, grad_norm=norm,
                              positions=[call.position for call in calls])
+        return self._finish(result, stats, reports, pull_figures)
+
+    def _finish(self, result: StepResult, stats: list, reports: list, pull_figures: dict) -> StepResult:
+        shards = self._shards
         shards.version = result.version
         if shards.lane is not None:
             result = replace(result, **shards.lane.fields(stats, reports, pull_figures))
         return replace(result, **self._gradient_signals(reports, [s["count"] for s in stats]))
 
-    def _apply(self, key: str, calls: list[ShardCall], steps_run: int, norm) -> list:
+    def _pushes_gradients(self) -> bool:
+        """Whether this step's workers push their gradients in buckets during backward: plain
+        dense gradients (no tables, no compression) on a backend whose servers can wait."""
+        return (self._config.push_gradients and self._config.compression == "none"
+                and self._shards.lane is None and getattr(self._backend, "pushes_gradients", False))
+
+    def _run_pushed(self, key: str, clock: Clock, inputs: ShardInputs, tasks: list[dict], rows: int,
+                    steps_run: int, num_workers: int) -> StepResult:
+        """The step with gradients pushed during backward (gradient_push.py, pushed_updates.py):
+        each server sums a bucket the moment every shard pushed it; one server applies when the
+        last bucket is in, several first agree as on the other path, from the sums they hold."""
+        shards = self._shards
+        counts = self._counts(tasks, steps_run)
+        alone = len(shards.partition) == 1
+        push = {"key": key, "servers": shards.servers, "bucket_bytes": self._config.bucket_bytes}
+        calls = [self._runner.dispatch(position, {**task, "push": push}, inputs)
+                 for position, task in enumerate(tasks)]
+        waiting = shards.expect_pushes(key, len(tasks), counts, alone)  # (the workers start first)
+        failures = Failures()
+        try:
+            stats = self._runner.gather(calls, failures, num_workers)
+        except BaseException:  # a refused shard or workers lost too often: nothing was applied
+            shards.abandon_pushes(key, waiting)
+            raise
+        clock.mark("gathered")
+        norm = None
+        if alone:
+            applying = waiting
+        else:
+            shards.get([output[1] for output in waiting])  # every server holds its sums
+            grads_per_shard = [[pushed_part(key)] for _ in shards.partition]
+            norm = shards.agree(grads_per_shard, rows, shards.version, self._config.optimizer.clip_norm)
+            applying = shards.apply(key, counts, shards.version, norm, grads_per_shard)
+        reports = shards.settle(applying)
+        clock.mark("applied")
+        if norm is None:
+            norm = global_norm_of(reports)
+        result = step_result("sync", stats, [reports[0]], clock, failures, grad_norm=norm,
+                             positions=[call.position for call in calls])
+        result = replace(result, timings={**result.timings, **{  # the slowest server's
+            name: max(r.get(f"{name}_ms", 0.0) for r in reports) for name in ("reduced", "overlapped")}})
+        return self._finish(result, stats, reports, {})
+
+    def _counts(self, tasks: list[dict], steps_run: int):
         # one count per part: the servers then measure the gradient signals (signals.py)
-        counts = [call.task["stop"] - call.task["start"] for call in calls]
-        if steps_run % self._config.signals_every:
-            counts = sum(counts)
-        return self._shards.apply(key, counts, self._shards.version, norm,
+        counts = [task["stop"] - task["start"] for task in tasks]
+        return counts if steps_run % self._config.signals_every == 0 else sum(counts)
+
+    def _apply(self, key: str, calls: list[ShardCall], steps_run: int, norm) -> list:
+        return self._shards.apply(key, self._counts([call.task for call in calls], steps_run), self._shards.version, norm,
                                   _grads_per_shard(calls, len(self._shards.partition)))
 
     def _inputs(self, x, y) -> ShardInputs:

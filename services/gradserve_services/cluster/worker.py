@@ -27,6 +27,7 @@ from gradserve_services.errors import FailedPrecondition
 from gradserve_services.optim import all_finite
 
 from .compression import ErrorFeedback, encode
+from .gradient_push import GradientPush, pushed_part
 from .local_round import run_task_round
 from .powersgd import WorkerFactors, encode_p
 from .shared import BlockRef, SharedMemoryLane
@@ -141,10 +142,13 @@ class GradientWorker:
             stats["jvp_sum"] = derivative * (stop - start)
             computed = time.perf_counter()
         else:
+            push = None
             if "local" in task:  # a round: the pseudo-gradient of this worker's inner steps
                 result = run_task_round(model, params, x, y, task)
             else:
-                result = model.loss_and_grad_sum(params, shard_x, shard_y, **options)
+                push = GradientPush(self._calls, self._lane, task) if "push" in task else None
+                result = model.loss_and_grad_sum(params, shard_x, shard_y, **options,
+                                                 on_ready=None if push is None else push.ready)
                 if tables is None and task.get("finite_only"):  # a trainer's tables kept whole
                     result = dataclasses.replace(result, grad_sum=dense_gradients(result.grad_sum))
             stats["loss_sum"], stats["count"] = result.loss_sum, result.count
@@ -157,11 +161,15 @@ class GradientWorker:
             # compressed parts are small and are what the server must decode: they travel as is
             shared = self._lane is not None and task.get("shared_memory", False) and \
                 task.get("compression", "none") == "none"
+            if push is not None:  # the servers hold the sums already, but for the last buckets
+                push.finish(result.grad_sum)
+                parts = [pushed_part(task["push"]["key"])] * len(task["partition"])
+                bytes_raw = bytes_sent = push.bytes_pushed
             pushes = None
             if tables is not None:
                 pushes, pushed, pushed_bytes = row_pushes(tables, result.grad_sum)
                 stats.update(rows_pushed=pushed, bytes_pushed=pushed_bytes)
-            for index, names in enumerate(task["partition"]):
+            for index, names in enumerate(task["partition"] if push is None else ()):
                 part = self._shared_part(task, index, {n: result.grad_sum[n] for n in names}) \
                     if shared and names else None  # the server reads the sum where this worker wrote it
                 if part is not None:

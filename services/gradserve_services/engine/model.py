@@ -58,6 +58,11 @@ class Model:
         self._workspace = Workspace(xp)
         self._lock = threading.Lock()
         self._single_input = INPUT in self.graph.inputs  # an `input_features` spec: x is one array
+        # each node's own dense parameters: final once its backward ran in the last micro-batch
+        self._node_parameters = {
+            node.name: tuple(name for name in node.op.parameter_shapes(
+                node, [self.graph.widths[source] for source in node.inputs]) if name not in self.graph.tables)
+            for node in self.graph.nodes}
 
     # ----- description -------------------------------------------------------------------------
 
@@ -204,13 +209,19 @@ class Model:
             return out.copy()
 
     def loss_and_grad_sum(
-        self, params, x, y, *, micro_batch_size=None, train=True, seed=0, sample_offset=0
+        self, params, x, y, *, micro_batch_size=None, train=True, seed=0, sample_offset=0, on_ready=None
     ) -> GradSum:
-        """Loss and gradient of the SUM of per-sample losses; memory bounded by the micro-batch."""
+        """Loss and gradient of the SUM of per-sample losses; memory bounded by the micro-batch.
+
+        `on_ready(grads)`, if given, is called during the last micro-batch's backward pass with
+        `{name: gradient sum}` of the dense parameters whose sums just became final, last layers
+        first (a caller may send them on while the layers below are still computed). It must not
+        write into them; parameters no pass reached are not announced (their gradient is zero)."""
         _check_options(micro_batch_size, seed, sample_offset)
         with self._lock:
             batch, y, dtype = self._checked_batch(params, x, y)
-            loss_sum, grad_sum = self._reverse(params, batch, y, dtype, 1.0, micro_batch_size, train, seed, sample_offset)
+            loss_sum, grad_sum = self._reverse(params, batch, y, dtype, 1.0, micro_batch_size, train, seed,
+                                               sample_offset, on_ready)
         return GradSum(loss_sum, grad_sum, batch.rows)
 
     def loss_and_grad(self, params, x, y, *, micro_batch_size=None, train=True, seed=0, sample_offset=0):
@@ -257,7 +268,8 @@ class Model:
     def _context(self, dtype, train, seed, first_sample) -> PassContext:
         return PassContext(self.xp, dtype, self._workspace, bool(train), int(seed), int(first_sample))
 
-    def _reverse(self, params, batch, y, dtype, scale, micro_batch_size, train, seed, sample_offset):
+    def _reverse(self, params, batch, y, dtype, scale, micro_batch_size, train, seed, sample_offset,
+                 on_ready=None):
         sums = GradSums(self.xp, self.graph.parameter_shapes, dtype, self._workspace, self.graph.tables)
         loss_sum = 0.0
         for start, stop in _micro_batches(batch.rows, micro_batch_size):
@@ -265,7 +277,8 @@ class Model:
             out, saved = self._forward(ctx, params, batch.slice(self.xp, start, stop))
             loss_grad = ctx.buffer(self.graph.output, "loss_grad", out.shape)
             loss_sum += self.loss.value_and_grad(self.xp, out, y[start:stop], scale, loss_grad)
-            self._backward(ctx, params, loss_grad, saved, sums)
+            last = on_ready is not None and stop == batch.rows
+            self._backward(ctx, params, loss_grad, saved, sums, on_ready=on_ready if last else None)
         self._explain_non_finite(loss_sum, params)
         return loss_sum, sums.result()
 
@@ -276,7 +289,7 @@ class Model:
             values[node.name], saved[node.name] = node.op.forward(node, ctx, inputs, params)
         return values[self.graph.output], saved
 
-    def _backward(self, ctx, params, loss_grad, saved, sums: GradSums, needs_grad=None) -> dict:
+    def _backward(self, ctx, params, loss_grad, saved, sums: GradSums, needs_grad=None, on_ready=None) -> dict:
         """Returns the gradients left unconsumed: those of the batch inputs `needs_grad` marks
         (the graph's own marks none; `vjp.py` marks the float inputs to get dL/dx)."""
         needs_grad = self.graph.needs_grad if needs_grad is None else needs_grad
@@ -288,6 +301,10 @@ class Model:
                 continue
             wants = [needs_grad[source] for source in node.inputs]
             input_grads = node.op.backward(node, ctx, grad_out, saved[node.name], params, sums, wants)
+            if on_ready is not None:
+                ready = {name: sums.sums[name] for name in self._node_parameters[node.name] if name in sums.sums}
+                if ready:
+                    on_ready(ready)
             for source, grad in zip(node.inputs, input_grads):
                 if grad is None:
                     continue

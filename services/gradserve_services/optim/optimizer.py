@@ -51,7 +51,7 @@ class Optimizer:
 
     def step(self, params: Mapping[str, np.ndarray], grad_parts: Sequence[Mapping[str, np.ndarray]],
              *, grad_scale: float = 1.0, norm: float | None = None,
-             update_ratios: dict | None = None, products: dict | None = None) -> dict:
+             update_ratios: dict | None = None, products: dict | None = None, idle_cores: bool = False) -> dict:
         """Apply one update with gradient `grad_scale * sum(grad_parts)` to `params` in place.
 
         `norm` is the global gradient norm when the caller knows it (a sharded parameter server
@@ -59,12 +59,13 @@ class Optimizer:
         `{"lr", "grad_norm", "clip_scale"}` for the step's report. An update that would leave a
         parameter or its state non-finite raises FailedPrecondition (see `check`) and changes
         nothing. A dict passed as `update_ratios` receives `|new - old| / |old|` per parameter,
-        measured block by block while each block is in cache.
+        measured block by block while each block is in cache. `idle_cores`: the caller's workers
+        wait for this update, so it may use more threads (`optim/parallel.py`; bitwise the same).
         """
         plan = self._plan(grad_parts, grad_scale, norm)
         check_update(self.config, params, grad_parts, self.state, plan)
         self.update_count += 1
-        squared = self._update_all(params, grad_parts, plan, update_ratios, products)
+        squared = self._update_all(params, grad_parts, plan, update_ratios, products, idle_cores)
         norm = plan.norm if plan.norm is not None else math.sqrt(squared) * grad_scale
         return {"lr": plan.lr, "grad_norm": float(norm), "clip_scale": plan.clip_scale}
 
@@ -92,8 +93,9 @@ class Optimizer:
                      coefficients(self.config, lr, self.update_count + 1))
 
     def _update_all(self, params, grad_parts, plan: _Plan, update_ratios: dict | None,
-                    products: dict | None = None) -> float:
-        return update_all(self.config, params, grad_parts, self.state, plan, update_ratios, products)
+                    products: dict | None = None, idle_cores: bool = False) -> float:
+        return update_all(self.config, params, grad_parts, self.state, plan, update_ratios, products,
+                          idle_cores=idle_cores)
 
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
         """`(arrays, meta)`: arrays keyed `PARAM/SLOT`, meta JSON-able (config, update count)."""

@@ -30,20 +30,23 @@ _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 
 
-def apply_threads() -> int:
-    """Threads of one update: `GRADSERVE_APPLY_THREADS` ("auto": this process's cores, at most 4),
-    else 1. Opt-in: threads pay off only where cores are idle during the update; on a machine
-    busy with other work (as every run so far measured here) they made it slower, not faster."""
-    configured = os.environ.get("GRADSERVE_APPLY_THREADS", "1").strip().lower()
+def apply_threads(idle_cores: bool = False) -> int:
+    """Threads of one update: `GRADSERVE_APPLY_THREADS` ("auto": this process's cores, at most 4;
+    a number: that many) where set; else "auto" for an update made while the caller knows the
+    machine's workers wait for it (`idle_cores`: a pushed sync update, whose workers have all
+    finished), and 1 otherwise: threads pay off only where cores are idle during the update; on a
+    machine busy with other work they made it slower, not faster."""
+    configured = os.environ.get("GRADSERVE_APPLY_THREADS", "auto" if idle_cores else "1").strip().lower()
     if configured == "auto":
         return max(1, min(len(os.sched_getaffinity(0)), MAX_THREADS))
     return max(1, min(int(configured), MAX_THREADS))
 
 
-def update_all(config, params, grad_parts, state, plan, update_ratios, products, threads=None) -> float:
+def update_all(config, params, grad_parts, state, plan, update_ratios, products, threads=None,
+               idle_cores: bool = False) -> float:
     """Update every block of `params` in place; fills `update_ratios` and `products` when given
     (dicts) and returns the summed gradient's squared norm (unscaled)."""
-    threads = apply_threads() if threads is None else threads
+    threads = apply_threads(idle_cores) if threads is None else threads
     blocks = block_count(params)
     elements = sum(param.size for param in params.values())
     if threads > 1 and blocks > 1 and elements >= PARALLEL_MIN_ELEMENTS:
