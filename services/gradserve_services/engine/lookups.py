@@ -11,7 +11,7 @@ from __future__ import annotations
 from .batch import Bag, Batch
 from .spec import Graph
 
-__all__ = ["rows_read", "lookup_count"]
+__all__ = ["rows_read", "lookup_count", "sorted_unique"]
 
 
 def rows_read(xp, graph: Graph, batch: Batch) -> dict:
@@ -29,8 +29,20 @@ def rows_read(xp, graph: Graph, batch: Batch) -> dict:
             ids = feed.reshape(-1) if field is None else feed[:, field]
         for table in tables:
             looked_up[table].append(ids)
-    return {name: xp.unique(xp.concatenate(parts)) if parts else xp.zeros(0, dtype=xp.int64)
+    return {name: sorted_unique(xp, xp.concatenate(parts)) if parts else xp.zeros(0, dtype=xp.int64)
             for name, parts in looked_up.items()}
+
+
+def sorted_unique(xp, ids):
+    """`xp.unique(ids)` by a sort and one comparison: numpy's unique of integers hashes first, which
+    measures several times slower on a batch's few thousand ids."""
+    ordered = xp.sort(ids.reshape(-1))
+    if ordered.shape[0] == 0:
+        return ordered
+    first = xp.empty(ordered.shape[0], dtype=bool)
+    first[0] = True
+    xp.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    return ordered[first]
 
 
 def lookup_count(graph: Graph, batch: Batch) -> int:

@@ -16,6 +16,10 @@ __all__ = ["MAX_TABLE_ROWS", "Lookup", "Embedding", "EmbeddingBag"]
 
 
 MAX_TABLE_ROWS = 1 << 31
+# Up to this many rows, a lookup in a table given as SparseRows finds its ids through a slot per
+# table row (sparse_rows.row_positions), kept in the workspace: 16 MB per table at most, of which
+# only the pages of ids looked up are ever backed. Larger tables binary-search.
+MAX_SLOT_ROWS = 1 << 22
 
 
 class Lookup(Op):
@@ -47,7 +51,9 @@ class Lookup(Op):
         `SparseRows`, where each id is among its rows (else None), for `add_gradient`."""
         if not isinstance(table, SparseRows):
             return ctx.xp.take(table, ids, axis=0), None
-        positions = row_positions(ctx.xp, table, ids, f"{field_prefix}.{node.name}.weight")
+        rows = table.shape[0]
+        scratch = ctx.buffer(node.name, "row_slots", (rows,), ctx.xp.int32) if rows <= MAX_SLOT_ROWS else None
+        positions = row_positions(ctx.xp, table, ids, f"{field_prefix}.{node.name}.weight", scratch)
         return ctx.xp.take(table.rows, positions, axis=0), positions
 
     def add_gradient(self, node, ctx, params, param_grads, ids, positions, rows) -> None:
