@@ -203,3 +203,22 @@ def test_tables_sharing_a_store_follow_torch_each():
         for k, table in enumerate(tables):
             got[k::2] = table.dense(name)
         np.testing.assert_allclose(got, embeddings[name].weight.detach().numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_pushes_sum_as_every_pushed_row_summed_per_key():
+    """A shard adds the workers' pushes (each: sorted unique keys) by placing them in their union:
+    the same keys and float32 sums as summing every pushed row per key."""
+    from gradserve_services.cluster.shard_tables import _sum_pushes
+    from gradserve_services.engine import SparseRows
+
+    rng = np.random.default_rng(7)
+    given = []
+    for count in (300, 250, 40):
+        keys = np.unique(rng.integers(0, 2000, count))
+        given.append((keys, rng.standard_normal((keys.shape[0], DIM)).astype(np.float32)))
+    keys, sums = _sum_pushes(given, DIM, np.float32)
+    want = SparseRows.from_lookups(np, np.concatenate([k for k, _ in given]), np.concatenate([r for _, r in given]),
+                                   (2000, DIM))
+    np.testing.assert_array_equal(keys, want.ids)
+    np.testing.assert_array_equal(sums, want.rows)
+    assert keys.shape[0] < sum(k.shape[0] for k, _ in given)  # some keys were pushed twice

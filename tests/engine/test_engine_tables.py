@@ -315,3 +315,49 @@ def test_sparse_rows_from_lookups_sum_per_id_like_add_at():
     np.testing.assert_allclose((twice * 2 / 4).dense(), expected / 2, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="table"):
         summed + SparseRows.empty(np, (21, 3), np.float64)
+
+
+def test_sparse_rows_from_positions_equals_from_lookups_bitwise():
+    """The backward's sum by positions among a SparseRows table's ids: the same ids and the very
+    same float32 sums as sorting the looked-up ids, with repeats, unused rows and no lookups."""
+    rng = np.random.default_rng(4)
+    table_ids = np.unique(rng.integers(0, 1000, 300))
+    positions = rng.integers(0, table_ids.shape[0] - 5, 2000)  # the last rows never looked up
+    rows = rng.standard_normal((2000, 4)).astype(np.float32)
+    got = SparseRows.from_positions(np, table_ids, positions, rows, (1000, 4))
+    want = SparseRows.from_lookups(np, table_ids[positions], rows, (1000, 4))
+    np.testing.assert_array_equal(got.ids, want.ids)
+    np.testing.assert_array_equal(got.rows, want.rows)
+    assert got.ids.shape[0] < table_ids.shape[0]
+    none = SparseRows.from_positions(np, table_ids, positions[:0], rows[:0], (1000, 4))
+    assert none.ids.shape == (0,) and none.rows.shape == (0, 4)
+
+
+@pytest.mark.parametrize("slots", [False, True], ids=["search", "slots"])
+def test_row_positions_find_every_id_and_name_a_missing_one(slots):
+    """With a slot array holding another table's positions (as a reused workspace does) as with a
+    binary search: every id's position, and InvalidArgument naming the field for an id not given."""
+    from gradserve_services.engine.sparse_rows import row_positions
+    from gradserve_services.errors import InvalidArgument
+
+    rng = np.random.default_rng(5)
+    table = SparseRows(np.unique(rng.integers(0, 500, 120)), np.zeros((0, 2)), (500, 2))
+    ids = rng.choice(table.ids, 700)
+    scratch = None
+    if slots:
+        scratch = rng.integers(-(1 << 30), 1 << 30, 500).astype(np.int32)  # stale contents
+        row_positions(np, SparseRows(np.arange(0, 500, 3), None, (500, 2)), np.arange(0, 500, 3), "x", scratch)
+    positions = row_positions(np, table, ids, "parameters.t.weight", scratch)
+    np.testing.assert_array_equal(table.ids[positions], ids)
+    absent = int(np.setdiff1d(np.arange(500), table.ids)[0])
+    with pytest.raises(InvalidArgument, match=f"row {absent} ") as raised:
+        row_positions(np, table, np.concatenate([ids, [absent]]), "parameters.t.weight", scratch)
+    assert raised.value.field == "parameters.t.weight"
+
+
+def test_sorted_unique_is_numpys_unique():
+    from gradserve_services.engine.lookups import sorted_unique
+
+    rng = np.random.default_rng(6)
+    for ids in (rng.integers(0, 50, 400), rng.integers(0, 1 << 40, 300), np.zeros(0, np.int64), np.array([7])):
+        np.testing.assert_array_equal(sorted_unique(np, ids), np.unique(ids))
