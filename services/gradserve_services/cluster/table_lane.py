@@ -3,8 +3,8 @@
 A model's tables never travel whole. Each parameter-server shard holds its rows of every table
 (row r on shard r mod S, row_placement.py), initialised there from (seed, table, row); the dense
 parameters keep their own partition over the shards. Per sync step the coordinator, which holds the
-batch, works out the step's distinct ids per table (`engine.rows_read`) and each worker shard's,
-asks every server once for its part of the step's ids (`pull_rows`, submitted before the step's
+batch, works out each worker shard's distinct ids per table (`engine.rows_read`) and the step's as
+their union, asks every server once for its part of the step's ids (`pull_rows`, submitted before the step's
 apply, so Ray's per-caller order makes it read the previous step's rows), and hands the same
 answers to every worker as references: each server's answer is one object in the object store,
 which every worker on its node maps without a copy, so a row that several workers' shards read
