@@ -134,31 +134,45 @@ class TensorAssembler:
     buffer is allocated; chunks must fill each buffer in order, without gaps or overlap.
     """
 
-    def __init__(self, entries: Iterable[tensor_pb2.NamedTensor], max_total_bytes: int):
+    def __init__(self, entries: Iterable[tensor_pb2.NamedTensor], max_total_bytes: int,
+                 allocate: Callable[[dict], Mapping[str, np.ndarray]] | None = None):
+        """`allocate`, given `{name: (dtype, shape)}` of every tensor once the header is checked,
+        returns writable buffers for the ones it places (the receiver's own memory); the rest get
+        buffers of their own, and inline tensors are copied into a placed buffer."""
         self.arrays: dict[str, np.ndarray] = {}
         self._buffers: list[np.ndarray | None] = []  # flat uint8 views of chunked tensors
         self._received: list[int] = []
         self._missing = 0  # chunked tensors not yet complete
+        checked = []  # (name, dtype, shape, nbytes, inline array or None)
         total = 0
         for entry in entries:
             name = entry.name
             if not name:
-                raise TensorFormatError("every tensor needs a name", field=f"tensors[{len(self._buffers)}]")
-            if name in self.arrays:
+                raise TensorFormatError("every tensor needs a name", field=f"tensors[{len(checked)}]")
+            if any(name == seen[0] for seen in checked):
                 raise TensorFormatError("tensor sent twice", field=name)
             dtype, shape, nbytes = tensor_nbytes(entry.tensor, name, max_total_bytes - total)
             total += nbytes
             if entry.chunked:
                 if entry.tensor.data:
                     raise TensorFormatError("a chunked tensor carries no inline data", field=name)
-                array = np.empty(shape, dtype=dtype)
+                inline = None
+            else:
+                inline = decode_tensor(entry.tensor, name, max_total_bytes)
+            checked.append((name, dtype, shape, nbytes, inline))
+        placed = allocate({name: (dtype, shape) for name, dtype, shape, _, _ in checked}) if allocate else {}
+        for name, dtype, shape, nbytes, inline in checked:
+            array = placed.get(name)
+            if inline is None:
+                array = np.empty(shape, dtype=dtype) if array is None else array
                 self._buffers.append(array.reshape(-1).view(np.uint8))
                 self._missing += nbytes > 0
             else:
-                array = decode_tensor(entry.tensor, name, max_total_bytes)
+                if array is not None:
+                    np.copyto(array, inline)
                 self._buffers.append(None)
             self._received.append(0)
-            self.arrays[name] = array
+            self.arrays[name] = inline if array is None else array
         self._names = list(self.arrays)
 
     @property
@@ -193,11 +207,13 @@ class TensorAssembler:
 
 
 def read_messages(
-    messages: Iterator, max_total_bytes: int, *, single: bool
+    messages: Iterator, max_total_bytes: int, *, single: bool,
+    allocate: Callable[[dict], Mapping[str, np.ndarray]] | None = None,
 ) -> Iterator[tuple[object, dict[str, np.ndarray]]]:
     """(header, arrays) for each header of a `oneof part {header, chunk}` stream, once complete.
 
     `single`: the stream holds exactly one header (anything after its last chunk is an error).
+    `allocate`: where the arrays are assembled (`TensorAssembler`).
     """
     pending = None  # (header, assembler) while chunks are outstanding
     seen_header = False
@@ -210,7 +226,7 @@ def read_messages(
                 raise TensorFormatError("a second header in a single-request stream", field="header")
             seen_header = True
             header = message.header
-            assembler = TensorAssembler(header.tensors, max_total_bytes)
+            assembler = TensorAssembler(header.tensors, max_total_bytes, allocate)
             if assembler.complete:
                 yield header, assembler.arrays
             else:

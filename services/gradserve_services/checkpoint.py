@@ -62,8 +62,10 @@ def save_checkpoint(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], m
             archive.writestr(META_MEMBER, meta_json)
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
-    """Read `(arrays, meta)` written by `save_checkpoint`; arrays are loaded without pickle."""
+def load_checkpoint(path: str | os.PathLike, allocate=None) -> tuple[dict[str, np.ndarray], dict]:
+    """Read `(arrays, meta)` written by `save_checkpoint`; arrays are loaded without pickle.
+    `allocate`, given `{name: (dtype, shape)}` of the arrays (from their headers), returns writable
+    buffers for those it places: they are read straight into them (the reader's own memory)."""
     path = os.fspath(path)
     try:
         archive = zipfile.ZipFile(path, "r")
@@ -73,12 +75,44 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
     arrays: dict[str, np.ndarray] = {}
     with archive:
         meta = json.loads(archive.read(META_MEMBER))
-        for member in archive.namelist():
-            if member.endswith(ARRAY_SUFFIX):
-                with archive.open(member) as handle:
-                    arrays[member[: -len(ARRAY_SUFFIX)]] = np.lib.format.read_array(
-                        handle, allow_pickle=False)
+        members = [member for member in archive.namelist() if member.endswith(ARRAY_SUFFIX)]
+        placed = allocate(_plain_headers(archive, members)) if allocate is not None else {}
+        for member in members:
+            name = member[: -len(ARRAY_SUFFIX)]
+            with archive.open(member) as handle:
+                if name in placed:
+                    _read_into(handle, placed[name], name)
+                    arrays[name] = placed[name]
+                else:
+                    arrays[name] = np.lib.format.read_array(handle, allow_pickle=False)
     return arrays, meta
+
+
+def _header(handle) -> tuple[tuple, bool, np.dtype]:
+    version = np.lib.format.read_magic(handle)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(handle)
+
+
+def _plain_headers(archive, members) -> dict:
+    """`{name: (dtype, shape)}` of the members a buffer can take as they are (C order, no objects)."""
+    specs = {}
+    for member in members:
+        with archive.open(member) as handle:
+            shape, fortran_order, dtype = _header(handle)
+        if not fortran_order and not dtype.hasobject:
+            specs[member[: -len(ARRAY_SUFFIX)]] = (dtype, shape)
+    return specs
+
+
+def _read_into(handle, buffer: np.ndarray, name: str) -> None:
+    _header(handle)
+    raw, filled = memoryview(buffer.reshape(-1).view(np.uint8)), 0
+    while filled < len(raw):
+        count = handle.readinto(raw[filled:])
+        if not count:
+            raise ValueError(f"array {name!r} ends after {filled} of {len(raw)} bytes")
+        filled += count
 
 
 def _check_name(name: str) -> None:

@@ -7,6 +7,11 @@ raw 1 MiB `bytes` messages with no protobuf at all, measured in the same run, in
 layout (client and server in this process), for the same byte counts and directions. Like any real
 transfer (and like the SDK), its sender slices the bytes out of an array and its receiver copies
 them into a preallocated buffer: one copy each side, no more.
+The push and pull cases run twice, on an in-process executor and on Ray (`--executors`; lines of
+the Ray one end in `_ray`): there the parameter servers are actors in processes of their own, and
+a push is measured to the moment the server holds the table (only the gateway's validation is
+subtracted); its lines add the server's page faults and RSS growth per push (procfs.py), which
+tell how many fresh pages the parameters landed in on their way to the server.
 Each number is the best of `--repeats` runs: the machine is shared, and the best run is the one
 least disturbed by other work. Every run of a case is followed by a run of its ceiling, so load
 that comes and goes falls on both alike. Work the service does besides transport (compute for
@@ -16,6 +21,7 @@ for a pull) is measured and subtracted, and reported in the line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from concurrent import futures
@@ -27,6 +33,8 @@ __all__ = ["add_arguments", "run"]
 
 MIB = 1 << 20
 BARE_SERVICE = "gradserve.bench.BareBytes"
+EXECUTORS = ("local", "ray")
+RAY_OBJECT_STORE_BYTES = 2 << 30  # room for a 100M-parameter push travelling through it
 
 
 def add_arguments(parser) -> None:
@@ -34,29 +42,67 @@ def add_arguments(parser) -> None:
     parser.add_argument("--big-parameters", type=int, default=100_000_000,
                         help="parameters of the push/pull model (float32)")
     parser.add_argument("--batch", type=int, default=64, help="rows of the ComputeGradients batch")
+    parser.add_argument("--executors", default=",".join(EXECUTORS),
+                        help="where the push/pull cases run, comma-separated: local (in process), ray")
 
 
 def run(args) -> int:
-    from gradserve import Client, mlp
     from gradserve_services.cluster import LocalExecutor
+
+    executors = [name.strip() for name in args.executors.split(",") if name.strip()]
+    unknown = sorted(set(executors) - set(EXECUTORS))
+    if unknown:
+        raise SystemExit(f"--executors: unknown {', '.join(unknown)}; choose from {', '.join(EXECUTORS)}")
+    bare_server, bare_port = _start_bare_server()
+    try:
+        with _BareClient(f"127.0.0.1:{bare_port}") as bare:
+            with _gateway(LocalExecutor(num_workers=1)) as (client, executor):
+                _print(_compute_gradients_case(client, bare, executor, _mlp(), args))
+                if "local" in executors:
+                    _print(*_model_cases(client, bare, executor, args, ""))
+            if "ray" in executors:
+                with _gateway(_ray_executor()) as (client, executor):
+                    _print(*_model_cases(client, bare, executor, args, "_ray"))
+    finally:
+        bare_server.stop(grace=1).wait()
+    return 0
+
+
+def _print(*lines) -> None:
+    for line in lines:
+        print(json.dumps(line), flush=True)
+
+
+def _mlp():
+    from gradserve import mlp
+
+    return mlp(784, [1024, 1024], 10)
+
+
+def _ray_executor():
+    from gradserve_services.cluster import RayExecutor
+
+    return RayExecutor("local", num_workers=1, num_cpus=2, object_store_memory=RAY_OBJECT_STORE_BYTES)
+
+
+@contextlib.contextmanager
+def _gateway(executor):
+    """A gateway on `executor` and an SDK client of it; both stopped (and the executor shut down)
+    on the way out."""
+    from gradserve import Client
     from gradserve_services.gateway import create_server
 
-    executor = LocalExecutor(num_workers=1)
-    gateway, port = create_server(executor, max_concurrent_calls=8)
-    bare_server, bare_port = _start_bare_server()
-    target = f"127.0.0.1:{port}"
     try:
-        with Client(target, timeout=600, retries=0) as client, _BareClient(f"127.0.0.1:{bare_port}") as bare:
-            for line in (
-                _compute_gradients_case(client, bare, executor, mlp(784, [1024, 1024], 10), args),
-                *_model_cases(client, bare, executor, args),
-            ):
-                print(json.dumps(line), flush=True)
+        gateway, port = create_server(executor, max_concurrent_calls=8)
+    except BaseException:
+        executor.shutdown()
+        raise
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=600, retries=0) as client:
+            yield client, executor
     finally:
         gateway.stop(grace=1)
-        bare_server.stop(grace=1).wait()
         executor.shutdown()
-    return 0
 
 
 # ----- cases --------------------------------------------------------------------------------------
@@ -86,7 +132,8 @@ def _compute_gradients_case(client, bare, executor, spec, args) -> dict:
     return line
 
 
-def _model_cases(client, bare, executor, args) -> list[dict]:
+def _model_cases(client, bare, executor, args, suffix: str) -> list[dict]:
+    from gradserve_services import procfs
     from gradserve_services.cluster import TrainerConfig
     from gradserve_services.cluster.handover import hand_over
     from gradserve_services.engine import Model
@@ -97,20 +144,24 @@ def _model_cases(client, bare, executor, args) -> list[dict]:
         "output": "dense", "loss": "mse"}
     params = {"dense.weight": np.random.default_rng(0).standard_normal((features, features), dtype=np.float32)}
     nbytes = params["dense.weight"].nbytes
+    in_process = not suffix  # the servers' tables live in this process
 
     # Work the service does besides moving bytes, measured here in process and subtracted so the
-    # numbers are the transport alone: a push validates the parameters and makes a trainer of them
-    # (which keeps the received buffers, handed over, as its parameters: so is the copy here, made
-    # before the clock starts); a pull streams the parameters from where the servers keep them
-    # (Trainer.parameters_in_place: it only takes the trainer's lock and views the arrays).
+    # numbers are the transport alone: a push validates the parameters and, in process, makes a
+    # trainer of them (which keeps the received buffers, handed over, as its parameters: so is the
+    # copy here, made before the clock starts; over Ray, getting them into the server is the
+    # transport's and stays in); a pull streams the parameters from where the servers keep them
+    # (Trainer.parameters_in_place: it takes the trainer's lock and views the arrays).
     def push_server_work() -> float:
         received = hand_over({name: value.copy() for name, value in params.items()})
         started = time.perf_counter()
         Model(spec).validate_parameters(received)
-        executor.create_trainer(TrainerConfig(spec, num_workers=1), received).close()
+        if in_process:
+            executor.create_trainer(TrainerConfig(spec, num_workers=1), received).close()
         return time.perf_counter() - started
 
     trainer = executor.create_trainer(TrainerConfig(spec, num_workers=1), params)
+    (server,) = trainer.server_pids()  # the pool's one server: every session's table lands there
 
     def pull_server_work() -> float:
         started = time.perf_counter()
@@ -118,12 +169,15 @@ def _model_cases(client, bare, executor, args) -> list[dict]:
             pass
         return time.perf_counter() - started
 
-    push_server, push_times, bare_up, sessions = [], [], [], []
+    push_server, push_times, bare_up, sessions, faults, grown = [], [], [], [], [], []
     for _ in range(args.repeats):  # each run next to its ceiling run, so both see the same load
         push_server.append(push_server_work())
+        faults_before, rss_before = procfs.minor_faults(server), procfs.rss_bytes(server)
         started = time.perf_counter()
         sessions.append(client.create_session(spec, params, num_workers=1))
         push_times.append(time.perf_counter() - started)
+        faults.append(procfs.minor_faults(server) - faults_before)
+        grown.append(procfs.rss_bytes(server) - rss_before)
         bare_up.append(bare.upload(nbytes))
         if len(sessions) > 1:
             client.close_session(sessions.pop(0))
@@ -136,13 +190,16 @@ def _model_cases(client, bare, executor, args) -> list[dict]:
         bare_down.append(bare.download(nbytes))
     client.close_session(sessions[-1])
     trainer.close()
-    label = f"{features * features / 1e6:.0f}M_float32"
+    label = f"{features * features / 1e6:.0f}M_float32{suffix}"
     lines = []
-    for case, times, server, ceiling in (("push", push_times, push_server, bare_up),
-                                         ("pull", pull_times, pull_server, bare_down)):
-        server_s = min(server)
+    for case, times, server_work, ceiling in (("push", push_times, push_server, bare_up),
+                                              ("pull", pull_times, pull_server, bare_down)):
+        server_s = min(server_work)
         line = _line(f"{case}_{label}", nbytes, min(times) - server_s, min(ceiling))
         line["server_seconds_subtracted"] = round(server_s, 6)
+        if case == "push" and not in_process:  # medians: every push lands the same bytes
+            line["server_page_faults_per_push"] = int(np.median(faults))
+            line["server_rss_growth_bytes_per_push"] = int(np.median(grown))
         lines.append(line)
     return lines
 

@@ -87,6 +87,12 @@ class Executor:
         return {"loss": float(loss), "grads": grads, "jvp": jvp, "count": count, "timings": timings,
                 "retries": failures.reruns, "worker_failures": failures.workers_lost}
 
+    @property
+    def shared_area(self) -> tuple[str, str] | None:
+        """`(folder, token)` of the shared-memory area this executor's actors on this machine
+        map (cluster/shared.py), or None."""
+        return self._backend.shared_area
+
     def watch_workers(self, on_alive) -> None:
         """`on_alive(n)` now and whenever the number of running workers in the pool changes (the
         gateway sets its workers-alive gauge so); the cluster package itself records no metrics."""

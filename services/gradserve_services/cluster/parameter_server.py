@@ -27,10 +27,10 @@ from gradserve_services.errors import NotFound, Unavailable
 from gradserve_services.optim import Optimizer, global_norm
 
 from .compression import decode
-from .handover import take
+from .handover import Received, take
 from .pushed_updates import PushedUpdates
 from .shard_tables import ShardTables
-from .shared import BlockRef, SharedMemoryLane, remove_block
+from .shared import Attachments, BlockRef, SharedMemoryLane, remove_block
 from .steplog import DEFAULT_STEP_WINDOW, StepLog
 
 __all__ = ["ParameterTable", "ParameterServer", "StalenessRule"]
@@ -59,15 +59,17 @@ class ParameterTable:
                  rule: StalenessRule | None = None, allocate=None,
                  step_window: int = DEFAULT_STEP_WINDOW, tables: Mapping | None = None):
         # Own writable, contiguous copies: the optimizer updates them in place. `allocate` maps
-        # `{name: (dtype, shape)}` to writable arrays (shared-memory views) to hold them instead.
-        # Arrays handed over (handover.py: received or loaded for this table) are kept as they are.
+        # `params` to writable arrays (shared-memory views) to hold them instead: their own where
+        # they lie in a block the server adopted. Arrays handed over (handover.py: received or
+        # loaded for this table in this process) are kept as they are.
         if allocate is None:
             self.params = {name: value if take(value) else np.array(value, copy=True, order="C")
                            for name, value in params.items()}
         else:
-            self.params = allocate({name: (value.dtype, value.shape) for name, value in params.items()})
+            self.params = allocate(params)
             for name, value in params.items():
-                np.copyto(self.params[name], value)
+                if self.params[name] is not value:
+                    np.copyto(self.params[name], value)
         self.optimizer = Optimizer(optimizer_config, self.params)
         self.rule = rule or StalenessRule(bound=0)
         self.version = 0
@@ -174,7 +176,12 @@ class ParameterServer:
     A server started with the executor's shared-memory area (`shared_area`) it can map (its lane, chosen once
     here) keeps the parameters of a table created `in_shared_memory` (sync mode only) in a block:
     what it publishes for the workers is then `(version, BlockRef)`, a few bytes, instead of a copy
-    of every parameter; and gradient parts may arrive as blocks too."""
+    of every parameter; and gradient parts may arrive as blocks too.
+
+    Parameters given to `create_table` / `load_table` may arrive as `Received` (handover.py): a
+    block the gateway decoded them into. A table in shared memory adopts a block that holds exactly
+    its parameters as its own parameter block (no copy); otherwise the table copies them out of
+    it, as out of any array."""
 
     def __init__(self, shared_area: tuple[str, str] | None = None):
         self.tables: dict[str, ParameterTable] = {}
@@ -194,25 +201,28 @@ class ParameterServer:
         """Create (or replace) a table; returns what the workers read its parameters from.
         `tables`: this shard's layout of the model's tables (shard_tables.py); `initial_rows`:
         rows given by the caller instead of the initial ones, as a `state()` holds them."""
-        def build(allocate):
+        def build(params, allocate):
             table = ParameterTable(params, optimizer_config, StalenessRule(**rule), allocate,
                                    step_window, tables)
             if initial_rows:
                 table.rows.load(initial_rows, {"updates": {name: 0 for name in tables["tables"]}})
             return table
-        return self._install(table_id, in_shared_memory, build)
+        return self._install(table_id, in_shared_memory, params, build)
 
-    def load_table(self, table_id: str, arrays: Mapping, meta: Mapping, names, in_shared_memory: bool = False,
+    def load_table(self, table_id: str, arrays, meta: Mapping, names, in_shared_memory: bool = False,
                    step_window: int = DEFAULT_STEP_WINDOW, tables: Mapping | None = None):
-        return self._install(table_id, in_shared_memory, lambda allocate: ParameterTable.from_state(
+        return self._install(table_id, in_shared_memory, arrays, lambda arrays, allocate: ParameterTable.from_state(
             arrays, meta, names, allocate, step_window, tables))
 
-    def _install(self, table_id: str, in_shared_memory: bool, build):
-        """Build a table (its parameters in a new block where the lane allows), then replace the
-        old one and its block; if building fails, the old table and block stay as they were."""
+    def _install(self, table_id: str, in_shared_memory: bool, given, build):
+        """Build a table of `given` (arrays, or `Received`: adopted or copied out of the block;
+        its parameters in a new block where the lane allows), then replace the old one and its
+        block; if building fails, the old table and block stay as they were, and any new block
+        (an adopted one's new name too) is removed."""
         new_blocks: list[BlockRef] = []
         try:
-            table = build(self._allocator(table_id, in_shared_memory, new_blocks))
+            arrays, adopted = self._landed(table_id, in_shared_memory, given, new_blocks)
+            table = build(arrays, self._allocator(table_id, in_shared_memory, new_blocks, adopted))
         except BaseException:
             for block in new_blocks:
                 remove_block(block)
@@ -240,12 +250,31 @@ class ParameterServer:
         block = self._blocks.get(table_id)
         return (table.version, block) if block is not None else table.snapshot()
 
-    def _allocator(self, table_id: str, in_shared_memory: bool, new_blocks: list):
+    def _landed(self, table_id: str, in_shared_memory: bool, given, new_blocks: list) -> tuple[Mapping, dict]:
+        """`(arrays, adopted views)` of what `create_table` / `load_table` were given. A `Received`
+        block that holds exactly this table's parameters becomes its parameter block (a second name
+        for the same pages, in `new_blocks`); any other is mapped here only to be copied from."""
+        if not isinstance(given, Received):
+            return given, {}
+        if in_shared_memory and self._lane is not None:
+            block = self._lane.adopt(f"{table_id}-params", given.block)
+            if block is not None:
+                new_blocks.append(block[0])
+                return given.arrays(block[1]), block[1]
+        return given.arrays(Attachments().arrays(given.block)), {}
+
+    def _allocator(self, table_id: str, in_shared_memory: bool, new_blocks: list, adopted: Mapping):
         if not in_shared_memory or self._lane is None:
             return None
         lane = self._lane
+        adopted_ids = {id(view) for view in adopted.values()}
 
-        def allocate(arrays):
+        def allocate(params):
+            if adopted_ids and {id(value) for value in params.values()} == adopted_ids:
+                return dict(params)  # they lie in the adopted block already
+            while new_blocks:  # an adopted block these parameters do not fill: not the table's
+                remove_block(new_blocks.pop())
+            arrays = {name: (value.dtype, value.shape) for name, value in params.items()}
             block = lane.allocate(f"{table_id}-params", arrays)
             if block is None:  # no room in the tmpfs: plain arrays, published by copy
                 return {name: np.empty(shape, dtype) for name, (dtype, shape) in arrays.items()}

@@ -16,6 +16,7 @@ from typing import Mapping
 import numpy as np
 
 from .backend import Backend
+from .handover import received
 from .recovery import get_from_servers, load_replacing_lost, server_lost, servers_alive
 
 __all__ = ["ParameterShards", "PUSH_WAIT_S"]
@@ -58,7 +59,8 @@ class ParameterShards:
     def create(self, params: Mapping[str, np.ndarray], optimizer: dict, rule: dict) -> None:
         lane = self.lane
         self.published = [
-            self._backend.submit(server, "create_table", self.table, {n: params[n] for n in names},
+            self._backend.submit(server, "create_table", self.table,
+                                 self._sent(server, {n: params[n] for n in names}),
                                  optimizer, rule, self._in_shared_memory, self._step_window,
                                  *((lane.layout(k), lane.initial_rows(k)) if lane else ()))[0]
             for k, (server, names) in enumerate(zip(self.servers, self.partition))]
@@ -73,9 +75,16 @@ class ParameterShards:
                             if key.split("/")[1] in names or key.startswith("rows/")}
             layout = (self.lane.layout(position),) if self.lane else ()
             published.append(load_replacing_lost(self._backend, position, lambda server: self._backend.submit(
-                server, "load_table", self.table, shard_arrays, table_meta, names, self._in_shared_memory,
-                self._step_window, *layout)[0]))
+                server, "load_table", self.table, self._sent(server, shard_arrays, [f"param/{n}" for n in names], "param/"),
+                table_meta, names, self._in_shared_memory, self._step_window, *layout)[0]))
         self.published = published
+
+    def _sent(self, server, arrays: Mapping, names=None, prefix: str = ""):
+        """What `server` is sent of `arrays`: where the ones named `names` (default all) landed in a
+        received block this server maps (handover.py), the block's `Received` (a few bytes; given
+        once: a retry on a replacement server is sent the arrays); else the arrays."""
+        landed = received(arrays, names, prefix) if self._backend.shares_memory(server) else None
+        return arrays if landed is None else landed
 
     def drop(self) -> None:
         for server in self.servers:

@@ -235,6 +235,27 @@ class SharedMemoryLane:
         except OSError:
             return None
 
+    def adopt(self, name: str, ref: BlockRef) -> tuple[BlockRef, dict] | None:
+        """Another process's block `ref` (a gateway's received parameters) made this process's own
+        block `name-...`: a second name for the same pages (a hard link, no copy), its ref and
+        writable views. None unless it lies in this area and holds exactly the arrays of its
+        layout (a shard's part of a bigger block is copied out instead)."""
+        folder, token = self.area
+        layout, size = _layout({entry[0]: (entry[1], entry[2]) for entry in ref.layout})
+        if ref.area != token or os.path.dirname(ref.path) != folder or layout != ref.layout:
+            return None
+        path = os.path.join(folder, f"{name}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.link(ref.path, path)
+            with open(path, "r+b") as handle:
+                if os.fstat(handle.fileno()).st_size != size:
+                    raise OSError(errno.EINVAL, f"{ref.path} holds more than its layout")
+                buffer = mmap.mmap(handle.fileno(), size)
+        except OSError:
+            remove_block(path)
+            return None
+        return BlockRef(path, token, layout), _views(buffer, layout, writable=True)
+
     def read(self, ref: BlockRef) -> dict[str, np.ndarray]:
         """Read-only views of another process's block (mapped once, the newest few kept)."""
         return self._mapped.arrays(ref)

@@ -128,17 +128,20 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
 
     def CreateSession(self, request_iterator, context):
         owner = context.identity
-        header, arrays = wire.read_one(request_iterator, self._max_bytes)
-        # the received buffers are nobody else's: the parameter server keeps them (handover.py)
-        params = hand_over(wire.group(arrays, (wire.PARAMETERS,))[wire.PARAMETERS])
-        config = wire.trainer_config(header.config, default_workers=self._sessions.default_workers)
-        _check_deadline(context)
-        session = self._sessions.create(
-            owner, config, params,
-            init_seed=header.config.init.seed,
-            init_dtype=header.config.init.dtype,
-            checkpoint_every_steps=header.config.checkpoint_every_steps,
-        )
+        # the received buffers are nobody else's: the parameter server keeps them (handover.py),
+        # decoded where its process maps them when it shares this machine (the landing's block)
+        with self._sessions.landing() as landing:
+            header, arrays = wire.read_one(request_iterator, self._max_bytes, allocate=lambda tensors: landing.allocate(
+                {name: spec for name, spec in tensors.items() if name.startswith(wire.PARAMETERS)}))
+            params = hand_over(wire.group(arrays, (wire.PARAMETERS,))[wire.PARAMETERS])
+            config = wire.trainer_config(header.config, default_workers=self._sessions.default_workers)
+            _check_deadline(context)
+            session = self._sessions.create(
+                owner, config, params,
+                init_seed=header.config.init.seed,
+                init_dtype=header.config.init.dtype,
+                checkpoint_every_steps=header.config.checkpoint_every_steps,
+            )
         return service_pb2.CreateSessionResponse(session_id=session.session_id, version=session.version)
 
     def Step(self, request_iterator, context):

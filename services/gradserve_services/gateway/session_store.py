@@ -86,8 +86,9 @@ class SessionStore:
         self.write_manifest(session)
         return name, int(meta["version"])
 
-    def load(self, session: Session, name: str) -> tuple[str, dict, dict]:
-        """`(name, arrays, meta)` of a checkpoint of this session; an empty name is its latest."""
+    def load(self, session: Session, name: str, allocate=None) -> tuple[str, dict, dict]:
+        """`(name, arrays, meta)` of a checkpoint of this session; an empty name is its latest
+        (`allocate`: where arrays are read, `load_checkpoint`'s)."""
         directory = self.session_dir(session.session_id)
         if not name:
             saved = sorted(n for n in os.listdir(directory) if CHECKPOINT_NAME.fullmatch(n)) \
@@ -97,7 +98,7 @@ class SessionStore:
             name = saved[-1]
         elif not CHECKPOINT_NAME.fullmatch(name):
             raise InvalidArgument("not a checkpoint name SaveCheckpoint returned", "checkpoint")
-        arrays, meta = load_checkpoint(os.path.join(directory, name))
+        arrays, meta = load_checkpoint(os.path.join(directory, name), allocate)
         return name, arrays, meta
 
     def write_manifest(self, session: Session) -> None:

@@ -22,7 +22,7 @@ from gradserve.results import TABLE_STEP_FIELDS
 from gradserve_services import metrics
 from gradserve_services.cluster import DEFAULT_STEP_WINDOW, StepResult, TrainerConfig
 from gradserve_services.cluster.table_lane import InitialRows
-from gradserve_services.cluster.handover import hand_over
+from gradserve_services.cluster.handover import Landing, hand_over
 from gradserve_services.engine import Model
 from gradserve_services.engine.spec import parse_spec
 from gradserve_services.errors import (
@@ -134,6 +134,12 @@ class SessionRegistry:
             trainer.close()
             raise
         return session
+
+    def landing(self) -> Landing:
+        """Where a request's parameters are decoded (handover.py): a block of the executor's
+        shared-memory area, which its parameter servers map, or none (in process, another
+        machine); closed (its block removed) when the request is done."""
+        return Landing(getattr(self._executor, "shared_area", None))
 
     def recover(self) -> int:
         """Bring back every open session found in the checkpoint directory (a gateway restart);
@@ -297,15 +303,17 @@ class SessionRegistry:
             return self._store.recovering(session, lambda: self._store.save(session))
 
     def restore_checkpoint(self, session: Session, name: str) -> tuple[str, int]:
-        name, arrays, meta = self._store.load(session, name)
-        with session.lock:
-            self._check_open(session)
-            # validates before changing anything; the loaded arrays become the servers' (handover.py)
-            session.trainer.restore(hand_over(arrays), meta)
-            session.base_checkpoint = name
-            session.replay.clear()
-            self._store.write_manifest(session)
-            return name, session.version
+        with self.landing() as landing:  # the parameters read where the servers' processes map them
+            name, arrays, meta = self._store.load(session, name, allocate=lambda found: landing.allocate(
+                {key: spec for key, spec in found.items() if key.startswith("param/")}))
+            with session.lock:
+                self._check_open(session)
+                # validates before changing anything; the loaded arrays become the servers' (handover.py)
+                session.trainer.restore(hand_over(arrays), meta)
+                session.base_checkpoint = name
+                session.replay.clear()
+                self._store.write_manifest(session)
+                return name, session.version
 
     # ----- helpers ------------------------------------------------------------------------------
 

@@ -83,15 +83,16 @@ def _decoded_stream(requests: Iterator) -> Iterator:
         yield message
 
 
-def read_one(requests: Iterator, max_bytes: int) -> tuple[object, dict[str, np.ndarray]]:
-    """The header and assembled arrays of a single-request stream."""
-    (parts,) = list(read_each(requests, max_bytes, single=True))
+def read_one(requests: Iterator, max_bytes: int, *, allocate=None) -> tuple[object, dict[str, np.ndarray]]:
+    """The header and assembled arrays of a single-request stream (`allocate`: where they are
+    assembled, `transfer.TensorAssembler`)."""
+    (parts,) = list(read_each(requests, max_bytes, single=True, allocate=allocate))
     return parts
 
 
-def read_each(requests: Iterator, max_bytes: int, *, single: bool = False):
+def read_each(requests: Iterator, max_bytes: int, *, single: bool = False, allocate=None):
     """(header, arrays) per header of a request stream, as each completes."""
-    parts = read_messages(requests, max_bytes, single=single)
+    parts = read_messages(requests, max_bytes, single=single, allocate=allocate)
     while True:
         try:
             yield next(parts)
