@@ -16,6 +16,7 @@ time), so the sender holds one part, never the whole tensor.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import NamedTuple
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,7 @@ __all__ = [
     "DEFAULT_MAX_REQUEST_BYTES",
     "OutgoingTensors",
     "StreamedTensor",
+    "Placement",
     "TensorAssembler",
     "read_messages",
 ]
@@ -127,6 +129,15 @@ def _streamed_bytes(name: str, tensor: StreamedTensor) -> Iterator[tuple[int, me
         raise TensorFormatError(f"parts of {offset} bytes, {tensor.nbytes} declared", field=name)
 
 
+class Placement(NamedTuple):
+    """Where `TensorAssembler`'s `allocate` places a tensor that is filled through
+    `write(offset, bytes)` (a file's pages, written without being mapped first) rather than by
+    copying into `array`, which views the same bytes."""
+
+    array: np.ndarray
+    write: Callable[[int, object], None]
+
+
 class TensorAssembler:
     """Rebuilds the named arrays of one header from its inline tensors and the chunks that follow.
 
@@ -137,12 +148,14 @@ class TensorAssembler:
     def __init__(self, entries: Iterable[tensor_pb2.NamedTensor], max_total_bytes: int,
                  allocate: Callable[[dict], Mapping[str, np.ndarray]] | None = None):
         """`allocate`, given `{name: (dtype, shape)}` of every tensor once the header is checked,
-        returns writable buffers for the ones it places (the receiver's own memory); the rest get
-        buffers of their own, and inline tensors are copied into a placed buffer."""
+        returns writable buffers (or `Placement`s) for the ones it places (the receiver's own
+        memory); the rest get buffers of their own, and inline tensors are copied into a placed
+        buffer."""
         self.arrays: dict[str, np.ndarray] = {}
         self._buffers: list[np.ndarray | None] = []  # flat uint8 views of chunked tensors
         self._received: list[int] = []
         self._missing = 0  # chunked tensors not yet complete
+        self._writers: list = []  # each tensor's Placement.write, or None
         checked = []  # (name, dtype, shape, nbytes, inline array or None)
         total = 0
         for entry in entries:
@@ -162,15 +175,20 @@ class TensorAssembler:
             checked.append((name, dtype, shape, nbytes, inline))
         placed = allocate({name: (dtype, shape) for name, dtype, shape, _, _ in checked}) if allocate else {}
         for name, dtype, shape, nbytes, inline in checked:
-            array = placed.get(name)
+            array, write = placed.get(name), None
+            if isinstance(array, Placement):
+                array, write = array
             if inline is None:
                 array = np.empty(shape, dtype=dtype) if array is None else array
                 self._buffers.append(array.reshape(-1).view(np.uint8))
                 self._missing += nbytes > 0
             else:
-                if array is not None:
+                if write is not None:
+                    write(0, np.ascontiguousarray(inline).reshape(-1).view(np.uint8))
+                elif array is not None:
                     np.copyto(array, inline)
                 self._buffers.append(None)
+            self._writers.append(write)
             self._received.append(0)
             self.arrays[name] = inline if array is None else array
         self._names = list(self.arrays)
@@ -193,7 +211,11 @@ class TensorAssembler:
             raise TensorFormatError(
                 f"chunk of {len(data)} bytes at {start} does not fit the {len(buffer)} bytes declared", field=name
             )
-        buffer[start:end] = np.frombuffer(data, dtype=np.uint8)
+        write = self._writers[index]
+        if write is None:
+            buffer[start:end] = np.frombuffer(data, dtype=np.uint8)
+        else:
+            write(start, data)
         self._received[index] = end
         if end == len(buffer):
             self._missing -= 1

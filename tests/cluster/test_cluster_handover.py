@@ -70,6 +70,7 @@ def test_parameters_not_handed_over_are_copied_and_stay_the_callers():
 
 # ----- received blocks: parameters decoded into the shared-memory area a server process maps ------
 
+import gc  # noqa: E402
 import os  # noqa: E402
 
 import pytest  # noqa: E402
@@ -203,3 +204,25 @@ def test_without_room_or_an_area_nothing_lands(area, monkeypatch):
     with Landing((area.path, area.token)) as landing:
         assert landing.allocate(spec) == {}
     assert _files(area) == []
+
+
+def test_received_bytes_are_written_into_the_block_and_a_half_written_one_is_removed(area):
+    params = Model(SPEC).init_parameters(seed=6)
+    descriptors = len(os.listdir("/proc/self/fd"))
+    with Landing((area.path, area.token)) as landing:
+        placed = landing.receive({name: (value.dtype, value.shape) for name, value in params.items()})
+        for name, value in params.items():
+            view, write = placed[name]
+            raw = value.reshape(-1).view(np.uint8)
+            write(0, raw[:5])
+            write(5, raw[5:])  # in pieces, as chunks arrive
+            np.testing.assert_array_equal(view, value)
+        sent = received({name: view for name, (view, _) in placed.items()})
+        _, block = ParameterServer(shared_area=(area.path, area.token)).create_table("t", sent, SGD, RULE, True)
+        assert _inode(block.path) == _inode(sent.block.path)
+        half = landing.receive({"w": (np.dtype(np.float32), (1 << 20,))})
+        half["w"][1](0, np.ones(1 << 10, np.float32))  # the stream breaks off here
+    assert _files(area) == [os.path.basename(block.path)]
+    del placed, sent, half, view
+    gc.collect()  # a map keeps a descriptor of its own while it lives
+    assert len(os.listdir("/proc/self/fd")) == descriptors

@@ -22,6 +22,7 @@ Arrays crossing to another machine are serialized anyway, so neither mark leaves
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
 import weakref
@@ -30,7 +31,9 @@ from typing import Mapping
 
 import numpy as np
 
-from .shared import BlockRef, allocate_block, remove_block
+from gradserve_services.errors import ResourceExhausted
+
+from .shared import BlockRef, allocate_block, open_block, remove_block, write_at
 
 __all__ = ["hand_over", "take", "Landing", "Received", "received"]
 
@@ -99,16 +102,45 @@ class Landing:
     def __init__(self, area: tuple[str, str] | None):
         self._area = area
         self._blocks: list[BlockRef] = []
+        self._descriptors: list[int] = []
 
     def allocate(self, arrays: Mapping[str, tuple]) -> dict[str, np.ndarray]:
-        """Writable views for arrays `{name: (dtype, shape)}`, all in one new block, marked as
-        landed there; `{}` without an area or room."""
+        """Writable views for arrays `{name: (dtype, shape)}`, all in one new block (its pages
+        reserved), marked as landed there; `{}` without an area or room."""
         if self._area is None or not arrays:
             return {}
         try:
             block, views = allocate_block(*self._area, f"received-{uuid.uuid4().hex}", arrays)
         except OSError:
             return {}
+        return self._landed(block, views)
+
+    def receive(self, arrays: Mapping[str, tuple]) -> dict[str, tuple]:
+        """`{name: (view, write)}` for arrays `{name: (dtype, shape)}` in one new block, marked as
+        landed there, to be filled by `write(offset, bytes)`: the kernel allocates each page as
+        it is written (no page zeroed first nor faulted in, faster than copying into the views);
+        `{}` without an area or room. A write that finds the tmpfs full is ResourceExhausted."""
+        if self._area is None or not arrays:
+            return {}
+        try:
+            block, views, descriptor = open_block(*self._area, f"received-{uuid.uuid4().hex}", arrays)
+        except OSError:
+            return {}
+        self._descriptors.append(descriptor)
+        self._landed(block, views)
+
+        def writer(name: str, start: int):
+            def write(offset: int, data) -> None:
+                try:
+                    write_at(descriptor, start + offset, data)
+                except OSError as error:
+                    raise ResourceExhausted(f"no room in shared memory for the parameters ({error.strerror})",
+                                            name) from None
+            return write
+
+        return {entry[0]: (views[entry[0]], writer(entry[0], entry[3])) for entry in block.layout}
+
+    def _landed(self, block: BlockRef, views: dict) -> dict:
         self._blocks.append(block)
         entries = {entry[0]: entry for entry in block.layout}
         with _lock:
@@ -118,9 +150,12 @@ class Landing:
         return views
 
     def close(self) -> None:
+        for descriptor in self._descriptors:
+            os.close(descriptor)
         for block in self._blocks:
             remove_block(block)
         self._blocks.clear()
+        self._descriptors.clear()
 
     def __enter__(self) -> "Landing":
         return self

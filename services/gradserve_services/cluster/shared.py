@@ -35,7 +35,7 @@ import numpy as np
 from gradserve_services.owned_folder import OwnedFolder, remove_orphans
 
 __all__ = ["BlockRef", "SharedArea", "SharedMemoryLane", "area_visible", "write_block", "allocate_block",
-           "Attachments", "remove_block", "remove_prefixed"]
+           "open_block", "write_at", "Attachments", "remove_block", "remove_prefixed"]
 
 ALIGNMENT = 64  # bytes; each array starts on a cache line
 RESERVE_BYTES = 64 << 20  # left free in the tmpfs for everyone else
@@ -142,6 +142,36 @@ def allocate_block(area_path: str, area_token: str, name: str,
         buffer = mmap.mmap(handle.fileno(), size)
     ref = BlockRef(path, area_token, layout)
     return ref, _views(buffer, layout, writable=True)
+
+
+def open_block(area_path: str, area_token: str, name: str,
+               arrays: Mapping[str, tuple]) -> tuple[BlockRef, dict[str, np.ndarray], int]:
+    """A new block like `allocate_block`'s whose pages are not reserved, to be filled with
+    `write_at` on the returned descriptor (the caller closes it): the kernel allocates each page
+    as it is written, none zeroed first and none faulted in, and a full tmpfs answers ENOSPC
+    instead of SIGBUS. Its views may be read and written once every byte of theirs was written."""
+    layout, size = _layout(arrays)
+    space = os.statvfs(area_path)
+    if size + RESERVE_BYTES > space.f_bavail * space.f_frsize:
+        raise OSError(errno.ENOSPC, f"{size} bytes do not fit in {area_path}")
+    path = os.path.join(area_path, name)
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(descriptor, size)
+        buffer = mmap.mmap(descriptor, size)
+    except OSError:
+        os.close(descriptor)
+        remove_block(path)
+        raise
+    return BlockRef(path, area_token, layout), _views(buffer, layout, writable=True), descriptor
+
+
+def write_at(descriptor: int, offset: int, data) -> None:
+    """All of `data` into the file at `offset` (OSError, ENOSPC where the tmpfs is full)."""
+    data = memoryview(data).cast("B")
+    while data:
+        written = os.pwrite(descriptor, data, offset)
+        data, offset = data[written:], offset + written
 
 
 def write_block(area_path: str, area_token: str, name: str,

@@ -12,6 +12,7 @@ import time
 import grpc
 
 from gradserve.results import TABLE_STEP_FIELDS
+from gradserve.transfer import Placement
 from gradserve.spec import spec_from_proto
 from gradserve.v1 import service_pb2, service_pb2_grpc
 
@@ -131,8 +132,9 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
         # the received buffers are nobody else's: the parameter server keeps them (handover.py),
         # decoded where its process maps them when it shares this machine (the landing's block)
         with self._sessions.landing() as landing:
-            header, arrays = wire.read_one(request_iterator, self._max_bytes, allocate=lambda tensors: landing.allocate(
-                {name: spec for name, spec in tensors.items() if name.startswith(wire.PARAMETERS)}))
+            header, arrays = wire.read_one(request_iterator, self._max_bytes, allocate=lambda tensors: {
+                name: Placement(*placed) for name, placed in landing.receive(
+                    {name: spec for name, spec in tensors.items() if name.startswith(wire.PARAMETERS)}).items()})
             params = hand_over(wire.group(arrays, (wire.PARAMETERS,))[wire.PARAMETERS])
             config = wire.trainer_config(header.config, default_workers=self._sessions.default_workers)
             _check_deadline(context)
