@@ -19,6 +19,9 @@ sync dense reached after `--target-fraction` of the budget; null if never), spee
 dense's seconds_to_target / this one's; null if the target was not reached), eval_loss (held-out,
 after the whole budget), eval_loss_ratio_vs_sync (this / sync dense's, at equal samples),
 test_accuracy, updates (parameter versions applied).
+
+Stopped by SIGTERM or SIGINT, the run removes its namespaces and Ray nodes as a finished one does
+(stop_signals.py), and exits with 128 + the signal's number.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ def run(args) -> int:
         with stop_signals_raise("links") as stop, far_site(args.workers, args.rate_mbit) as site:
             from gradserve_services.cluster import RayExecutor
 
+            stop.last_resort(site.remove)
             executor = RayExecutor(address=site.address, num_workers=args.workers)
             stop.install()  # ray.init replaced the SIGTERM handler
             try:

@@ -16,9 +16,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 __all__ = ["FarSite", "far_site", "harness", "SiteUnavailable"]
 
@@ -47,6 +49,9 @@ class FarSite:
     env: dict  # what a driver of the cluster needs (its token)
     rate_mbit: float
     interfaces: list[str] = field(default_factory=list)  # host ends of the veth pairs
+    # Removes the site now (by pid; from any thread, once): far_site does on leaving, a stopped
+    # run's last resort may sooner (stop_signals.py). None in a description sent elsewhere.
+    remove: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def link_bytes(self) -> int:
         """Bytes that crossed the links so far, both directions, every namespace."""
@@ -63,24 +68,25 @@ def far_site(workers: int, rate_mbit: float):
     """A Ray cluster whose head (no CPUs: the parameter servers and this process's coordinator) is
     here and whose `workers` one-CPU nodes sit each in a namespace behind a `rate_mbit` link."""
     netns, ray_cluster = harness()
-    spaces, cluster = [], None
+    made = _Made()
     try:
         try:
             for _ in range(workers):
-                spaces.append(netns.create(rate_mbit=rate_mbit))
+                made.spaces.append(netns.create(rate_mbit=rate_mbit))
         except netns.NamespacesUnavailable as reason:
             raise SiteUnavailable(f"cannot make network namespaces here: {reason}") from None
+        spaces = made.spaces
         for space in spaces:  # the head listens on the first namespace's host end: route there
             subprocess.run([netns.IP_BIN, "-n", space.name, "route", "add", "default", "via",
                             space.host_address], check=True, capture_output=True, timeout=30)
-        cluster = ray_cluster.start_cluster(num_cpus=0, node_ip_address=spaces[0].host_address)
+        cluster = made.cluster = ray_cluster.start_cluster(num_cpus=0, node_ip_address=spaces[0].host_address)
         for space in spaces:
             cluster.add_node(num_cpus=1, namespace=space, object_store_bytes=WORKER_OBJECT_STORE_BYTES)
         saved = {key: os.environ.get(key) for key in cluster.env}
         os.environ.update(cluster.env)
         try:
             yield FarSite(cluster.address, dict(cluster.env), rate_mbit,
-                          [space.host_interface for space in spaces])
+                          [space.host_interface for space in spaces], remove=made.remove)
         finally:
             for key, value in saved.items():
                 if value is None:
@@ -88,7 +94,27 @@ def far_site(workers: int, rate_mbit: float):
                 else:
                     os.environ[key] = value
     finally:
-        if cluster is not None:
-            cluster.stop()
-        for space in spaces:
-            space.remove()
+        made.remove()
+
+
+class _Made:
+    """What far_site has made so far. `remove()` removes it once, whichever thread calls first (the
+    run's own way out, or a stopped run's last resort); a second caller waits for the first."""
+
+    def __init__(self):
+        self.spaces: list = []
+        self.cluster = None
+        self._lock = threading.Lock()
+        self._removed = False
+
+    def remove(self) -> None:
+        with self._lock:
+            if self._removed:
+                return
+            self._removed = True
+            try:
+                if self.cluster is not None:
+                    self.cluster.stop()
+            finally:
+                for space in self.spaces:
+                    space.remove()
