@@ -11,9 +11,10 @@ them, ratios included (the median of the per-repetition ratios, each taken withi
 The phase fields are means over a repetition's timed steps: `gather_ms` and `apply_ms` are how long
 those phases ran, and `hidden_ms` is the part of them that ran while workers still computed
 (broadcast + compute + gather + apply - total, plus `overlapped_ms`: the servers' summing of
-gradient buckets pushed while a worker still computed). gradserve pushes its gradients in buckets
-during backward (the default); `returned_samples_per_s` measures the same steps with each worker
-returning its sums when done, and `pushed_over_returned` is the ratio of the two.
+gradient buckets pushed while a worker still computed). gradserve is measured pushing its gradients
+in buckets during backward; `returned_samples_per_s` measures the same steps with each worker
+returning its sums when done, and `pushed_over_returned` is the ratio of the two (a trainer's
+default pushes only where the machine has a core to spare beyond the workers).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def synthetic_batches(count: int, rows: int, seed: int = 0, layers=LAYERS):
 
 
 def measure_gradserve(executor, *, workers: int, batch: int, steps: int, warmup: int,
-                      layers=LAYERS, push_gradients: bool = True) -> dict:
+                      layers=LAYERS, push_gradients: bool | None = True) -> dict:
     """Samples/s of sync SGD steps and the mean phase breakdown (ms) over the timed steps."""
     from gradserve_services.cluster import TrainerConfig
     from gradserve_services.engine import Model

@@ -165,6 +165,10 @@ class ParameterTable:
         return table
 
 
+def _norm_of(squares) -> float | None:
+    return math.sqrt(sum(squares)) if squares else None
+
+
 def _pushes(parts) -> list:
     """The table-row gradients of each part that carries some."""
     return [part["rows"] for part in parts if part.get("rows")]
@@ -292,6 +296,23 @@ class ParameterServer:
     def check(self, table_id: str, count: int, computed_on: int, norm: float | None, *parts) -> None:
         """FailedPrecondition if `apply` of these arguments would be refused (changes nothing)."""
         self._table(table_id).check(self._dense(parts, table_id), count, computed_on, norm)
+
+    # Agreement by dependency (several shards): each call's first `after` arguments are only what
+    # it waits for (a failed one fails this call before it runs), the next `squares` are every
+    # shard's squared norm (clipping: the global norm is their root sum), the rest are the parts.
+
+    def squared_norm_after(self, table_id: str, grad_scale: float, after: int, *refs) -> float:
+        return self.squared_norm(table_id, grad_scale, *refs[after:])
+
+    def check_after(self, table_id: str, count: int, computed_on: int, squares: int, after: int, *refs) -> None:
+        self.check(table_id, count, computed_on, _norm_of(refs[after:after + squares]), *refs[after + squares:])
+
+    def apply_after(self, table_id: str, key: str, count, computed_on: int, squares: int, after: int, *refs):
+        """`apply` once every shard's check passed (they are among the arguments); the report
+        carries the global norm where it was agreed (clipping)."""
+        norm = _norm_of(refs[after:after + squares])
+        published, report = self.apply(table_id, key, count, computed_on, norm, *refs[after + squares:])
+        return published, report if norm is None else {**report, "global_norm": norm}
 
     def apply(self, table_id: str, key: str, count: int, computed_on: int, norm: float | None,
               *parts):

@@ -41,6 +41,7 @@ class ParameterShards:
         # input, and the version they hold (updates applied so far).
         self.published: list = []
         self.version = 0
+        self._agreement: list = []  # the checks (and squared norms) of the update in flight
 
     @property
     def servers(self) -> list:
@@ -117,6 +118,34 @@ class ParameterShards:
                                      num_returns=2)
                 for server, grads in zip(self.servers, grads_per_shard)]
 
+    def update(self, key: str, counts, rows: int, computed_on: int, clip_norm: float | None,
+               grads_per_shard: list, after: list | None = None) -> list:
+        """Submit a whole update without waiting for any of it; returns each shard's
+        `(published, report)` futures. One shard applies and decides alone. Several first each
+        check their part (with clipping, after every shard's squared norm), and every apply takes
+        all the checks as arguments: Ray runs no apply unless every check passed, so a refusal
+        anywhere changes no shard, with no round trip through this process. `after[k]`: futures
+        shard k's first call waits for (the pushes it must hold)."""
+        after = after or [[] for _ in self.partition]
+        if len(self.partition) == 1 and not after[0]:
+            return self.apply(key, counts, computed_on, None, grads_per_shard)
+        servers, submit = self.servers, self._backend.submit
+        squares = [] if clip_norm is None or len(self.partition) == 1 else [
+            submit(server, "squared_norm_after", self.table, 1.0 / rows, len(waits), *waits, *grads)[0]
+            for server, waits, grads in zip(servers, after, grads_per_shard)]
+        checks = [submit(server, "check_after", self.table, rows, computed_on, len(squares), len(waits),
+                         *waits, *squares, *grads)[0]
+                  for server, waits, grads in zip(servers, after, grads_per_shard)]
+        self._agreement = squares + checks
+        return [submit(server, "apply_after", self.table, key, counts, computed_on, len(squares), len(checks),
+                       *checks, *squares, *grads, num_returns=2)
+                for server, grads in zip(servers, grads_per_shard)]
+
+    def discard_update(self, applying: list) -> None:
+        """Read an update's failed futures (a lost gradient, a refusal) so they count as handled."""
+        self.discard([future for output in applying for future in output] + self._agreement)
+        self._agreement = []
+
     def expect_pushes(self, key: str, batch_shards: int, counts, alone: bool) -> list:
         """Tell every shard the update `key` will be pushed by `batch_shards` shards; returns each
         shard's `(published, report)` futures of the wait for it (`alone`: the one server applies
@@ -129,8 +158,9 @@ class ParameterShards:
         return waiting
 
     def abandon_pushes(self, key: str, waiting: list) -> None:
-        for server in self.servers:
-            self._backend.submit(server, "abandon", self.table, key)
+        for server in self.servers:  # on the waiting threads: the server's own sequence may
+            # hold a check that waits for these very pushes
+            self._backend.submit_waiting(server, "abandon", self.table, key)
         self.discard([future for output in waiting for future in output])
 
     def settle(self, applying: list) -> list[dict]:
@@ -139,9 +169,11 @@ class ParameterShards:
         try:
             reports = self.get([output[1] for output in applying])
         except BaseException:
-            self.discard([output[0] for output in applying])
+            self.discard([output[0] for output in applying] + self._agreement)
+            self._agreement = []
             raise
         self.published = [output[0] for output in applying]
+        self._agreement = []  # done: the applies ran, so every check passed
         return reports
 
     def agree(self, grads_per_shard: list, count: int, computed_on: int, clip_norm: float | None) -> float | None:

@@ -7,16 +7,20 @@ receives the workers' gradient references directly, one `get` of the workers' sm
 of the servers' small reports. Gradients and parameters never pass through this process; on one
 machine (shared.py) the batch, the gradients and the parameters stay in shared memory.
 
-With one server shard the apply is submitted before the workers finish, with their gradient
-references as arguments: the server starts the moment the last gradient exists, without a round
-trip through this process (and refuses a non-finite update by itself). If a worker is lost, that
-apply fails on its missing argument without running, and is submitted again once the shard was
-re-run. Several shards are first asked whether the update stays finite everywhere (and, with
-clipping, for their part of the norm).
+The update is submitted before the workers finish, with their gradient references as arguments:
+a server starts the moment the last gradient exists, without a round trip through this process.
+One server shard refuses a non-finite update by itself; several each check their part first (and,
+with clipping, give their part of the norm), and every apply takes all the checks as arguments, so
+none runs unless all passed (ParameterShards.update). If a worker is lost, the update fails on its
+missing argument without running, and is submitted again once the shard was re-run.
+
+Where the workers push their gradients during backward instead (`_run_pushed`), the servers hold
+the sums when the last bucket arrives; the same update is made from them.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -58,31 +62,24 @@ class SyncSteps:
                             steps_run, self._shared_memory is not None)
         pulls, pull_figures = ([()] * len(tasks), {}) if shards.lane is None else \
             shards.lane.prepare(self._backend, shards.servers, shards.table, x, tasks)  # table_lane.py
-        if self._pushes_gradients():
+        if self._pushes_gradients(num_workers):
             return self._run_pushed(key, clock, inputs, tasks, rows, steps_run, num_workers)
         calls = [self._runner.dispatch(position, task, inputs, rows=pulls[position])
                  for position, task in enumerate(tasks)]
-        applying = self._apply(key, calls, steps_run, None) if len(shards.partition) == 1 else None
+        applying = self._update(key, calls, rows, steps_run)
         failures = Failures()
         try:
             stats = self._runner.gather(calls, failures, num_workers)
         except BaseException:  # a refused shard (non-finite loss) or workers lost too often
-            if applying is not None:
-                shards.discard([future for output in applying for future in output])
+            shards.discard_update(applying)
             raise
         clock.mark("gathered")
-        norm = None
-        if applying is None or failures.reruns:
-            if applying is not None:  # it failed on a lost gradient: submitted again
-                shards.discard([output[1] for output in applying])
-            grads_per_shard = _grads_per_shard(calls, len(shards.partition))
-            norm = shards.agree(grads_per_shard, rows, shards.version, self._config.optimizer.clip_norm)
-            applying = self._apply(key, calls, steps_run, norm)
+        if failures.reruns:  # it failed on a lost gradient: submitted again, with the re-runs'
+            shards.discard_update(applying)
+            applying = self._update(key, calls, rows, steps_run)
         reports = shards.settle(applying)
         clock.mark("applied")
-        if norm is None:
-            norm = global_norm_of(reports)
-        result = step_result("sync", stats, [reports[0]], clock, failures, grad_norm=norm,
+        result = step_result("sync", stats, [reports[0]], clock, failures, grad_norm=_norm(reports),
                              positions=[call.position for call in calls])
         return self._finish(result, stats, reports, pull_figures)
 
@@ -93,17 +90,21 @@ class SyncSteps:
             result = replace(result, **shards.lane.fields(stats, reports, pull_figures))
         return replace(result, **self._gradient_signals(reports, [s["count"] for s in stats]))
 
-    def _pushes_gradients(self) -> bool:
+    def _pushes_gradients(self, num_workers: int) -> bool:
         """Whether this step's workers push their gradients in buckets during backward: plain
         dense gradients (no tables, no compression) on a backend whose servers can wait."""
-        return (self._config.push_gradients and self._config.compression == "none"
+        wanted = self._config.push_gradients
+        if wanted is None:
+            wanted = len(os.sched_getaffinity(0)) > num_workers
+        return (wanted and self._config.compression == "none"
                 and self._shards.lane is None and getattr(self._backend, "pushes_gradients", False))
 
     def _run_pushed(self, key: str, clock: Clock, inputs: ShardInputs, tasks: list[dict], rows: int,
                     steps_run: int, num_workers: int) -> StepResult:
         """The step with gradients pushed during backward (gradient_push.py, pushed_updates.py):
         each server sums a bucket the moment every shard pushed it; one server applies when the
-        last bucket is in, several first agree as on the other path, from the sums they hold."""
+        last bucket is in; several check and apply as on the other path, from the sums they hold,
+        each server's check waiting for its sums."""
         shards = self._shards
         counts = self._counts(tasks, steps_run)
         alone = len(shards.partition) == 1
@@ -111,26 +112,23 @@ class SyncSteps:
         calls = [self._runner.dispatch(position, {**task, "push": push}, inputs)
                  for position, task in enumerate(tasks)]
         waiting = shards.expect_pushes(key, len(tasks), counts, alone)  # (the workers start first)
+        applying = waiting if alone else shards.update(  # each server's checks wait for its sums
+            key, counts, rows, shards.version, self._config.optimizer.clip_norm,
+            [[pushed_part(key)] for _ in shards.partition], after=[[output[1]] for output in waiting])
         failures = Failures()
         try:
             stats = self._runner.gather(calls, failures, num_workers)
         except BaseException:  # a refused shard or workers lost too often: nothing was applied
             shards.abandon_pushes(key, waiting)
+            if not alone:
+                shards.discard_update(applying)
             raise
         clock.mark("gathered")
-        norm = None
-        if alone:
-            applying = waiting
-        else:
-            shards.get([output[1] for output in waiting])  # every server holds its sums
-            grads_per_shard = [[pushed_part(key)] for _ in shards.partition]
-            norm = shards.agree(grads_per_shard, rows, shards.version, self._config.optimizer.clip_norm)
-            applying = shards.apply(key, counts, shards.version, norm, grads_per_shard)
         reports = shards.settle(applying)
+        if not alone:
+            shards.discard([output[0] for output in waiting])  # "complete": read, nothing to keep
         clock.mark("applied")
-        if norm is None:
-            norm = global_norm_of(reports)
-        result = step_result("sync", stats, [reports[0]], clock, failures, grad_norm=norm,
+        result = step_result("sync", stats, [reports[0]], clock, failures, grad_norm=_norm(reports),
                              positions=[call.position for call in calls])
         result = replace(result, timings={**result.timings, **{  # the slowest server's
             name: max(r.get(f"{name}_ms", 0.0) for r in reports) for name in ("reduced", "overlapped")}})
@@ -141,9 +139,12 @@ class SyncSteps:
         counts = [task["stop"] - task["start"] for task in tasks]
         return counts if steps_run % self._config.signals_every == 0 else sum(counts)
 
-    def _apply(self, key: str, calls: list[ShardCall], steps_run: int, norm) -> list:
-        return self._shards.apply(key, self._counts([call.task for call in calls], steps_run), self._shards.version, norm,
-                                  _grads_per_shard(calls, len(self._shards.partition)))
+    def _update(self, key: str, calls: list[ShardCall], rows: int, steps_run: int) -> list:
+        """The update submitted with the workers' gradient futures as arguments: it starts the
+        moment the last gradient exists (ParameterShards.update), without a round trip here."""
+        shards = self._shards
+        return shards.update(key, self._counts([call.task for call in calls], steps_run), rows, shards.version,
+                             self._config.optimizer.clip_norm, _grads_per_shard(calls, len(shards.partition)))
 
     def _inputs(self, x, y) -> ShardInputs:
         """The step's inputs: the batch as one block for the workers that map shared memory
@@ -168,6 +169,11 @@ class SyncSteps:
         noise_scale = self._noise_scale.update(noise_terms(products, shard_counts))
         return {"noise_scale": noise_scale, "shard_cosines": shard_cosines(products),
                 "update_ratios": {name: ratios[name] for name in self._parameter_names}}
+
+
+def _norm(reports: list[dict]) -> float:
+    """The update's global gradient norm: agreed by the shards (clipping), else from each's slice."""
+    return reports[0]["global_norm"] if "global_norm" in reports[0] else global_norm_of(reports)
 
 
 def _grads_per_shard(calls: list[ShardCall], server_shards: int) -> list[list]:
