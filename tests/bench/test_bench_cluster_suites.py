@@ -31,7 +31,9 @@ def test_training_suite_runs_its_steps():
         # hidden: the phases beyond the wall time plus the servers' summing while workers computed
         assert 0 <= line["overlapped_ms"] <= line["hidden_ms"] <= \
             line["gather_ms"] + line["apply_ms"] + line["overlapped_ms"]
-        assert line["returned_samples_per_s"] > 0 and line["pushed_over_returned"] > 0
+        assert line["returned_samples_per_s"] > 0 and line["pushed_samples_per_s"] > 0
+        assert line["gradserve_samples_per_s"] == line["pushed_samples_per_s" if line["pushes_gradients"]
+                                                       else "returned_samples_per_s"]
     for field in ("gradserve_samples_per_s", "total_ms", "hidden_ms"):
         assert median[field] == sorted(line[field] for line in each)[1]
 

@@ -11,10 +11,11 @@ them, ratios included (the median of the per-repetition ratios, each taken withi
 The phase fields are means over a repetition's timed steps: `gather_ms` and `apply_ms` are how long
 those phases ran, and `hidden_ms` is the part of them that ran while workers still computed
 (broadcast + compute + gather + apply - total, plus `overlapped_ms`: the servers' summing of
-gradient buckets pushed while a worker still computed). gradserve is measured pushing its gradients
-in buckets during backward; `returned_samples_per_s` measures the same steps with each worker
-returning its sums when done, and `pushed_over_returned` is the ratio of the two (a trainer's
-default pushes only where the machine has a core to spare beyond the workers).
+gradient buckets pushed while a worker still computed). gradserve runs as a trainer does by
+default (`pushes_gradients` says whether that pushed its gradients in buckets during backward: only
+where the machine has a core to spare beyond the workers), then on the other path;
+`pushed_samples_per_s` and `returned_samples_per_s` (each worker returning its sums when done) are
+the two, `pushed_over_returned` their ratio.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def synthetic_batches(count: int, rows: int, seed: int = 0, layers=LAYERS):
 
 
 def measure_gradserve(executor, *, workers: int, batch: int, steps: int, warmup: int,
-                      layers=LAYERS, push_gradients: bool | None = True) -> dict:
+                      layers=LAYERS, push_gradients: bool | None = None) -> dict:
     """Samples/s of sync SGD steps and the mean phase breakdown (ms) over the timed steps."""
     from gradserve_services.cluster import TrainerConfig
     from gradserve_services.engine import Model
@@ -85,7 +86,7 @@ def measure_gradserve(executor, *, workers: int, batch: int, steps: int, warmup:
     breakdown["hidden_ms"] = round(float(np.mean([hidden_ms(r.timings) for r in results])), 3)
     breakdown["overlapped_ms"] = round(float(np.mean([r.timings.get("overlapped", 0.0) for r in results])), 3)
     return {"samples_per_s": batch * steps / elapsed, "breakdown": breakdown,
-            "final_loss": results[-1].loss}
+            "final_loss": results[-1].loss, "pushed": "reduced" in results[-1].timings}
 
 
 def hidden_ms(timings: dict) -> float:
@@ -219,11 +220,14 @@ def _measure_all(args, executor) -> dict:
                                  steps=args.steps, warmup=args.warmup)
     record["gradserve_samples_per_s"] = measured["samples_per_s"]
     record.update(measured["breakdown"])
-    # the same steps with each worker returning its sums when done (no buckets during backward)
-    record["returned_samples_per_s"] = measure_gradserve(
-        executor, workers=args.workers, batch=args.batch, steps=args.steps, warmup=args.warmup,
-        push_gradients=False)["samples_per_s"]
-    record["pushed_over_returned"] = record["gradserve_samples_per_s"] / record["returned_samples_per_s"]
+    # the same steps on the other gradient path (pushed during backward, or returned when done)
+    other = measure_gradserve(executor, workers=args.workers, batch=args.batch, steps=args.steps,
+                              warmup=args.warmup, push_gradients=not measured["pushed"])
+    pushed, returned = (measured, other) if measured["pushed"] else (other, measured)
+    record["pushes_gradients"] = measured["pushed"]
+    record["pushed_samples_per_s"] = pushed["samples_per_s"]
+    record["returned_samples_per_s"] = returned["samples_per_s"]
+    record["pushed_over_returned"] = pushed["samples_per_s"] / returned["samples_per_s"]
     if not args.skip_torch:
         record["ratio_vs_torch"] = record["gradserve_samples_per_s"] / record["torch_samples_per_s"]
         record["ratio_vs_ddp"] = record["gradserve_samples_per_s"] / record["ddp_samples_per_s"]

@@ -308,18 +308,24 @@ class ParameterServer:
         self.check(table_id, count, computed_on, _norm_of(refs[after:after + squares]), *refs[after + squares:])
 
     def apply_after(self, table_id: str, key: str, count, computed_on: int, squares: int, after: int, *refs):
-        """`apply` once every shard's check passed (they are among the arguments); the report
-        carries the global norm where it was agreed (clipping)."""
+        """`apply` of a sync update once every shard's check passed (they are among the
+        arguments): its gradients are all in, so the workers wait and their cores are free for
+        it. The report carries the global norm where it was agreed (clipping)."""
         norm = _norm_of(refs[after:after + squares])
-        published, report = self.apply(table_id, key, count, computed_on, norm, *refs[after + squares:])
+        published, report = self._apply(table_id, key, count, computed_on, norm, refs[after + squares:],
+                                         idle_cores=True)
         return published, report if norm is None else {**report, "global_norm": norm}
 
     def apply(self, table_id: str, key: str, count: int, computed_on: int, norm: float | None,
               *parts):
         """`(published, report)`: Ray stores the first as its own object for the workers."""
+        return self._apply(table_id, key, count, computed_on, norm, parts, idle_cores=False)
+
+    def _apply(self, table_id: str, key: str, count, computed_on: int, norm: float | None, parts,
+               idle_cores: bool):
         table = self._table(table_id)
         collection = self._pushes.collection(table_id, key) if parts and parts[0]["kind"] == "pushed" else None
-        report = table.apply(key, self._dense(parts, table_id), count, computed_on, norm)
+        report = table.apply(key, self._dense(parts, table_id), count, computed_on, norm, idle_cores=idle_cores)
         if collection is not None:  # made: the pushed parts are no longer needed
             report.update(PushedUpdates.figures(collection))
             self._pushes.take(table_id, key)

@@ -125,11 +125,13 @@ class ParameterShards:
         check their part (with clipping, after every shard's squared norm), and every apply takes
         all the checks as arguments: Ray runs no apply unless every check passed, so a refusal
         anywhere changes no shard, with no round trip through this process. `after[k]`: futures
-        shard k's first call waits for (the pushes it must hold)."""
+        shard k's first call waits for (the pushes it must hold). A sync update is applied when
+        the workers are done and wait, so it may use their cores (`apply_after`)."""
         after = after or [[] for _ in self.partition]
-        if len(self.partition) == 1 and not after[0]:
-            return self.apply(key, counts, computed_on, None, grads_per_shard)
         servers, submit = self.servers, self._backend.submit
+        if len(self.partition) == 1 and not after[0]:  # it decides alone
+            return [submit(servers[0], "apply_after", self.table, key, counts, computed_on, 0, 0,
+                           *grads_per_shard[0], num_returns=2)]
         squares = [] if clip_norm is None or len(self.partition) == 1 else [
             submit(server, "squared_norm_after", self.table, 1.0 / rows, len(waits), *waits, *grads)[0]
             for server, waits, grads in zip(servers, after, grads_per_shard)]
