@@ -31,3 +31,19 @@ def batches(steps: int, rows: int, seed: int = 0, dtype="float64"):
 
 def relative_error(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+def assert_step_refused_changing_nothing(trainer, step_id, x, y, field: str) -> None:
+    """The step is refused (FailedPrecondition naming `field`) and the trainer's version and
+    parameters stay exactly as they were."""
+    import pytest
+
+    from gradserve_services.errors import FailedPrecondition
+
+    version, before = trainer.parameters()
+    with pytest.raises(FailedPrecondition) as refused:
+        trainer.step(step_id, x, y)
+    assert refused.value.field == field
+    assert trainer.parameters()[0] == trainer.version == version
+    for name, value in trainer.parameters()[1].items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
