@@ -27,6 +27,7 @@ from gradserve_services.errors import NotFound, Unavailable
 from gradserve_services.optim import Optimizer, global_norm
 
 from .compression import decode
+from .gradient_push import pushed_part
 from .handover import Received, take
 from .pushed_updates import PushedUpdates
 from .shard_tables import ShardTables
@@ -327,7 +328,7 @@ class ParameterServer:
         collection = self._pushes.collection(table_id, key) if parts and parts[0]["kind"] == "pushed" else None
         report = table.apply(key, self._dense(parts, table_id), count, computed_on, norm, idle_cores=idle_cores)
         if collection is not None:  # made: the pushed parts are no longer needed
-            report.update(PushedUpdates.figures(collection))
+            report.update(collection.figures())
             self._pushes.take(table_id, key)
         return self.published(table_id), report
 
@@ -339,7 +340,7 @@ class ParameterServer:
         for part in parts:
             if part["kind"] == "pushed":
                 collection = self._pushes.collection(table_id, part["key"])
-                if not collection.completed or collection.error is not None:
+                if not collection.complete() or collection.error is not None:
                     raise Unavailable("the workers' pushed gradients for this update are not all here",
                                       "gradients")
                 dense.extend(collection.parts(self._table(table_id).params))
@@ -378,17 +379,14 @@ class ParameterServer:
         self._pushes.abandon(table_id, key, Unavailable("the update was abandoned", "gradients"))
 
     def _complete_if_ready(self, table_id: str, key: str, collection) -> None:
-        if collection.completed or not collection.complete():
+        if collection.done.is_set() or not collection.complete():
             return
         if not collection.apply_now:
             self._pushes.finish(table_id, key, collection, outcome=(None, {"ready": True}))
             return
         try:
-            table = self._table(table_id)
             # every worker has pushed its last bucket: their cores are free for the update
-            report = table.apply(key, collection.parts(table.params), *collection.args, idle_cores=True)
-            report.update(PushedUpdates.figures(collection))
-            outcome = (self.published(table_id), report)
+            outcome = self._apply(table_id, key, *collection.args, [pushed_part(key)], idle_cores=True)
         except Exception as error:  # noqa: BLE001 - refused or failed: the trainer's wait raises it
             self._pushes.finish(table_id, key, collection, error=error)
             return

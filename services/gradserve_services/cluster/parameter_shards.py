@@ -132,7 +132,7 @@ class ParameterShards:
         if len(self.partition) == 1 and not after[0]:  # it decides alone
             return [submit(servers[0], "apply_after", self.table, key, counts, computed_on, 0, 0,
                            *grads_per_shard[0], num_returns=2)]
-        squares = [] if clip_norm is None or len(self.partition) == 1 else [
+        squares = [] if clip_norm is None else [
             submit(server, "squared_norm_after", self.table, 1.0 / rows, len(waits), *waits, *grads)[0]
             for server, waits, grads in zip(servers, after, grads_per_shard)]
         checks = [submit(server, "check_after", self.table, rows, computed_on, len(squares), len(waits),

@@ -49,11 +49,15 @@ class Collection:
         self.error: BaseException | None = None
         self.sum_ms = 0.0  # summing buckets as they arrived
         self.last_sum_ms = 0.0  # of them, the latest bucket's: the one left when the last push came
-        self.completed = False
 
     def complete(self) -> bool:
         return self.shards is not None and len(self.totals) == self.shards and all(
             len(self.buckets.get(shard, ())) == total for shard, total in self.totals.items())
+
+    def figures(self) -> dict:
+        """The report's fields: `reduced_ms` summing in all, `overlapped_ms` of it done while a
+        worker still computed (every bucket but the last summed)."""
+        return {"reduced_ms": self.sum_ms, "overlapped_ms": self.sum_ms - self.last_sum_ms}
 
     def parts(self, order) -> list[dict]:
         """The update's gradient parts: one, the sums, where every bucket was summed; else one per
@@ -104,7 +108,6 @@ class PushedUpdates:
     def finish(self, table: str, key: str, collection: Collection, outcome=None,
                error: BaseException | None = None) -> None:
         """The update was made (`outcome`) or refused (`error`): wake the trainer's `wait`."""
-        collection.completed = True
         if error is not None:
             self._fail(collection, error)
         else:
@@ -156,12 +159,6 @@ class PushedUpdates:
         collection.summed[bucket] = sums
         collection.last_sum_ms = (time.perf_counter() - started) * 1e3
         collection.sum_ms += collection.last_sum_ms
-
-    @staticmethod
-    def figures(collection: Collection) -> dict:
-        """The report's fields: `reduced_ms` summing in all, `overlapped_ms` of it done while a
-        worker still computed (every bucket but the last summed)."""
-        return {"reduced_ms": collection.sum_ms, "overlapped_ms": collection.sum_ms - collection.last_sum_ms}
 
     def _buffer(self, table: str, name: str, like: np.ndarray) -> np.ndarray:
         # Reused step after step: an update is done before the next one's buckets arrive.

@@ -92,7 +92,8 @@ class SyncSteps:
 
     def _pushes_gradients(self, num_workers: int) -> bool:
         """Whether this step's workers push their gradients in buckets during backward: plain
-        dense gradients (no tables, no compression) on a backend whose servers can wait."""
+        dense gradients (no tables, no compression) on a backend whose servers can wait, where the
+        config asks for it (unset: where this machine, the servers', has a core beyond the workers)."""
         wanted = self._config.push_gradients
         if wanted is None:
             wanted = len(os.sched_getaffinity(0)) > num_workers
