@@ -20,7 +20,7 @@ from gradserve.v1 import service_pb2, service_pb2_grpc
 from gradserve_services.cluster import LocalExecutor
 from gradserve_services.cluster.table_stream import PART_BYTES, part_rows
 from gradserve_services.engine.table_init import table_rows
-from gradserve_services.gateway import create_server
+from tests.support.gateway import serving
 
 TABLE = "big.weight"
 
@@ -57,11 +57,8 @@ def test_a_streamed_tensor_arrives_as_the_array_its_parts_make():
 @pytest.fixture(scope="module")
 def target():
     """A real gRPC gateway on 127.0.0.1 (port 0) over in-process parameter servers and workers."""
-    executor = LocalExecutor(num_workers=2)
-    server, port = create_server(executor)
-    yield f"127.0.0.1:{port}"
-    server.stop(grace=1)
-    executor.shutdown()
+    with serving(LocalExecutor(num_workers=2)) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
@@ -175,14 +172,7 @@ def test_on_ray_the_gateway_process_holds_a_few_parts():
     (the shards' answers arrive in Ray's shared object store): a few parts of a 64 MB table."""
     from gradserve_services.cluster import RayExecutor
 
-    executor = RayExecutor(num_workers=1, num_cpus=2, object_store_memory=256 * 1024 * 1024)
-    try:
-        server, port = create_server(executor)
-        try:
-            with Client(f"127.0.0.1:{port}", timeout=300, retries=0) as client:
-                (table,) = measured_pulls(client, f"127.0.0.1:{port}", (2_000_000,))["tables"]
-        finally:
-            server.stop(grace=1)
-    finally:
-        executor.shutdown()
+    with serving(RayExecutor(num_workers=1, num_cpus=2, object_store_memory=256 * 1024 * 1024)) as address:
+        with Client(address, timeout=300, retries=0) as client:
+            (table,) = measured_pulls(client, address, (2_000_000,))["tables"]
     assert table["streamed_peak_bytes"] < 4 * PART_BYTES < table["table_bytes"] / 4

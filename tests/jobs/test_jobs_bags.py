@@ -15,11 +15,11 @@ from gradserve_services.checkpoint import load_checkpoint
 from gradserve_services.cluster import LocalExecutor
 from gradserve_services.engine import Model
 from gradserve_services.errors import InvalidArgument
-from gradserve_services.gateway import create_server
 from gradserve_services.jobs.bags import BagColumn
 from gradserve_services.jobs.datasets import load_dataset
 from gradserve_services.jobs.jobfile import parse_job
 from gradserve_services.jobs.prepare import prepare_job
+from tests.support.gateway import serving
 
 ROWS = 64  # hash_rows of every job here
 # Row r's bag and click: the click follows whether the bag holds "hot"; every fourth bag is empty.
@@ -181,11 +181,8 @@ def test_bag_keys_are_checked():
 @pytest.fixture(scope="module")
 def service():
     """A real gRPC gateway on 127.0.0.1 (port 0) over in-process parameter servers and workers."""
-    executor = LocalExecutor(num_workers=2)
-    server, port = create_server(executor)
-    yield f"127.0.0.1:{port}"
-    server.stop(grace=1)
-    executor.shutdown()
+    with serving(LocalExecutor(num_workers=2)) as address:
+        yield address
 
 
 @pytest.mark.parametrize("kind", sorted(WRITERS))
