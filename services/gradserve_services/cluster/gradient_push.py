@@ -42,7 +42,6 @@ class GradientPush:
         self._pending: list[dict] = [{} for _ in task["partition"]]  # per server shard: not yet pushed
         self._pushed: list[int] = [0] * len(task["partition"])  # buckets pushed per server shard
         self._unannounced = [set(names) for names in task["partition"]]  # per server shard
-        self.futures: list = []
         self.bytes_pushed = 0
 
     def ready(self, grads: dict) -> None:
@@ -82,5 +81,5 @@ class GradientPush:
         if part is None:
             part = {"kind": "dense", "grads": grads}
         self.bytes_pushed += sum(value.nbytes for value in grads.values())
-        self.futures += self._calls.submit(self._servers[index], "push", self._table, self._key, self._shard,
-                                           bucket, self._pushed[index] if last else None, part)
+        self._calls.submit(self._servers[index], "push", self._table, self._key, self._shard,
+                           bucket, self._pushed[index] if last else None, part)
