@@ -2,6 +2,7 @@
 are the benchmark's; the fields, the byte accounting and the clean-up are checked here). Skipped,
 with the reason, where namespaces cannot be made."""
 
+import contextlib
 import json
 import os
 import secrets
@@ -38,15 +39,17 @@ def _namespaces_here():
     return netns
 
 
-def test_links_suite_runs_every_kind_of_configuration():
+def test_links_suite_runs_every_kind_of_configuration(tmp_path):
     netns = _namespaces_here()
     before = set(netns.namespace_names())
-    done = subprocess.run(
-        [str(Path(sys.executable).parent / "gradserve"), "bench", "links", "--json", "--steps", "10",
-         "--configs", "sync,sync_powersgd_r4,local_h10", "--eval-every", "5", "--eval-rows", "256",
-         "--rate-mbit", "400"], capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    with _bench_links(tmp_path, netns, "--json", "--steps", "10", "--configs", "sync,sync_powersgd_r4,local_h10",
+                      "--eval-every", "5", "--eval-rows", "256", "--rate-mbit", "400") as (bench, _, log):
+        try:
+            code = bench.wait(timeout=RUN_BOUND_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running after {RUN_BOUND_S:.0f} s:\n{log.read_text()[-3000:]}")
+    assert code == 0, log.read_text()[-3000:]
+    lines = [json.loads(line) for line in (tmp_path / "stdout").read_text().splitlines() if line.startswith("{")]
     assert [line["config"] for line in lines] == ["sync", "sync_powersgd_r4", "local_h10"]
     sync, powersgd, local = lines
     for line in lines:
@@ -65,6 +68,8 @@ def test_links_suite_runs_every_kind_of_configuration():
 RUN_MARK = "GRADSERVE_LINKS_TEST_RUN"  # in the environment of the run and of all it starts
 STOP_BOUND_S = 120.0  # signal to exit, clean-up included
 START_BOUND_S = 600.0  # the site built (and, for "training", the first configuration started)
+RUN_BOUND_S = 420.0  # a short run to its end (34 s on a quiet machine), leaving the test's timeout
+# room to stop what it started
 
 
 def _marked_pids(mark: str) -> list[int]:
@@ -117,15 +122,10 @@ def test_a_signal_stops_the_run_and_removes_its_site(phase, signum, tmp_path):
     or while it trains, the run removes its namespaces and stops every process it started, then
     exits with 128 + the signal's number."""
     netns = _namespaces_here()
-    mark, workers, log = secrets.token_hex(8), 2, tmp_path / "stderr.log"
-    with open(log, "wb") as stderr:
-        bench = subprocess.Popen(
-            [str(Path(sys.executable).parent / "gradserve"), "bench", "links", "--json", "--steps", "100000",
-             "--configs", "sync", "--eval-every", "100000", "--eval-rows", "256", "--rate-mbit", "400",
-             "--workers", str(workers)],
-            stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, RUN_MARK: mark},
-            start_new_session=True)
-    try:
+    workers = 2
+    with _bench_links(tmp_path, netns, "--json", "--steps", "100000", "--configs", "sync", "--eval-every",
+                      "100000", "--eval-rows", "256", "--rate-mbit", "400", "--workers", str(workers)) \
+            as (bench, mark, log):
         _wait_for(lambda: len(_owned_namespaces(netns, bench.pid)) == workers, bench, log, "namespaces")
         spaces = _owned_namespaces(netns, bench.pid)
         if phase == "building":  # the head node's raylet is up: the run is starting its workers' nodes
@@ -142,7 +142,21 @@ def test_a_signal_stops_the_run_and_removes_its_site(phase, signum, tmp_path):
         assert not spaces & set(netns.namespace_names()), "namespaces left behind"
         assert _marked_pids(mark) == [], "processes left behind"
         assert code == 128 + signum, log.read_text()[-3000:]
-    finally:  # whatever happened: nothing of this run outlives the test
+
+
+@contextlib.contextmanager
+def _bench_links(tmp_path: Path, netns, *args: str):
+    """`gradserve bench links *args` in a session of its own, its stdout and stderr in files under
+    `tmp_path`; yields `(process, mark, stderr log)`. Whatever happens, nothing of the run outlives
+    the block: the process group, every process carrying its mark, and its namespaces."""
+    mark, log = secrets.token_hex(8), tmp_path / "stderr.log"
+    with open(log, "wb") as stderr, open(tmp_path / "stdout", "wb") as stdout:
+        bench = subprocess.Popen([str(Path(sys.executable).parent / "gradserve"), "bench", "links", *args],
+                                 stdout=stdout, stderr=stderr, env={**os.environ, RUN_MARK: mark},
+                                 start_new_session=True)
+    try:
+        yield bench, mark, log
+    finally:
         if bench.poll() is None:
             os.killpg(bench.pid, signal.SIGKILL)
             bench.wait(timeout=30)

@@ -103,7 +103,7 @@ def test_an_overflowing_update_is_refused_by_the_servers_and_changes_nothing(exe
 @pytest.mark.integration
 @pytest.mark.parametrize("push", [True, False])
 @pytest.mark.parametrize("ps_shards", [1, 2])
-def test_a_shard_refusing_its_loss_changes_nothing_and_the_next_step_is_undisturbed(executor, ps_shards, push):
+def test_a_shard_refusing_its_loss_changes_nothing_and_the_step_again_is_undisturbed(executor, ps_shards, push):
     params = Model(MSE_SPEC).init_parameters(seed=0, dtype="float64")
     rng = np.random.default_rng(0)
     good = [(rng.standard_normal((16, 4)), rng.standard_normal((16, 2))) for _ in range(2)]
@@ -119,7 +119,8 @@ def test_a_shard_refusing_its_loss_changes_nothing_and_the_next_step_is_undistur
                 with pytest.raises(FailedPrecondition) as refused:
                     trainer.step(2, *huge)
                 assert refused.value.field == "loss" and trainer.version == 1
-            result = trainer.step(3, *good[1])
+            # the same step id again (a client's retry): the refused attempt's pushes stay out of it
+            result = trainer.step(2, *good[1])
             return result, trainer.parameters()
         finally:
             trainer.close()
@@ -151,7 +152,7 @@ def test_buckets_before_the_expectation_duplicates_and_completion():
     # shard 1 pushes both buckets before the trainer's expectation arrives; a re-run repeats one
     pushes.push("t", "k", 1, 0, None, {"w": shard_grads[1]["w"]})
     pushes.push("t", "k", 1, 1, 2, {"b": shard_grads[1]["b"]})
-    collection = pushes.expect("t", "k", 2, (40, 0, None), True)
+    collection = pushes.expect("t", "k", "1", 2, (40, 0, None), True)
     assert not collection.complete()
     pushes.push("t", "k", 0, 0, None, {"w": shard_grads[0]["w"]})
     assert 0 in collection.summed and not collection.complete()
@@ -165,7 +166,7 @@ def test_buckets_before_the_expectation_duplicates_and_completion():
 
 def test_measured_steps_keep_the_parts():
     pushes = PushedUpdates()
-    collection = pushes.expect("t", "k", 2, ([20, 20], 0, None), True)  # counts per part
+    collection = pushes.expect("t", "k", "1", 2, ([20, 20], 0, None), True)  # counts per part
     for shard in range(2):
         pushes.push("t", "k", shard, 0, 1, _grads(shard))
     assert collection.complete() and not collection.summed
@@ -201,3 +202,26 @@ def test_a_table_keeps_a_few_open_updates_at_most():
         pushes.collection("t", f"k{index}")
     with pytest.raises(Unavailable, match="given up"):
         PushedUpdates.wait(first, 1)
+
+
+def test_a_closed_attempt_stays_closed_to_late_calls():
+    pushes = PushedUpdates()
+    made = pushes.expect("t", "made", "1", 1, (40, 0, None), True)
+    pushes.push("t", "made", 0, 0, 1, _grads(0))
+    assert made.complete()
+    pushes.finish("t", "made", made, outcome=("published", {"key": "1"}))
+    # a wait that starts after the update was made reads its outcome at once, not a new collection
+    assert PushedUpdates.wait(pushes.collection("t", "made"), 0.01) == ("published", {"key": "1"})
+    assert not made.buckets  # closed: its gradients are freed
+
+    # abandoned before its expectation and its buckets arrived (they come on other threads)
+    pushes.abandon("t", "late", Unavailable("the update was abandoned", "gradients"))
+    late = pushes.expect("t", "late", "1", 1, (40, 0, None), True)
+    pushes.push("t", "late", 0, 0, 1, _grads(0))
+    assert not late.buckets and not late.complete()
+    with pytest.raises(Unavailable, match="abandoned"):
+        PushedUpdates.wait(pushes.collection("t", "late"), 0.01)
+
+    # another attempt at the same update is a collection of its own
+    again = pushes.expect("t", "again", "1", 1, (40, 0, None), True)
+    assert again is not late and not again.done.is_set()

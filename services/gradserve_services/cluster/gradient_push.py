@@ -9,6 +9,8 @@ servers reduce layer k while this worker computes the layers below. Bucket bound
 on the model and `bucket_bytes`, so bucket b of every batch shard holds the same parameters and the
 servers can sum it the moment every shard has pushed it. The last bucket of each server shard says
 how many there were, and carries what the pass never announced (a parameter no gradient reached).
+Last buckets go only once the worker has accepted its shard (`finish`, after the finiteness check
+of its loss): a server never holds the whole of a shard the worker refused.
 
 A push is fire-and-forget: the server records a failure under the update, where the trainer's
 wait for the update (`outcome`) reads it.
@@ -25,9 +27,10 @@ __all__ = ["GradientPush", "pushed_part", "DEFAULT_BUCKET_BYTES"]
 DEFAULT_BUCKET_BYTES = 2 << 20
 
 
-def pushed_part(key: str) -> dict:
-    """The gradient part a pushing worker returns in place of its sums: the servers hold them."""
-    return {"kind": "pushed", "key": key}
+def pushed_part(pushes: str) -> dict:
+    """The gradient part standing for the sums pushed under the attempt id `pushes`
+    (pushed_updates.pushes_id): the servers hold them."""
+    return {"kind": "pushed", "key": pushes}
 
 
 class GradientPush:
@@ -52,21 +55,19 @@ class GradientPush:
             self._unannounced[index].discard(name)
             self._pending[index][name] = grad
             touched.add(index)
-        for index in sorted(touched):
-            if not self._unannounced[index]:  # the server shard's last bucket: say so now
-                self._push(index, last=True)
-            elif sum(value.nbytes for value in self._pending[index].values()) >= self._bucket_bytes:
+        for index in sorted(touched):  # a server shard's last bucket waits for `finish`
+            if self._unannounced[index] and \
+                    sum(value.nbytes for value in self._pending[index].values()) >= self._bucket_bytes:
                 self._push(index, last=False)
 
     def finish(self, grad_sum: dict) -> None:
-        """Push the last bucket of every server shard not complete yet, with the sums the pass
-        never announced (zero: no gradient reached them)."""
+        """Push every server shard's last bucket, with the sums the pass never announced (zero: no
+        gradient reached them); an empty partition still says it is done."""
         for index, names in enumerate(self._unannounced):
-            if names or self._pushed[index] == 0:  # (an empty partition still says it is done)
-                for name in names:
-                    self._pending[index][name] = grad_sum[name]
-                names.clear()
-                self._push(index, last=True)
+            for name in names:
+                self._pending[index][name] = grad_sum[name]
+            names.clear()
+            self._push(index, last=True)
 
     def _push(self, index: int, *, last: bool) -> None:
         grads, self._pending[index] = self._pending[index], {}

@@ -192,7 +192,7 @@ class ParameterServer:
         self.tables: dict[str, ParameterTable] = {}
         self._blocks: dict[str, BlockRef] = {}  # table id -> its parameter block
         self._lane = SharedMemoryLane.joined(shared_area)
-        self._pushes = PushedUpdates()  # gradient buckets pushed during backward, by update key
+        self._pushes = PushedUpdates()  # gradient buckets pushed during backward, by attempt
 
     def pid(self) -> int:
         return os.getpid()
@@ -325,11 +325,12 @@ class ParameterServer:
     def _apply(self, table_id: str, key: str, count, computed_on: int, norm: float | None, parts,
                idle_cores: bool):
         table = self._table(table_id)
-        collection = self._pushes.collection(table_id, key) if parts and parts[0]["kind"] == "pushed" else None
+        pushes = parts[0]["key"] if parts and parts[0]["kind"] == "pushed" else None
+        collection = None if pushes is None else self._pushes.collection(table_id, pushes)
         report = table.apply(key, self._dense(parts, table_id), count, computed_on, norm, idle_cores=idle_cores)
         if collection is not None:  # made: the pushed parts are no longer needed
             report.update(collection.figures())
-            self._pushes.take(table_id, key)
+            self._pushes.take(table_id, pushes)
         return self.published(table_id), report
 
     def _dense(self, parts, table_id: str | None = None) -> list:
@@ -352,45 +353,48 @@ class ParameterServer:
 
     # ----- pushed updates: buckets arrive during the workers' backward pass (pushed_updates.py) --
 
-    def expect(self, table_id: str, key: str, shards: int, counts, computed_on: int, norm: float | None,
-               apply_now: bool) -> None:
+    # `pushes` is one attempt's id at an update (pushed_updates.pushes_id), `key` the update's.
+
+    def expect(self, table_id: str, pushes: str, key: str, shards: int, counts, computed_on: int,
+               norm: float | None, apply_now: bool) -> None:
         """The update `key` is made of `shards` batch shards' pushes; with `apply_now` this server
         applies it the moment the last bucket is in, else it waits for `apply` by key."""
-        collection = self._pushes.expect(table_id, key, shards, (counts, computed_on, norm), apply_now)
-        self._complete_if_ready(table_id, key, collection)
+        collection = self._pushes.expect(table_id, pushes, key, shards, (counts, computed_on, norm), apply_now)
+        self._complete_if_ready(table_id, pushes, collection)
 
-    def push(self, table_id: str, key: str, shard: int, bucket: int, total: int | None, part: dict) -> None:
+    def push(self, table_id: str, pushes: str, shard: int, bucket: int, total: int | None, part: dict) -> None:
         """One bucket of batch shard `shard`'s gradient sums (`total`: buckets in all, on its last)."""
         try:
             grads = self._dense([part])[0]["grads"]
         except Exception as error:  # noqa: BLE001 - recorded for the trainer's wait
-            self._pushes.finish(table_id, key, self._pushes.collection(table_id, key), error=error)
+            self._pushes.finish(table_id, pushes, self._pushes.collection(table_id, pushes), error=error)
             return
-        collection = self._pushes.push(table_id, key, shard, bucket, total, grads)
-        self._complete_if_ready(table_id, key, collection)
+        collection = self._pushes.push(table_id, pushes, shard, bucket, total, grads)
+        self._complete_if_ready(table_id, pushes, collection)
 
-    def outcome(self, table_id: str, key: str, timeout_s: float):
-        """`(published, report)` of the pushed update `key` once made (`(None, {"ready": True})`
-        where it waits for `apply`). Runs on the server's waiting threads, not its update thread."""
-        return PushedUpdates.wait(self._pushes.collection(table_id, key), timeout_s)
+    def outcome(self, table_id: str, pushes: str, timeout_s: float):
+        """`(published, report)` of the pushed update once made (`(None, {"ready": True})` where it
+        waits for `apply`). Runs on the server's waiting threads, not its update thread."""
+        return PushedUpdates.wait(self._pushes.collection(table_id, pushes), timeout_s)
 
-    def abandon(self, table_id: str, key: str) -> None:
-        """Forget the pushes of an update the trainer gave up (a refused shard, a failed step)."""
-        self._pushes.abandon(table_id, key, Unavailable("the update was abandoned", "gradients"))
+    def abandon(self, table_id: str, pushes: str) -> None:
+        """Forget the pushes of an attempt the trainer gave up (a refused shard, a failed step)."""
+        self._pushes.abandon(table_id, pushes, Unavailable("the update was abandoned", "gradients"))
 
-    def _complete_if_ready(self, table_id: str, key: str, collection) -> None:
+    def _complete_if_ready(self, table_id: str, pushes: str, collection) -> None:
         if collection.done.is_set() or not collection.complete():
             return
         if not collection.apply_now:
-            self._pushes.finish(table_id, key, collection, outcome=(None, {"ready": True}))
+            self._pushes.finish(table_id, pushes, collection, outcome=(None, {"ready": True}))
             return
         try:
             # every worker has pushed its last bucket: their cores are free for the update
-            outcome = self._apply(table_id, key, *collection.args, [pushed_part(key)], idle_cores=True)
+            outcome = self._apply(table_id, collection.update_key, *collection.args, [pushed_part(pushes)],
+                                  idle_cores=True)
         except Exception as error:  # noqa: BLE001 - refused or failed: the trainer's wait raises it
-            self._pushes.finish(table_id, key, collection, error=error)
+            self._pushes.finish(table_id, pushes, collection, error=error)
             return
-        self._pushes.finish(table_id, key, collection, outcome=outcome)
+        self._pushes.finish(table_id, pushes, collection, outcome=outcome)
 
     def pull_rows(self, table_id: str, ids_by_table: Mapping):
         """`{table: rows}` of this shard's `ids` of each table, at the current version."""

@@ -148,21 +148,22 @@ class ParameterShards:
         self.discard([future for output in applying for future in output] + self._agreement)
         self._agreement = []
 
-    def expect_pushes(self, key: str, batch_shards: int, counts, alone: bool) -> list:
-        """Tell every shard the update `key` will be pushed by `batch_shards` shards; returns each
-        shard's `(published, report)` futures of the wait for it (`alone`: the one server applies
-        it as soon as it is complete)."""
+    def expect_pushes(self, pushes: str, key: str, batch_shards: int, counts, alone: bool) -> list:
+        """Tell every shard the attempt `pushes` at update `key` is pushed by `batch_shards`
+        shards; returns each shard's `(published, report)` futures of the wait for it (`alone`:
+        the one server applies it as soon as it is complete)."""
         waiting = []
         for server in self.servers:
-            self._backend.submit(server, "expect", self.table, key, batch_shards, counts, self.version, None, alone)
-            waiting.append(self._backend.submit_waiting(server, "outcome", self.table, key, PUSH_WAIT_S,
+            self._backend.submit(server, "expect", self.table, pushes, key, batch_shards, counts, self.version,
+                                 None, alone)
+            waiting.append(self._backend.submit_waiting(server, "outcome", self.table, pushes, PUSH_WAIT_S,
                                                         num_returns=2))
         return waiting
 
-    def abandon_pushes(self, key: str, waiting: list) -> None:
+    def abandon_pushes(self, pushes: str, waiting: list) -> None:
         for server in self.servers:  # on the waiting threads: the server's own sequence may
             # hold a check that waits for these very pushes
-            self._backend.submit_waiting(server, "abandon", self.table, key)
+            self._backend.submit_waiting(server, "abandon", self.table, pushes)
         self.discard([future for output in waiting for future in output])
 
     def settle(self, applying: list) -> list[dict]:

@@ -1,5 +1,12 @@
 """`PushedUpdates`: a parameter server's collection of the gradient buckets workers push during
-their backward pass (gradient_push.py), one `Collection` per (table, update key).
+their backward pass (gradient_push.py), one `Collection` per (table, pushes id).
+
+A pushes id names one attempt at an update (the trainer makes a new one each time it runs a step,
+`pushes_id`), never the update key alone: a refused or abandoned attempt's late buckets must not
+land in the next attempt at the same step. Calls about one attempt come from several processes and
+two threads of the server, in any order, so a collection outlives its use: once made, refused or
+abandoned it is closed, and a closed id stays known (without its buckets) for a while, so a late
+push is dropped and a late wait reads the outcome at once, instead of opening it again.
 
 A collection completes when the trainer said how many batch shards to expect (`expect`) and every
 shard pushed all its buckets; the two arrive in any order (they come from different processes).
@@ -14,18 +21,27 @@ update: it only reads the outcome the update left, after the collection's event 
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
+from collections import OrderedDict
 
 import numpy as np
 
 from gradserve_services.errors import Unavailable
 
-__all__ = ["PushedUpdates", "Collection", "sum_into", "MAX_OPEN_PER_TABLE"]
+__all__ = ["PushedUpdates", "Collection", "sum_into", "pushes_id", "MAX_OPEN_PER_TABLE", "CLOSED_KEPT"]
 
 # Collections a table may hold open at once: a sync trainer has one; more means a trainer gave up
 # on an update without abandoning it (it died), and the oldest is dropped.
 MAX_OPEN_PER_TABLE = 4
+# Closed ids remembered (all tables): far more than the calls of one attempt can trail behind it.
+CLOSED_KEPT = 256
+
+
+def pushes_id(key: str) -> str:
+    """A new attempt's id at the update `key`."""
+    return f"{key}#{secrets.token_hex(6)}"
 
 
 def sum_into(out: np.ndarray, parts: list) -> np.ndarray:
@@ -38,6 +54,7 @@ def sum_into(out: np.ndarray, parts: list) -> np.ndarray:
 
 class Collection:
     def __init__(self):
+        self.update_key: str | None = None  # the update this attempt makes (set by `expect`)
         self.shards: int | None = None  # batch shards expected (set by `expect`)
         self.args: tuple | None = None  # (counts, computed_on, norm) for the update
         self.apply_now = False  # this server decides alone: update the moment it completes
@@ -74,29 +91,41 @@ class PushedUpdates:
     def __init__(self):
         self._lock = threading.Lock()
         self._open: dict[tuple[str, str], Collection] = {}
+        self._closed: OrderedDict[tuple[str, str], Collection] = OrderedDict()  # done, buckets dropped
         self._buffers: dict[tuple, np.ndarray] = {}  # (table, name) -> the reused sum array
 
     def collection(self, table: str, key: str) -> Collection:
+        """The collection of pushes id `key`: open, closed (done), or new."""
         with self._lock:
-            found = self._open.get((table, key))
+            found = self._open.get((table, key)) or self._closed.get((table, key))
             if found is None:
                 found = self._open[(table, key)] = Collection()
                 mine = [k for k in self._open if k[0] == table]
                 for stale in mine[:-MAX_OPEN_PER_TABLE]:
-                    self._fail(self._open.pop(stale), Unavailable(
+                    self._fail(self._open[stale], Unavailable(
                         "the update was given up (a newer one replaced it)", "gradients"))
+                    self._close(stale)
             return found
 
-    def expect(self, table: str, key: str, shards: int, args: tuple, apply_now: bool) -> Collection:
+    def expect(self, table: str, key: str, update_key: str, shards: int, args: tuple,
+               apply_now: bool) -> Collection:
+        """The attempt `key` at update `update_key` is `shards` batch shards' pushes; `args` are
+        the update's (counts, computed_on, norm)."""
         collection = self.collection(table, key)
-        collection.shards, collection.args, collection.apply_now = shards, args, apply_now
+        if collection.done.is_set():  # abandoned before its expectation arrived
+            return collection
+        collection.update_key, collection.shards, collection.args = update_key, shards, args
+        collection.apply_now = apply_now
         for bucket in list(collection.buckets.get(0, {})):
             self._sum_bucket(table, collection, bucket)
         return collection
 
     def push(self, table: str, key: str, shard: int, bucket: int, total: int | None, grads: dict) -> Collection:
-        """Record one bucket (a repeat, from a shard run again, is the same sums: ignored)."""
+        """Record one bucket (a repeat, from a shard run again, is the same sums: ignored; so is
+        a bucket of a closed attempt)."""
         collection = self.collection(table, key)
+        if collection.done.is_set():
+            return collection
         held = collection.buckets.setdefault(shard, {})
         if bucket not in held:
             held[bucket] = grads
@@ -113,27 +142,42 @@ class PushedUpdates:
         else:
             collection.outcome = outcome
             collection.done.set()
+        if error is None and not collection.apply_now:
+            return  # kept: the trainer applies it by key (several server shards agree first)
         with self._lock:
-            if self._open.get((table, key)) is collection and error is None and not collection.apply_now:
-                return  # kept: the trainer applies it by key (several server shards agree first)
-            self._open.pop((table, key), None)
+            if self._open.get((table, key)) is collection:
+                self._close((table, key))
 
-    def take(self, table: str, key: str) -> Collection | None:
+    def take(self, table: str, key: str) -> None:
+        """The update was made from the collection (`apply` by key): close it."""
         with self._lock:
-            return self._open.pop((table, key), None)
+            if (table, key) in self._open:
+                self._close((table, key))
 
     def abandon(self, table: str, key: str, error: BaseException) -> None:
-        with self._lock:
-            collection = self._open.pop((table, key), None)
-        if collection is not None:
+        """The trainer gave the attempt up; a wait, before or after this, raises `error`."""
+        collection = self.collection(table, key)
+        if not collection.done.is_set():
             self._fail(collection, error)
+        with self._lock:
+            if (table, key) in self._open:
+                self._close((table, key))
 
     def drop_table(self, table: str) -> None:
         with self._lock:
             for key in [key for key in self._open if key[0] == table]:
-                self._fail(self._open.pop(key), Unavailable("the table was dropped", "table"))
+                self._fail(self._open[key], Unavailable("the table was dropped", "table"))
+                self._close(key)
             for key in [key for key in self._buffers if key[0] == table]:
                 del self._buffers[key]
+
+    def _close(self, key: tuple) -> None:
+        """(Under the lock.) Keep the id, its outcome and error; free its buckets."""
+        collection = self._open.pop(key)
+        collection.buckets, collection.summed, collection.totals = {}, {}, {}
+        self._closed[key] = collection
+        while len(self._closed) > CLOSED_KEPT:
+            self._closed.popitem(last=False)
 
     @staticmethod
     def wait(collection: Collection, timeout_s: float):

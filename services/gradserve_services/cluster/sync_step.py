@@ -30,6 +30,7 @@ from gradserve_services.engine import Batch
 from .config import StepResult, TrainerConfig
 from .gradient_push import pushed_part
 from .parameter_shards import ParameterShards
+from .pushed_updates import pushes_id
 from .shard_runner import Failures, ShardCall, ShardInputs, ShardRunner
 from .shared import SharedMemoryLane
 from .signals import NoiseScale, add_products, noise_terms, shard_cosines
@@ -109,18 +110,19 @@ class SyncSteps:
         shards = self._shards
         counts = self._counts(tasks, steps_run)
         alone = len(shards.partition) == 1
-        push = {"key": key, "servers": shards.servers, "bucket_bytes": self._config.bucket_bytes}
+        pushes = pushes_id(key)  # this attempt's: an abandoned one's late pushes stay out of the next
+        push = {"key": pushes, "servers": shards.servers, "bucket_bytes": self._config.bucket_bytes}
         calls = [self._runner.dispatch(position, {**task, "push": push}, inputs)
                  for position, task in enumerate(tasks)]
-        waiting = shards.expect_pushes(key, len(tasks), counts, alone)  # (the workers start first)
+        waiting = shards.expect_pushes(pushes, key, len(tasks), counts, alone)  # (the workers start first)
         applying = waiting if alone else shards.update(  # each server's checks wait for its sums
             key, counts, rows, shards.version, self._config.optimizer.clip_norm,
-            [[pushed_part(key)] for _ in shards.partition], after=[[output[1]] for output in waiting])
+            [[pushed_part(pushes)] for _ in shards.partition], after=[[output[1]] for output in waiting])
         failures = Failures()
         try:
             stats = self._runner.gather(calls, failures, num_workers)
         except BaseException:  # a refused shard or workers lost too often: nothing was applied
-            shards.abandon_pushes(key, waiting)
+            shards.abandon_pushes(pushes, waiting)
             if not alone:
                 shards.discard_update(applying)
             raise
