@@ -74,19 +74,22 @@ class ShardTables:
     def plan(self, pushes: list, scale: float, *, keep: bool = False):
         """The planned update of `scale * sum(pushes)` (each push `{table: (ids, row sums)}`):
         `(writes, squared_norm, rows_updated)`, nothing written; FailedPrecondition if any table's
-        gradient or update is not finite. `keep`: a check's plan, kept for the apply after it."""
-        if self._planned is not None:
-            signature = self._signature(pushes, scale)
-            if self._planned[0] == signature:
-                return self._planned[1]
+        gradient or update is not finite. `keep`: a check's plan, made afresh and kept for the
+        apply after it."""
+        signature = self._signature(pushes, scale)
+        if not keep and self._planned is not None and self._planned[0] == signature:
+            return self._planned[1]
         planned = self._plan(pushes, scale)
-        self._planned = (self._signature(pushes, scale), planned) if keep else None
+        self._planned = (signature, planned) if keep else None
         return planned
 
     def _signature(self, pushes: list, scale: float) -> tuple:
-        """What a plan depends on: the pushes (ids and a checksum of their rows), the scale, and
-        every store's update count (any write changes it)."""
-        parts = tuple((name, ids.shape[0], int(ids.sum()), float(np.sum(rows, dtype=np.float64)))
+        """What tells the apply that the kept plan is its own: the check before it on this shard
+        was given the very same arrays (an apply's arguments are its check's, read in place from
+        the same objects; a copy only misses and plans again), the scale, and every store's update
+        count (any write changes it). Addresses, not a checksum: reading every pushed row again
+        cost as much as planning half of them."""
+        parts = tuple((name, ids.shape[0], ids.__array_interface__["data"][0], rows.__array_interface__["data"][0])
                       for push in pushes for name, (ids, rows) in push.items())
         return scale, parts, tuple(store.updates for store in self.stores)
 
