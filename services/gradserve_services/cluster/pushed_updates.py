@@ -151,8 +151,7 @@ class PushedUpdates:
     def take(self, table: str, key: str) -> None:
         """The update was made from the collection (`apply` by key): close it."""
         with self._lock:
-            if (table, key) in self._open:
-                self._close((table, key))
+            self._close((table, key))
 
     def abandon(self, table: str, key: str, error: BaseException) -> None:
         """The trainer gave the attempt up; a wait, before or after this, raises `error`."""
@@ -160,8 +159,7 @@ class PushedUpdates:
         if not collection.done.is_set():
             self._fail(collection, error)
         with self._lock:
-            if (table, key) in self._open:
-                self._close((table, key))
+            self._close((table, key))
 
     def drop_table(self, table: str) -> None:
         with self._lock:
@@ -172,8 +170,10 @@ class PushedUpdates:
                 del self._buffers[key]
 
     def _close(self, key: tuple) -> None:
-        """(Under the lock.) Keep the id, its outcome and error; free its buckets."""
-        collection = self._open.pop(key)
+        """(Under the lock.) Keep the id, its outcome and error; free its buckets. (Closed already: nothing.)"""
+        collection = self._open.pop(key, None)
+        if collection is None:
+            return
         collection.buckets, collection.summed, collection.totals = {}, {}, {}
         self._closed[key] = collection
         while len(self._closed) > CLOSED_KEPT:
