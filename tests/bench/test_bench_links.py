@@ -47,7 +47,7 @@ def test_links_suite_runs_every_kind_of_configuration(tmp_path):
         try:
             code = bench.wait(timeout=RUN_BOUND_S)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"still running after {RUN_BOUND_S:.0f} s:\n{log.read_text()[-3000:]}")
+            pytest.fail(f"still running after {RUN_BOUND_S:.0f} s:\n{_stacks(bench, log)}")
     assert code == 0, log.read_text()[-3000:]
     lines = [json.loads(line) for line in (tmp_path / "stdout").read_text().splitlines() if line.startswith("{")]
     assert [line["config"] for line in lines] == ["sync", "sync_powersgd_r4", "local_h10"]
@@ -105,6 +105,19 @@ def _owned_namespaces(netns, pid: int) -> set[str]:
     return owned
 
 
+def _stacks(bench: subprocess.Popen, log: Path) -> str:
+    """The run's log ending with every thread's stack (SIGUSR1: bench links writes them): where a
+    stuck run waits."""
+    before = len(log.read_text())
+    os.kill(bench.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 10.0
+    while len(log.read_text()) == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # the rest of the dump
+    text = log.read_text()
+    return text[:before][-2000:] + text[before:][-8000:]
+
+
 def _wait_for(condition, bench: subprocess.Popen, log: Path, what: str) -> None:
     deadline = time.monotonic() + START_BOUND_S
     while not condition():
@@ -138,7 +151,7 @@ def test_a_signal_stops_the_run_and_removes_its_site(phase, signum, tmp_path):
         try:
             code = bench.wait(timeout=STOP_BOUND_S)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"still running {STOP_BOUND_S:.0f} s after {signum.name}:\n{log.read_text()[-3000:]}")
+            pytest.fail(f"still running {STOP_BOUND_S:.0f} s after {signum.name}:\n{_stacks(bench, log)}")
         assert not spaces & set(netns.namespace_names()), "namespaces left behind"
         assert _marked_pids(mark) == [], "processes left behind"
         assert code == 128 + signum, log.read_text()[-3000:]

@@ -26,8 +26,10 @@ Stopped by SIGTERM or SIGINT, the run removes its namespaces and Ray nodes as a 
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import math
+import signal
 import sys
 import time
 
@@ -72,6 +74,9 @@ def run(args) -> int:
     if unknown:
         print(f"unknown config {unknown[0]!r}; one of {', '.join(CONFIGS)}", file=sys.stderr)
         return 2
+    # SIGUSR1 writes every thread's stack to stderr: a supervisor that finds the run stuck asks it
+    # where it waits before stopping it.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:  # stopped by SIGTERM or SIGINT, the site is removed as after a finished run
         with stop_signals_raise("links") as stop, far_site(args.workers, args.rate_mbit) as site:
             from gradserve_services.cluster import RayExecutor
@@ -144,6 +149,7 @@ def measure(executor, site, name: str, args) -> dict:
     eval_every = max(1, args.eval_every // h)
     trainer = executor.create_trainer(
         TrainerConfig(spec(), optimizer, num_workers=args.workers, **settings), params)
+    print(f"links: {name}: trainer ready, {steps} steps", file=sys.stderr, flush=True)
     curve, sent, train_s, version = [], 0, 0.0, 0
     try:
         link_start = site.link_bytes()
@@ -160,6 +166,8 @@ def measure(executor, site, name: str, args) -> dict:
                 loss, accuracy = _eval(model, current, eval_x, eval_y)
                 curve.append({"samples": (step + 1) * h * args.batch, "seconds": train_s,
                               "loss": loss, "accuracy": accuracy})
+                print(f"links: {name}: step {step + 1}/{steps}, {train_s:.1f} s training, held-out loss "
+                      f"{loss:.4f}", file=sys.stderr, flush=True)
         link = site.link_bytes() - link_start
     finally:
         trainer.close()
