@@ -21,7 +21,9 @@ after the whole budget), eval_loss_ratio_vs_sync (this / sync dense's, at equal 
 test_accuracy, updates (parameter versions applied).
 
 Stopped by SIGTERM or SIGINT, the run removes its namespaces and Ray nodes as a finished one does
-(stop_signals.py), and exits with 128 + the signal's number.
+(stop_signals.py), and exits with 128 + the signal's number. SIGUSR1 writes every thread's stack
+to stderr and the run goes on; stderr also has a line per evaluation (step, training seconds,
+held-out loss).
 """
 
 from __future__ import annotations
