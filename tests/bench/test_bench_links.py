@@ -109,7 +109,10 @@ def _stacks(bench: subprocess.Popen, log: Path) -> str:
     """The run's log ending with every thread's stack (SIGUSR1: bench links writes them): where a
     stuck run waits."""
     before = len(log.read_text())
-    os.kill(bench.pid, signal.SIGUSR1)
+    try:
+        os.kill(bench.pid, signal.SIGUSR1)
+    except ProcessLookupError:  # it ended after all, between the wait giving up and now
+        return log.read_text()[-3000:]
     deadline = time.monotonic() + 10.0
     while len(log.read_text()) == before and time.monotonic() < deadline:
         time.sleep(0.2)
