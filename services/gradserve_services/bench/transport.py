@@ -11,7 +11,8 @@ The push and pull cases run twice, on an in-process executor and on Ray (`--exec
 the Ray one end in `_ray`): there the parameter servers are actors in processes of their own, and
 a push is measured to the moment the server holds the table (only the gateway's validation is
 subtracted); its lines add the server's page faults and RSS growth per push (procfs.py), which
-tell how many fresh pages the parameters landed in on their way to the server.
+tell how many fresh pages the parameters landed in on their way to the server, and
+`shared_huge_pages` the `huge=` option of the tmpfs they land in (GRADSERVE_SHARED_ROOT, shared.py).
 Each number is the best of `--repeats` runs: the machine is shared, and the best run is the one
 least disturbed by other work. Every run of a case is followed by a run of its ceiling, so load
 that comes and goes falls on both alike. Work the service does besides transport (compute for
@@ -136,6 +137,7 @@ def _model_cases(client, bare, executor, args, suffix: str) -> list[dict]:
     from gradserve_services import procfs
     from gradserve_services.cluster import TrainerConfig
     from gradserve_services.cluster.handover import hand_over
+    from gradserve_services.cluster.shared import huge_pages
     from gradserve_services.engine import Model
 
     features = int(round(args.big_parameters ** 0.5))
@@ -200,6 +202,8 @@ def _model_cases(client, bare, executor, args, suffix: str) -> list[dict]:
         if case == "push" and not in_process:  # medians: every push lands the same bytes
             line["server_page_faults_per_push"] = int(np.median(faults))
             line["server_rss_growth_bytes_per_push"] = int(np.median(grown))
+            area = getattr(executor, "shared_area", None)  # where pushed parameters land
+            line["shared_huge_pages"] = huge_pages(area[0]) if area else "no area"
         lines.append(line)
     return lines
 

@@ -35,11 +35,15 @@ import numpy as np
 from gradserve_services.owned_folder import OwnedFolder, remove_orphans
 
 __all__ = ["BlockRef", "SharedArea", "SharedMemoryLane", "area_visible", "write_block", "allocate_block",
-           "open_block", "write_at", "Attachments", "remove_block", "remove_prefixed"]
+           "open_block", "write_at", "Attachments", "remove_block", "remove_prefixed", "huge_pages"]
 
 ALIGNMENT = 64  # bytes; each array starts on a cache line
 RESERVE_BYTES = 64 << 20  # left free in the tmpfs for everyone else
 ROOT_CANDIDATES = ("/dev/shm",)
+# A tmpfs tried before them, where an operator mounted one with huge pages (`mount -t tmpfs -o
+# huge=within_size`): /dev/shm follows the kernel's shmem setting, often `never`, and filling 4 KiB
+# pages costs about 3.5 times as much as 2 MiB ones here (0.2 s against 0.055 s per 400 MB pushed).
+ROOT_ENV = "GRADSERVE_SHARED_ROOT"
 MARKER = "area"
 AREA_PREFIX = "gradserve-"
 
@@ -67,10 +71,12 @@ class SharedArea:
 
     @classmethod
     def create(cls) -> "SharedArea | None":
-        """An area in the first usable tmpfs, or None where there is none (no fast lane then)."""
+        """An area in `GRADSERVE_SHARED_ROOT` where it is set and usable, else in the first usable
+        tmpfs; None where there is none (no fast lane then)."""
         if not enabled():
             return None
-        for root in ROOT_CANDIDATES:
+        configured = os.environ.get(ROOT_ENV, "")
+        for root in ((configured,) if configured else ()) + ROOT_CANDIDATES:
             if os.path.isdir(root) and os.access(root, os.W_OK):
                 remove_orphans(root, AREA_PREFIX, marker=MARKER)  # areas of executors killed earlier
                 try:
@@ -81,6 +87,24 @@ class SharedArea:
 
     def remove(self) -> None:
         self._folder.remove()
+
+
+def huge_pages(path: str) -> str:
+    """The `huge=` option of the tmpfs holding `path` ("never" where it has none or is no tmpfs)."""
+    path, best = os.path.realpath(path), ("", "never")
+    try:
+        with open("/proc/mounts") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) < 4:
+                    continue
+                point = fields[1]
+                if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best[0]):
+                    options = dict(option.partition("=")[::2] for option in fields[3].split(","))
+                    best = (point, options.get("huge", "never") if fields[2] == "tmpfs" else "never")
+    except OSError:
+        pass
+    return best[1]
 
 
 def remove_prefixed(folder: str, prefix: str) -> None:
