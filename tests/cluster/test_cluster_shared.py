@@ -120,6 +120,33 @@ def test_executor_removes_its_area():
     assert not os.path.exists(folder)
 
 
+def test_an_area_in_the_configured_root_carries_the_step_and_goes_with_the_executor(monkeypatch):
+    import shutil
+    import tempfile
+
+    from gradserve_services.cluster.shared import ROOT_ENV
+
+    root = tempfile.mkdtemp(prefix="root-", dir="/dev/shm")  # a tmpfs the operator chose
+    monkeypatch.setenv(ROOT_ENV, root)
+    try:
+        started = RayExecutor(num_workers=1, num_cpus=2, object_store_memory=128 * 1024 * 1024)
+        folder = started._backend.shared_area[0]
+        assert os.path.dirname(folder) == root
+        try:
+            params = Model(MLP_SPEC).init_parameters(seed=0, dtype="float64")
+            trainer = started.create_trainer(TrainerConfig(MLP_SPEC, OPTIMIZER, num_workers=1), params)
+            (x, y), = batches(1, rows=16, seed=1)
+            trainer.step(1, x, y)
+            names = os.listdir(folder)  # the server's parameters and the worker's gradient lie there
+            assert any("params" in name for name in names) and any("grad" in name for name in names)
+            trainer.close()
+        finally:
+            started.shutdown()
+        assert os.listdir(root) == []
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.mark.parametrize("compression", ["none", "fp16"])
 def test_a_far_worker_joining_mid_training_gets_batches_by_store(executor, monkeypatch, compression):
     """A worker that cannot map the area (a replacement on another machine) gets the batch and the
