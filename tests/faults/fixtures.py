@@ -30,7 +30,9 @@ def head_sid(cluster):
 
 @pytest.fixture(scope="module")
 def gateway(cluster, request, tmp_path_factory):
-    gateway = Gateway(cluster, tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]))
+    # a module's GATEWAY_ARGS: more `gradserve serve` flags for its cases
+    gateway = Gateway(cluster, tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1]),
+                      getattr(request.module, "GATEWAY_ARGS", ()))
     try:
         yield gateway
     finally:

@@ -47,8 +47,9 @@ _MIXING = np.random.default_rng(99).standard_normal((32, 8))
 class Gateway:
     """The gateway process; `restart` kills it and starts a new one on the same port and folders."""
 
-    def __init__(self, cluster, work_dir: Path):
+    def __init__(self, cluster, work_dir: Path, extra_args=()):
         self.cluster = cluster
+        self.extra_args = list(extra_args)
         self.checkpoint_dir = work_dir / "checkpoints"
         self.tokens = work_dir / "tokens"
         self.tokens.write_text(f"trainer:{TOKEN}\nother:{OTHER_TOKEN}\n")
@@ -58,7 +59,7 @@ class Gateway:
     def _start(self, port: int):
         return start_serve(self.log_path, [
             "--ray-address", self.cluster.address, "--workers", "2", "--auth-tokens-file", str(self.tokens),
-            "--checkpoint-dir", str(self.checkpoint_dir), "--grace-s", "5",
+            "--checkpoint-dir", str(self.checkpoint_dir), "--grace-s", "5", *self.extra_args,
         ], env=self.cluster.env, port=port)
 
     @property

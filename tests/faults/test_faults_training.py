@@ -30,10 +30,14 @@ from .helpers import (
     kill_pid,
     new_session,
     train,
+    wait_until,
     when_computing,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+CALL_TIMEOUT_S = 30  # a step here takes well under a second; a stuck worker counts after this
+GATEWAY_ARGS = ("--call-timeout-s", str(CALL_TIMEOUT_S))
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +70,37 @@ def test_worker_process_sigkilled_mid_step(gateway, fault_free, head_sid):
         client.close_session(session)
     assert killed and killed[0] not in actor_pids("GradientWorker", head_sid)
     assert gateway.metric("gradserve_worker_failures_total") > failures_before  # the fault was real
+    assert_exactly_once(result)
+    assert_same_parameters(result.parameters, fault_free.parameters)
+
+
+def test_worker_process_stopped_mid_step_is_replaced_after_the_call_bound(gateway, fault_free, head_sid):
+    """SIGSTOP, not SIGKILL: the worker lives on but never answers, so nothing reports it lost;
+    the gateway's call bound does, and the shard is re-run on the other worker."""
+    failures_before = gateway.metric("gradserve_worker_failures_total")
+    stopped = []
+    try:
+        with gateway.client() as client:
+            session = new_session(client)
+
+            def stop_a_computing_worker():
+                return when_computing(lambda: actor_pids("GradientWorker", head_sid),
+                                      lambda pid: (os.kill(pid, signal.SIGSTOP), stopped.append(pid)))
+
+            results = train(client, session, fault_at=4, fault=stop_a_computing_worker)
+            assert not results[4].duplicate and results[4].version == 4
+            result = audit(client, session, gateway.checkpoint_dir)
+            client.close_session(session)
+        assert stopped
+        wait_until(lambda: stopped[0] not in actor_pids("GradientWorker", head_sid), 60,
+                   "the stuck worker stopped")
+    finally:
+        for pid in stopped:  # never leave a stopped process behind
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert gateway.metric("gradserve_worker_failures_total") > failures_before
     assert_exactly_once(result)
     assert_same_parameters(result.parameters, fault_free.parameters)
 

@@ -56,6 +56,7 @@ def test_server_info_lists_what_the_service_validates_with(client):
     assert info["dtypes"] == ["float32", "float64"]
     limits = SessionLimits()
     assert info["limits"]["sessions_per_owner"] == limits.sessions_per_owner
+    assert info["limits"]["call_timeout_s"] == limits.call_timeout_s  # what a session's steps may wait
     assert info["limits"]["max_message_bytes"] == 8 << 20
     lr = next(s for s in info["optimizer_settings"] if s["name"] == "lr")
     assert lr["low"] == 0.0 and not lr["low_inclusive"] and lr["default_json"] == str(OptimizerConfig().lr)

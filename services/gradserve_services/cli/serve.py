@@ -56,6 +56,10 @@ def register(subparsers) -> None:
     parser.add_argument("--max-concurrent-calls", type=int, default=64,
                         help="calls served at once; more are answered RESOURCE_EXHAUSTED")
     parser.add_argument("--grace-s", type=float, default=30.0, help="seconds in-flight calls get on SIGTERM")
+    parser.add_argument("--call-timeout-s", type=int, default=None,
+                        help="seconds one call of a step (a worker's shard, the servers' update) may take "
+                             "before its actor counts as stuck and is replaced (default: ten minutes; "
+                             "GetServerInfo's limits show the value in force)")
     parser.set_defaults(func=run)
 
 
@@ -71,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from gradserve_services import metrics
     from gradserve_services.cluster import RayExecutor
     from gradserve_services.errors import GradserveError
-    from gradserve_services.gateway import create_server, load_tokens
+    from gradserve_services.gateway import SessionLimits, create_server, load_tokens
 
     if bool(args.tls_cert) != bool(args.tls_key):
         print("gradserve serve: --tls-cert and --tls-key go together", file=sys.stderr)
@@ -82,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"gradserve serve: no auth tokens ({bad}); give --auth-tokens-file, set "
               "GRADSERVE_AUTH_TOKENS, or pass --no-auth for local use", file=sys.stderr)
         return 2
+    if args.call_timeout_s is not None and args.call_timeout_s < 1:
+        print("gradserve serve: --call-timeout-s must be at least 1", file=sys.stderr)
+        return 2
+    limits = SessionLimits() if args.call_timeout_s is None else SessionLimits(call_timeout_s=args.call_timeout_s)
     tls = None
     if args.tls_cert:
         with open(args.tls_cert, "rb") as cert, open(args.tls_key, "rb") as key:
@@ -97,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         gateway, port = create_server(
             executor, host=args.host, port=args.port, max_concurrent_calls=args.max_concurrent_calls,
             auth_tokens=tokens, tls=tls, checkpoint_dir=args.checkpoint_dir,
+            limits=limits,
         )
         metrics_port = metrics.start_metrics_server(args.metrics_port, host=args.metrics_host)
         event = {"event": "serving", "host": args.host, "port": port, "metrics_port": metrics_port}

@@ -4,7 +4,7 @@
 actors. See docs/ARCHITECTURE.md ("Cluster API") for the contract.
 """
 
-from .config import COMPRESSIONS, CONSISTENCY_MODES, STALE_POLICIES, StepResult, TrainerConfig
+from .config import COMPRESSIONS, CONSISTENCY_MODES, DEFAULT_CALL_TIMEOUT_S, STALE_POLICIES, StepResult, TrainerConfig
 from .executor import Executor, LocalExecutor, RayExecutor
 from .steplog import DEFAULT_STEP_WINDOW
 from .trainer import Trainer
@@ -20,4 +20,5 @@ __all__ = [
     "STALE_POLICIES",
     "COMPRESSIONS",
     "DEFAULT_STEP_WINDOW",
+    "DEFAULT_CALL_TIMEOUT_S",
 ]

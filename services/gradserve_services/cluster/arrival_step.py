@@ -48,10 +48,10 @@ class ArrivalSteps:
         stats, positions, report_futures, failures = [], [], [], Failures()
         while pending:
             indices = list(pending)
-            index = indices[self._backend.wait_one([pending[i].stats for i in indices])]
+            index = indices[runner.next_done([pending[i] for i in indices])]
             call = pending.pop(index)
             try:
-                shard_stats = self._backend.get(call.stats)
+                shard_stats = runner.stats_of(call)  # `CallTimedOut` where it is the stuck one
             except Exception as error:  # noqa: BLE001 - classified by the backend
                 pending[index] = runner.rerun(call, error, [], failures, num_workers)
                 continue

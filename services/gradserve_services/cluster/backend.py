@@ -12,13 +12,23 @@ Actors learn where they run when they start (`metadata()`: pid, node, whether th
 executor's shared-memory area), and the backend records it, as Ray Train's `WorkerMetadata`; the
 coordinator sends shared-memory blocks only to workers whose record says they can map them.
 A worker reaches other actors (a server's parameter copies) only through `ActorCalls`.
+
+A wait may be bounded (`timeout_s`): a call that does not answer in time raises `CallTimedOut`,
+and the coordinator then treats its actor as lost (shard_runner.py, recovery.py): a process that is
+alive but stuck (stopped, deadlocked, swapping) would otherwise hold a step forever.
 """
 
 from __future__ import annotations
 
 from typing import Any, Protocol, Sequence
 
-__all__ = ["Backend", "ActorCalls"]
+from gradserve_services.errors import Unavailable
+
+__all__ = ["Backend", "ActorCalls", "CallTimedOut"]
+
+
+class CallTimedOut(Unavailable):
+    """A bounded wait for a call's result ran out before the call answered."""
 
 
 class ActorCalls(Protocol):
@@ -28,8 +38,9 @@ class ActorCalls(Protocol):
         """Call `handle.method(*args)`; top-level future arguments arrive resolved. Always a list
         of `num_returns` futures."""
 
-    def get(self, futures):
-        """The value(s) of one future or a list of futures; raises what the call raised."""
+    def get(self, futures, timeout_s: float | None = None):
+        """The value(s) of one future or a list of futures; raises what the call raised, or
+        `CallTimedOut` where they are not all complete within `timeout_s` (None: no bound)."""
 
     def node_id(self) -> str:
         """The node this process runs on."""
@@ -51,8 +62,9 @@ class Backend(ActorCalls, Protocol):
     def put(self, value) -> Any:
         """A future holding `value`, shared by every call that receives it."""
 
-    def wait_one(self, futures: Sequence) -> int:
-        """Index in `futures` of one that is complete (blocks until there is one)."""
+    def wait_one(self, futures: Sequence, timeout_s: float | None = None) -> int | None:
+        """Index in `futures` of one that is complete (blocks until there is one); None where none
+        completed within `timeout_s`."""
 
     def workers(self, count: int) -> list:
         """The first `count` worker handles (pool positions 0..count-1), started if missing."""

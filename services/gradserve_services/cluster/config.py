@@ -13,7 +13,7 @@ from gradserve_services.optim.rows import TableOptimizerConfig, default_table_op
 from .gradient_push import DEFAULT_BUCKET_BYTES
 from .steplog import DEFAULT_STEP_WINDOW
 
-__all__ = ["TrainerConfig", "StepResult", "CONSISTENCY_MODES", "STALE_POLICIES", "COMPRESSIONS",
+__all__ = ["TrainerConfig", "StepResult", "DEFAULT_CALL_TIMEOUT_S", "CONSISTENCY_MODES", "STALE_POLICIES", "COMPRESSIONS",
            "ROUND_MODES", "SYNC_ONLY_COMPRESSIONS", "INNER_OPTIMIZER", "OUTER_OPTIMIZER"]
 
 CONSISTENCY_MODES = ("sync", "async", "bounded", "local")
@@ -30,6 +30,10 @@ OUTER_OPTIMIZER = {"name": "nesterov", "lr": 0.7, "momentum": 0.9}
 
 # Sync steps measure the gradient signals on every SIGNALS_EVERY-th step (see TrainerConfig).
 SIGNALS_EVERY = 8
+# How long one call of a step (a worker's shard, the servers' update) may take by default before
+# its actor counts as stuck (TrainerConfig.call_timeout_s). DDP's default collective timeout is of
+# the same order: long beside any step, short beside a job.
+DEFAULT_CALL_TIMEOUT_S = 600
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,13 @@ class TrainerConfig:
     "local" (local_round.py): a step is a round of `local_steps` inner steps of `inner_optimizer`
     on each worker; `optimizer` is then the servers' outer optimizer, applied to the
     sample-weighted mean parameter delta (OUTER_OPTIMIZER is DiLoCo's). `compression` "powersgd"
-    (powersgd.py, sync only) sends each matrix gradient as rank-`powersgd_rank` factors."""
+    (powersgd.py, sync only) sends each matrix gradient as rank-`powersgd_rank` factors.
+
+    `call_timeout_s` bounds each call a step waits for (None: no bound): a worker that has not
+    returned its shard by then is stopped and replaced, and the shard re-run elsewhere; a parameter
+    server stuck in a call is stopped and replaced (ParameterServerLost: restore the trainer), one
+    that answers but has not finished fails the step with Unavailable (resend it: its id applies
+    once)."""
 
     spec: Any
     optimizer: Mapping | OptimizerConfig = field(default_factory=lambda: {"name": "sgd", "lr": 0.1})
@@ -76,6 +86,7 @@ class TrainerConfig:
     # core the summing only takes their time (bench training: 0.97x of returned sums on 2 cores).
     push_gradients: bool | None = None
     bucket_bytes: int = DEFAULT_BUCKET_BYTES  # about how much one push carries
+    call_timeout_s: int | None = DEFAULT_CALL_TIMEOUT_S
 
     def validated(self) -> "TrainerConfig":
         """A copy with the optimizer parsed; InvalidArgument names the bad field as `config.X`."""
@@ -93,6 +104,8 @@ class TrainerConfig:
         _integer(self.local_steps, "config.local_steps", low=1)
         _integer(self.powersgd_rank, "config.powersgd_rank", low=1)
         _integer(self.bucket_bytes, "config.bucket_bytes", low=1)
+        if self.call_timeout_s is not None:
+            _integer(self.call_timeout_s, "config.call_timeout_s", low=1)
         if self.compression in SYNC_ONLY_COMPRESSIONS and self.consistency != "sync":
             raise InvalidArgument(f"{self.compression} needs consistency 'sync', got "
                                   f"{self.consistency!r}", "config.compression")

@@ -13,7 +13,7 @@ import numpy as np
 from gradserve_services.engine import Batch, Model, SparseRows
 from gradserve_services.errors import InvalidArgument
 
-from .config import TrainerConfig
+from .config import DEFAULT_CALL_TIMEOUT_S, TrainerConfig
 from .shard_runner import Failures, ShardInputs, ShardRunner
 from .sharding import split_rows
 from .trainer import Trainer
@@ -31,7 +31,8 @@ class Executor:
             raise InvalidArgument(f"must be an integer >= 1, got {num_workers!r}", "num_workers")
         self.num_workers = num_workers
         self._backend = backend
-        self._runner = ShardRunner(backend)  # re-runs need nothing else: the inputs live here
+        # re-runs need nothing else: the inputs live here
+        self._runner = ShardRunner(backend, timeout_s=DEFAULT_CALL_TIMEOUT_S)
         self._models = ModelCache(MAX_CACHED_MODELS)
         # Open trainers, for shutdown to close; a closed one the caller dropped must not stay here
         # (every session a gateway ever opened would, with its step log and parameter refs).

@@ -45,14 +45,15 @@ class LocalBackend:
             return [_Done(value)]
         return [_Done(item) for item in value]
 
-    def get(self, futures):
+    def get(self, futures, timeout_s: float | None = None):
+        # (every local call completed when it was submitted: there is nothing to wait for)
         if isinstance(futures, _Done):
             if futures.error is not None:
                 raise futures.error
             return futures.value
         return [self.get(future) for future in futures]
 
-    def wait_one(self, futures) -> int:
+    def wait_one(self, futures, timeout_s: float | None = None) -> int | None:
         return 0
 
     def workers(self, count: int) -> list:

@@ -17,7 +17,7 @@ import numpy as np
 
 from .backend import Backend
 from .handover import received
-from .recovery import get_from_servers, load_replacing_lost, server_lost, servers_alive
+from .recovery import PROBE_S, ServersSlow, get_from_servers, load_replacing_lost, server_lost, servers_alive
 
 __all__ = ["ParameterShards", "PUSH_WAIT_S"]
 
@@ -29,8 +29,10 @@ PUSH_WAIT_S = 600.0
 class ParameterShards:
     def __init__(self, backend: Backend, table: str, partition: list[list[str]], in_shared_memory: bool,
                  step_window: int,
-                 lane=None):
+                 lane=None, timeout_s: float | None = None):
         self._backend = backend
+        self.timeout_s = timeout_s  # how long one wait for the servers may take (recovery.py)
+        self._stale = False  # a call outlived its bound: what the servers publish is read afresh
         self.lane = lane  # the model's tables, or None
         self.table = table
         self.partition = partition
@@ -48,11 +50,24 @@ class ParameterShards:
         return self._backend.servers(len(self.partition))
 
     def get(self, futures):
-        return get_from_servers(self._backend, self.servers, futures)
+        try:
+            return get_from_servers(self._backend, self.servers, futures, self.timeout_s)
+        except ServersSlow:
+            # the call may still finish (an update applied late): the next step starts from what
+            # the servers then hold
+            self._stale = True
+            raise
+
+    def refresh(self) -> None:
+        """Before a step: where a call to the servers outlived its bound, read what they publish
+        now (its version included), as `republish`."""
+        if self._stale:
+            self.republish()
+            self._stale = False
 
     def check_inputs(self, error) -> None:
         """ParameterServerLost if a server is gone (a shard that read from it cannot be re-run)."""
-        if not servers_alive(self._backend, self.servers):
+        if not servers_alive(self._backend, self.servers, PROBE_S):
             raise server_lost(error)
 
     # ----- lifecycle -----------------------------------------------------------------------------
@@ -206,9 +221,10 @@ class ParameterShards:
                       for server, grads in zip(self.servers, grads_per_shard)])
 
     def discard(self, futures) -> None:
-        """Read failed futures so their errors count as handled."""
+        """Read failed futures so their errors count as handled (each waited for at most the
+        bound: one still running is left to finish)."""
         for future in futures:
             try:
-                self._backend.get(future)
+                self._backend.get(future, timeout_s=self.timeout_s)
             except Exception:  # noqa: BLE001 - expected: the call lost an argument
                 pass

@@ -73,7 +73,7 @@ class PowerSGDSteps:
                                   shards.table, call.task["batch_shard"], p_hats_ref)[0]
                    for call in calls]
         try:
-            q_parts = backend.get(answers)
+            q_parts = backend.get(answers, timeout_s=self._runner.timeout_s)
         except Exception as error:  # noqa: BLE001 - classified by the backend
             if backend.is_lost(error):
                 raise Unavailable("a worker was lost between the two PowerSGD phases; nothing was "

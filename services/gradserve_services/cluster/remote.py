@@ -12,6 +12,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from gradserve_services.errors import Unavailable
 
+from .backend import CallTimedOut
 from .parameter_server import ParameterServer
 from .shared import SharedArea
 from .worker import GradientWorker
@@ -74,8 +75,11 @@ class RayCalls:
                                                   concurrency_group=WAITING_GROUP).remote(*args)
         return list(futures) if num_returns > 1 else [futures]
 
-    def get(self, futures):
-        return ray.get(futures)
+    def get(self, futures, timeout_s: float | None = None):
+        try:
+            return ray.get(futures, timeout=timeout_s)
+        except ray_errors.GetTimeoutError:
+            raise CallTimedOut(f"no answer within {timeout_s:g} s", "workers") from None
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -99,9 +103,9 @@ class RayBackend(RayCalls):
         self._worker_args = {"shared_area": self.shared_area, "calls": RayCalls()}
         self._server_args = {"shared_area": self.shared_area}
 
-    def wait_one(self, futures) -> int:
-        ready, _ = ray.wait(list(futures), num_returns=1)
-        return list(futures).index(ready[0])
+    def wait_one(self, futures, timeout_s: float | None = None) -> int | None:
+        ready, _ = ray.wait(list(futures), num_returns=1, timeout=timeout_s)
+        return list(futures).index(ready[0]) if ready else None
 
     def workers(self, count: int) -> list:
         with self._lock:

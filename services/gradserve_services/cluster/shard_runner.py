@@ -5,16 +5,21 @@ Shared by the trainer's steps and the stateless `Executor.compute_gradients`: a 
 task, the parameter references, the batch) are kept with its call, so a re-run is the same call
 on another worker and its result is the fault-free one. Each worker gets the inputs in the form its
 lane takes (`ShardInputs.batch_for`), from what the backend recorded when the worker started.
+
+A shard's call may take `timeout_s` from its dispatch (None: no bound). A worker that has not
+answered by then is stuck, not dead (a dead one is reported at once): it is stopped and replaced,
+and the shard re-run elsewhere, exactly as for a death.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from gradserve_services.errors import Unavailable
 
-from .backend import Backend
+from .backend import Backend, CallTimedOut
 from .shared import BlockRef
 
 __all__ = ["ShardInputs", "ShardCall", "ShardRunner", "Failures", "MAX_SHARD_ATTEMPTS"]
@@ -71,6 +76,7 @@ class ShardCall:
     grads: list  # one gradient-part future per parameter-server shard
     stats: object  # future of the small stats dict
     rows: list = field(default_factory=list)  # pulled table rows, one future per server shard
+    deadline: float | None = None  # time.monotonic() by which it must answer; None: no bound
 
 
 @dataclass
@@ -83,9 +89,11 @@ class ShardRunner:
     """`check_inputs(error)`, called when a shard failed although its worker did not die, raises
     when re-running cannot help: what the shard read is gone with its owner (a parameter server)."""
 
-    def __init__(self, backend: Backend, check_inputs: Callable[[BaseException], None] | None = None):
+    def __init__(self, backend: Backend, check_inputs: Callable[[BaseException], None] | None = None,
+                 timeout_s: float | None = None):
         self._backend = backend
         self._check_inputs = check_inputs
+        self.timeout_s = timeout_s
 
     def shares_memory(self, workers: int) -> list[bool]:
         """Per pool position `< workers`: whether that worker maps the shared-memory area."""
@@ -97,7 +105,26 @@ class ShardRunner:
         futures = self._backend.submit(worker, "compute", inputs.task_for(task, shares), inputs.params,
                                        *inputs.batch_for(shares), inputs.tangent, *rows,
                                        num_returns=len(task["partition"]) + 1)
-        return ShardCall(position, task, inputs, futures[:-1], futures[-1], list(rows))
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        return ShardCall(position, task, inputs, futures[:-1], futures[-1], list(rows), deadline)
+
+    def stats_of(self, call: ShardCall) -> dict:
+        """The call's stats, waited for until its deadline (`CallTimedOut` after it)."""
+        remaining = None if call.deadline is None else max(call.deadline - time.monotonic(), 0.0)
+        try:
+            return self._backend.get(call.stats, timeout_s=remaining)
+        except CallTimedOut:
+            raise CallTimedOut(f"shard {call.task['start']}:{call.task['stop']}: its worker did not answer "
+                               f"within {self.timeout_s:g} s", "workers") from None
+
+    def next_done(self, calls: list[ShardCall]) -> int:
+        """Index of a call that answered, waiting at most until the earliest deadline; where none
+        answered by then, the index of the one whose deadline passed (`stats_of` it times out)."""
+        deadlines = [call.deadline for call in calls if call.deadline is not None]
+        first = min(deadlines, default=None)
+        index = self._backend.wait_one([call.stats for call in calls],
+                                       timeout_s=None if first is None else max(first - time.monotonic(), 0.0))
+        return index if index is not None else [call.deadline for call in calls].index(first)
 
     def gather(self, calls: list[ShardCall], failures: Failures, workers: int) -> list[dict]:
         """Every shard's stats, in shard order, over a pool of `workers`; `calls` is updated in
@@ -108,7 +135,7 @@ class ShardRunner:
                 if stats[index] is not None:
                     continue
                 try:
-                    stats[index] = self._backend.get(call.stats)
+                    stats[index] = self.stats_of(call)
                 except Exception as error:  # noqa: BLE001 - classified by the backend
                     healthy = [c.position for c, s in zip(calls, stats) if s is not None]
                     calls[index] = self.rerun(call, error, healthy, failures, workers)
@@ -117,12 +144,14 @@ class ShardRunner:
     def rerun(self, call: ShardCall, error: BaseException, healthy: list[int],
               failures: Failures, workers: int) -> ShardCall:
         """Replace the lost worker and run the shard again: on a worker known to be alive if there
-        is one (it is warm), else on another pool member, else on the replacement."""
+        is one (it is warm), else on another pool member, else on the replacement. A worker that
+        did not answer in time (`CallTimedOut`) counts as lost, and replacing it stops it."""
         backend = self._backend
-        if not backend.is_lost(error):
+        stuck = isinstance(error, CallTimedOut)
+        if not stuck and not backend.is_lost(error):
             raise backend.cause(error) from None
         lost = backend.workers(workers)[call.position]
-        if not backend.died(error, lost) and self._check_inputs is not None:
+        if not stuck and not backend.died(error, lost) and self._check_inputs is not None:
             # A shard also fails when the parameters it reads are gone with their server: that is
             # no worker's fault, and re-running cannot help.
             # (Not asked when the worker itself died: the question waits in the server's queue

@@ -74,8 +74,8 @@ class Trainer:
         self._shared_memory = SharedMemoryLane(backend.shared_area) \
             if self.config.consistency == "sync" and backend.shared_area is not None else None
         self._shards = ParameterShards(backend, self._table, self._partition, self._shared_memory is not None,
-                                       self.config.step_window, self._lane)
-        runner = ShardRunner(backend, self._shards.check_inputs)
+                                       self.config.step_window, self._lane, self.config.call_timeout_s)
+        runner = ShardRunner(backend, self._shards.check_inputs, self.config.call_timeout_s)
         if self.config.compression == "powersgd":  # sync only (config.py)
             self._steps = PowerSGDSteps(backend, self.config, self._model.parameter_shapes(),
                                         self._dtype, runner, self._shards, self._shared_memory)
@@ -132,6 +132,7 @@ class Trainer:
             recorded = self._log.lookup(update_key(step))
             if recorded is not None:
                 return replace(StepResult.from_record(recorded), duplicate=True)
+            self._shards.refresh()  # after a call that outlived its bound
             result = run(step)
             self._log.record(update_key(step), result.to_record())
             return result

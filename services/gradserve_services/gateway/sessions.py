@@ -20,7 +20,7 @@ import numpy as np
 
 from gradserve.results import TABLE_STEP_FIELDS
 from gradserve_services import metrics
-from gradserve_services.cluster import DEFAULT_STEP_WINDOW, StepResult, TrainerConfig
+from gradserve_services.cluster import DEFAULT_CALL_TIMEOUT_S, DEFAULT_STEP_WINDOW, StepResult, TrainerConfig
 from gradserve_services.cluster.table_lane import InitialRows
 from gradserve_services.cluster.handover import Landing, hand_over
 from gradserve_services.engine import Model
@@ -57,6 +57,9 @@ class SessionLimits:
     # Steps whose results a session keeps to answer retries (and writes into each checkpoint); an
     # older step id is refused, never applied twice (see cluster/steplog.py).
     step_window: int = DEFAULT_STEP_WINDOW
+    # Seconds one call of a step (a worker's shard, the servers' update) may take before its actor
+    # counts as stuck and is replaced (cluster TrainerConfig.call_timeout_s).
+    call_timeout_s: int = DEFAULT_CALL_TIMEOUT_S
 
 
 @dataclasses.dataclass(eq=False)
@@ -116,7 +119,8 @@ class SessionRegistry:
         if init_dtype not in INIT_DTYPES:  # exactly the names service.proto documents
             raise InvalidArgument(f"must be float32 or float64, got {init_dtype!r}", "config.init.dtype")
         # optimizer parsed; errors name `config.X` / `optimizer.X`
-        config = dataclasses.replace(config, step_window=self.limits.step_window).validated()
+        config = dataclasses.replace(config, step_window=self.limits.step_window,
+                                     call_timeout_s=self.limits.call_timeout_s).validated()
         self._check_limits(owner, config, checkpoint_every_steps)
         model = Model(config.spec)  # SpecError names the node
         if not params:
