@@ -42,8 +42,10 @@ def _namespaces_here():
 def test_links_suite_runs_every_kind_of_configuration(tmp_path):
     netns = _namespaces_here()
     before = set(netns.namespace_names())
+    # (a stuck call, seen under load, is re-run after 60 s, well inside the run's bound)
     with _bench_links(tmp_path, netns, "--json", "--steps", "10", "--configs", "sync,sync_powersgd_r4,local_h10",
-                      "--eval-every", "5", "--eval-rows", "256", "--rate-mbit", "400") as (bench, _, log):
+                      "--eval-every", "5", "--eval-rows", "256", "--rate-mbit", "400",
+                      "--call-timeout-s", "60") as (bench, _, log):
         try:
             code = bench.wait(timeout=RUN_BOUND_S)
         except subprocess.TimeoutExpired:

@@ -26,8 +26,14 @@ RATE_MBIT = 20.0
 PARAMETERS = 9476  # mlp(32, [256], 4): 37 KB a float32 copy
 ROWS, H, ROUNDS = 64, 8, 3  # samples per inner step, inner steps per round, rounds
 
+# A call of a step that outlives this is stuck (a worker node that missed Ray's health checks under
+# load, a replacement with no CPU to start on) and is re-run elsewhere, well inside the run's bound.
+CALL_TIMEOUT_S = 60
+RUN_TIMEOUT_S = 480
+DUMP_AFTER_S = RUN_TIMEOUT_S - 30  # every thread's stack to stderr, for the failure to show
+
 DRIVER = r"""
-import json, sys
+import faulthandler, json, sys
 import numpy as np
 from gradserve import mlp
 from gradserve_services.bench.links_site import FarSite
@@ -36,7 +42,8 @@ from gradserve_services.cluster.config import OUTER_OPTIMIZER
 from gradserve_services.engine import Model
 
 site = FarSite(**json.loads(sys.argv[1]))
-ROWS, H, ROUNDS = (int(value) for value in sys.argv[2:5])
+ROWS, H, ROUNDS, CALL_TIMEOUT_S, DUMP_AFTER_S = (int(value) for value in sys.argv[2:7])
+faulthandler.dump_traceback_later(DUMP_AFTER_S)
 SPEC = mlp(32, [256], 4)
 
 
@@ -65,12 +72,14 @@ executor = RayExecutor(address=site.address, num_workers=2)
 try:
     inner = batches(H * ROUNDS)
     sync, sync_link, _ = train(
-        executor, TrainerConfig(SPEC, {"name": "adamw", "lr": 0.01}, num_workers=2), inner)
+        executor, TrainerConfig(SPEC, {"name": "adamw", "lr": 0.01}, num_workers=2,
+                                call_timeout_s=CALL_TIMEOUT_S), inner)
     rounds = [(np.concatenate([x for x, _ in inner[r * H:(r + 1) * H]]),
                np.concatenate([y for _, y in inner[r * H:(r + 1) * H]])) for r in range(ROUNDS)]
     local, local_link, params = train(
         executor, TrainerConfig(SPEC, OUTER_OPTIMIZER, consistency="local", local_steps=H,
-                                inner_optimizer={"name": "adamw", "lr": 0.01}, num_workers=2),
+                                inner_optimizer={"name": "adamw", "lr": 0.01}, num_workers=2,
+                                call_timeout_s=CALL_TIMEOUT_S),
         rounds)
 finally:
     executor.shutdown()
@@ -92,10 +101,15 @@ def test_sync_and_local_rounds_over_shaped_links():
             made = set(netns.namespace_names()) - others
             described = {"address": site.address, "env": site.env, "rate_mbit": site.rate_mbit,
                          "interfaces": site.interfaces}
-            finished = subprocess.run(
-                [sys.executable, "-c", DRIVER, json.dumps(described), str(ROWS), str(H), str(ROUNDS)],
-                capture_output=True, text=True, timeout=480, cwd=os.getcwd(),
-                env={**os.environ, **site.env})
+            try:
+                finished = subprocess.run(
+                    [sys.executable, "-c", DRIVER, json.dumps(described),
+                     *map(str, (ROWS, H, ROUNDS, CALL_TIMEOUT_S, DUMP_AFTER_S))],
+                    capture_output=True, text=True, timeout=RUN_TIMEOUT_S, cwd=os.getcwd(),
+                    env={**os.environ, **site.env})
+            except subprocess.TimeoutExpired as late:  # killed: its stacks say where it waited
+                stderr = late.stderr.decode(errors="replace") if isinstance(late.stderr, bytes) else late.stderr
+                pytest.fail(f"the run took over {RUN_TIMEOUT_S} s; its stderr ends:\n{(stderr or '')[-6000:]}")
     except SiteUnavailable as reason:
         pytest.skip(str(reason))
     assert finished.returncode == 0, finished.stderr[-3000:]

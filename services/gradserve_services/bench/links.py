@@ -62,6 +62,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS),
                         help="comma-separated subset of " + ", ".join(CONFIGS) + " (sync always runs)")
     parser.add_argument("--eval-every", type=int, default=10, help="sync steps between evaluations")
+    parser.add_argument("--call-timeout-s", type=int, default=None,
+                        help="seconds a step's call may take before its actor counts as stuck and the "
+                             "shard is re-run (default: the trainer's)")
     parser.add_argument("--eval-rows", type=int, default=4096, help="held-out rows")
     parser.add_argument("--target-fraction", type=float, default=0.75,
                         help="the target is sync dense's held-out loss after this share of the budget")
@@ -149,6 +152,8 @@ def measure(executor, site, name: str, args) -> dict:
     h = settings.get("local_steps", 1)
     steps = args.steps // h  # steps of this trainer (rounds for local)
     eval_every = max(1, args.eval_every // h)
+    if args.call_timeout_s is not None:
+        settings["call_timeout_s"] = args.call_timeout_s
     trainer = executor.create_trainer(
         TrainerConfig(spec(), optimizer, num_workers=args.workers, **settings), params)
     print(f"links: {name}: trainer ready, {steps} steps", file=sys.stderr, flush=True)
