@@ -144,3 +144,28 @@ def test_dropped_gradient_arrays_are_recycled_instead_of_reallocated():
     held = grads  # still referenced: the next call must use other memory
     _, grads = model.loss_and_grad(params, x * 2, y)
     assert not np.shares_memory(grads["fc1.weight"], held["fc1.weight"])
+
+
+@pytest.mark.parametrize("micro_batch_size", [None, 4])
+def test_sums_accumulated_in_the_callers_arrays_are_bitwise_the_engines_own(setup, micro_batch_size):
+    """`out`: what a worker sums its gradients into when a server reads them from its block."""
+    model, params, x, y, options = setup
+    own = model.loss_and_grad_sum(params, x, y, micro_batch_size=micro_batch_size, **options)
+    given = {name: np.full(value.shape, np.nan, value.dtype) for name, value in params.items()}
+    summed = model.loss_and_grad_sum(params, x, y, micro_batch_size=micro_batch_size, out=given, **options)
+    assert summed.loss_sum == own.loss_sum
+    for name, grad in own.grad_sum.items():
+        assert summed.grad_sum[name] is given[name]
+        np.testing.assert_array_equal(given[name], grad, err_msg=name)
+
+
+def test_arrays_that_cannot_hold_a_sum_in_place_are_refused_by_name(setup):
+    from gradserve_services.errors import InvalidArgument
+
+    model, params, x, y, options = setup
+    name, value = next(iter(params.items()))
+    for bad in (np.zeros(value.shape, np.float32), np.zeros(value.shape + (1,), value.dtype),
+                np.zeros(value.shape[::-1], value.dtype).T if value.ndim == 2 else np.zeros(3, value.dtype)):
+        with pytest.raises(InvalidArgument) as refused:
+            model.loss_and_grad_sum(params, x, y, out={name: bad}, **options)
+        assert refused.value.field == f"out.{name}"

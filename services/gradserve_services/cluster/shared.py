@@ -198,18 +198,25 @@ def write_at(descriptor: int, offset: int, data) -> None:
         data, offset = data[written:], offset + written
 
 
-def write_block(area_path: str, area_token: str, name: str,
-                arrays: Mapping[str, np.ndarray], cache: dict) -> BlockRef:
-    """Copy `arrays` into the block kept in `cache` under `name`, reused while the layout holds.
-    A new layout gets a new file (a new path): readers may still map the old one, which stays
-    valid for them, and a path never changes what it holds."""
-    wanted = {key: (value.dtype, value.shape) for key, value in arrays.items()}
+def kept_block(area_path: str, area_token: str, name: str, wanted: Mapping[str, tuple],
+               cache: dict) -> tuple[BlockRef, dict[str, np.ndarray]]:
+    """The block kept in `cache` under `name` for arrays `{name: (dtype, shape)}` (its ref and
+    writable views), reused while the layout holds. A new layout gets a new file (a new path):
+    readers may still map the old one, which stays valid for them, and a path never changes what
+    it holds."""
     held = cache.get(name)
     if held is None or held[0].layout != _layout(wanted)[0]:
         if held is not None:
             remove_block(cache.pop(name)[0])
         cache[name] = allocate_block(area_path, area_token, f"{name}-{uuid.uuid4().hex[:8]}", wanted)
-    ref, views = cache[name]
+    return cache[name]
+
+
+def write_block(area_path: str, area_token: str, name: str,
+                arrays: Mapping[str, np.ndarray], cache: dict) -> BlockRef:
+    """Copy `arrays` into the block kept in `cache` under `name` (`kept_block`)."""
+    ref, views = kept_block(area_path, area_token, name,
+                            {key: (value.dtype, value.shape) for key, value in arrays.items()}, cache)
     for key, value in arrays.items():
         np.copyto(views[key], value, casting="no")
     return ref
@@ -279,6 +286,14 @@ class SharedMemoryLane:
         the tmpfs has no room for it (the caller sends them through the object store)."""
         try:
             return write_block(self.area[0], self.area[1], name, arrays, self._written)
+        except OSError:
+            return None
+
+    def kept(self, name: str, arrays: Mapping[str, tuple]) -> tuple[BlockRef, dict] | None:
+        """This process's block `name` for `{name: (dtype, shape)}` (the one `put` writes), its
+        ref and writable views, to be filled in place; None where the tmpfs has no room."""
+        try:
+            return kept_block(self.area[0], self.area[1], name, arrays, self._written)
         except OSError:
             return None
 

@@ -22,6 +22,8 @@ import threading
 import time
 from collections import OrderedDict
 
+import numpy as np
+
 from gradserve_services.engine import Batch, Model, dense_gradients
 from gradserve_services.errors import FailedPrecondition
 from gradserve_services.optim import all_finite
@@ -142,13 +144,15 @@ class GradientWorker:
             stats["jvp_sum"] = derivative * (stop - start)
             computed = time.perf_counter()
         else:
-            push = None
+            push = blocks = None
             if "local" in task:  # a round: the pseudo-gradient of this worker's inner steps
                 result = run_task_round(model, params, x, y, task)
             else:
                 push = GradientPush(self._calls, self._lane, task) if "push" in task else None
-                result = model.loss_and_grad_sum(params, shard_x, shard_y, **options,
-                                                 on_ready=None if push is None else push.ready)
+                blocks = self._gradient_blocks(task, params) if push is None and tables is None else None
+                result = model.loss_and_grad_sum(
+                    params, shard_x, shard_y, **options, on_ready=None if push is None else push.ready,
+                    out=None if blocks is None else {n: v for _, views in blocks for n, v in views.items()})
                 if tables is None and task.get("finite_only"):  # a trainer's tables kept whole
                     result = dataclasses.replace(result, grad_sum=dense_gradients(result.grad_sum))
             stats["loss_sum"], stats["count"] = result.loss_sum, result.count
@@ -170,8 +174,11 @@ class GradientWorker:
                 pushes, pushed, pushed_bytes = row_pushes(tables, result.grad_sum)
                 stats.update(rows_pushed=pushed, bytes_pushed=pushed_bytes)
             for index, names in enumerate(task["partition"] if push is None else ()):
-                part = self._shared_part(task, index, {n: result.grad_sum[n] for n in names}) \
-                    if shared and names else None  # the server reads the sum where this worker wrote it
+                if blocks is not None:  # summed in place: the server reads them where they lie
+                    part = _filled_part(blocks[index], {n: result.grad_sum[n] for n in names})
+                else:
+                    part = self._shared_part(task, index, {n: result.grad_sum[n] for n in names}) \
+                        if shared and names else None  # the server reads the sum where this worker wrote it
                 if part is not None:
                     parts[index] = part
                     raw = sent = sum(result.grad_sum[n].nbytes for n in names)
@@ -201,12 +208,20 @@ class GradientWorker:
         return self._models.get(spec)
 
     def _shared_part(self, task: dict, index: int, grads: dict) -> dict | None:
-        # One block per (table, batch shard, server shard): a worker re-running another shard in
-        # the same step writes a different block, never one the server may still read. Kept until
-        # the trainer is closed (`forget`): a block of another trainer may still be waiting for its
-        # server, so none is evicted here. Batch and server shards bound their number.
-        ref = self._lane.put(f"{task['table']}-grad-{os.getpid()}-{task.get('batch_shard', 0)}-{index}", grads)
+        ref = self._lane.put(_gradient_block_name(task, index), grads)
         return None if ref is None else {"kind": "shared", "block": ref}  # None: no room, by store
+
+    def _gradient_blocks(self, task: dict, params: dict) -> list | None:
+        """Per server shard, the block `(ref, views)` this shard's plain dense gradient sums are
+        accumulated in by the backward pass itself (no copy after it); None where they are not
+        sent as blocks, or some block finds no room (then they are copied or sent by store)."""
+        if self._lane is None or not task.get("shared_memory", False) or task.get("compression", "none") != "none" \
+                or "local" in task or any(not names for names in task["partition"]):
+            return None
+        blocks = [self._lane.kept(_gradient_block_name(task, index),
+                                  {n: (params[n].dtype, params[n].shape) for n in names})
+                  for index, names in enumerate(task["partition"])]
+        return None if any(block is None for block in blocks) else blocks
 
     def _fetch(self, refs: list) -> list:
         """The snapshots `refs` point at (in the caller's process they arrive resolved)."""
@@ -235,6 +250,24 @@ class GradientWorker:
         while len(self._params) > MAX_CACHED_TABLES:
             self._params.popitem(last=False)
         return version, params
+
+
+def _gradient_block_name(task: dict, index: int) -> str:
+    # One block per (table, batch shard, server shard): a worker re-running another shard in the
+    # same step writes a different block, never one the server may still read. Kept until the
+    # trainer is closed (`forget`): a block of another trainer may still be waiting for its
+    # server, so none is evicted here. Batch and server shards bound their number.
+    return f"{task['table']}-grad-{os.getpid()}-{task.get('batch_shard', 0)}-{index}"
+
+
+def _filled_part(block: tuple, grads: dict) -> dict:
+    """The part for a block the sums were accumulated in; a sum held elsewhere (a parameter no
+    pass reached: zeros) is copied in."""
+    ref, views = block
+    for name, grad in grads.items():
+        if grad is not views[name]:
+            np.copyto(views[name], grad, casting="no")
+    return {"kind": "shared", "block": ref}
 
 
 def _refuse_non_finite(result, start: int, stop: int, *, gradients_too: bool) -> None:

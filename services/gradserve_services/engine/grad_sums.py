@@ -3,7 +3,9 @@
 The first micro-batch writes its contribution straight into the array returned to the caller; each
 later one goes through a scratch buffer and is added with `+=`. So one micro-batch costs no extra
 pass over the gradients, and several cost one add each. The sums come from `Workspace.result`:
-they belong to the caller, and a later call never writes into one the caller still holds.
+they belong to the caller, and a later call never writes into one the caller still holds; or,
+where the caller gives arrays of its own (`out`: a block another process reads them from), they
+are summed there, with the same operations.
 
 A table's gradient is rows, not an array: each micro-batch's lookups are summed per id at once
 (bounding memory by the micro-batch), and the micro-batches' rows are summed over the union of
@@ -18,9 +20,10 @@ __all__ = ["GradSums"]
 
 
 class GradSums:
-    def __init__(self, xp, shapes, dtype, workspace, tables=()):
+    def __init__(self, xp, shapes, dtype, workspace, tables=(), out=None):
         self.xp, self.shapes, self.dtype, self.workspace = xp, shapes, dtype, workspace
         self.tables = frozenset(tables)
+        self.out = out or {}  # {name: array of the parameter's shape and the pass dtype}
         self.sums: dict[str, object] = {}
         self.row_sums: dict[str, list[SparseRows]] = {}
 
@@ -28,7 +31,8 @@ class GradSums:
         """`contribution(out)` writes this pass's gradient of `name` into `out`."""
         total = self.sums.get(name)
         if total is None:
-            self.sums[name] = self.workspace.result(name, self.shapes[name], self.dtype)
+            given = self.out.get(name)
+            self.sums[name] = self.workspace.result(name, self.shapes[name], self.dtype) if given is None else given
             contribution(self.sums[name])
         else:
             scratch = self.workspace.buffer(name, "grad_contribution", self.shapes[name], self.dtype)

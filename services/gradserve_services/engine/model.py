@@ -209,19 +209,23 @@ class Model:
             return out.copy()
 
     def loss_and_grad_sum(
-        self, params, x, y, *, micro_batch_size=None, train=True, seed=0, sample_offset=0, on_ready=None
+        self, params, x, y, *, micro_batch_size=None, train=True, seed=0, sample_offset=0, on_ready=None,
+        out=None,
     ) -> GradSum:
         """Loss and gradient of the SUM of per-sample losses; memory bounded by the micro-batch.
 
         `on_ready(grads)`, if given, is called during the last micro-batch's backward pass with
         `{name: gradient sum}` of the dense parameters whose sums just became final, last layers
         first (a caller may send them on while the layers below are still computed). It must not
-        write into them; parameters no pass reached are not announced (their gradient is zero)."""
+        write into them; parameters no pass reached are not announced (their gradient is zero).
+        `out`: `{name: array}` (C-contiguous, the parameter's shape and dtype) that dense sums are
+        accumulated in instead of new arrays (the result then holds them; one no pass reached is
+        returned as zeros elsewhere, its array left as it was)."""
         _check_options(micro_batch_size, seed, sample_offset)
         with self._lock:
             batch, y, dtype = self._checked_batch(params, x, y)
             loss_sum, grad_sum = self._reverse(params, batch, y, dtype, 1.0, micro_batch_size, train, seed,
-                                               sample_offset, on_ready)
+                                               sample_offset, on_ready, _checked_out(out, self.graph.parameter_shapes, dtype))
         return GradSum(loss_sum, grad_sum, batch.rows)
 
     def loss_and_grad(self, params, x, y, *, micro_batch_size=None, train=True, seed=0, sample_offset=0):
@@ -269,8 +273,8 @@ class Model:
         return PassContext(self.xp, dtype, self._workspace, bool(train), int(seed), int(first_sample))
 
     def _reverse(self, params, batch, y, dtype, scale, micro_batch_size, train, seed, sample_offset,
-                 on_ready=None):
-        sums = GradSums(self.xp, self.graph.parameter_shapes, dtype, self._workspace, self.graph.tables)
+                 on_ready=None, out=None):
+        sums = GradSums(self.xp, self.graph.parameter_shapes, dtype, self._workspace, self.graph.tables, out)
         loss_sum = 0.0
         for start, stop in _micro_batches(batch.rows, micro_batch_size):
             ctx = self._context(dtype, train, seed, sample_offset + start)
@@ -333,6 +337,18 @@ class Model:
         """A non-finite loss usually means non-finite parameters: name the first one."""
         if not math.isfinite(loss_sum):
             self.validate_parameters(params, check_values=True)
+
+
+def _checked_out(out, shapes, dtype):
+    """`out` (see loss_and_grad_sum), refused where an array could not hold its sum in place."""
+    if not out:
+        return None
+    for name, array in out.items():
+        if name not in shapes or tuple(array.shape) != tuple(shapes[name]) or array.dtype != dtype \
+                or not array.flags.c_contiguous or not array.flags.writeable:
+            raise InvalidArgument(f"must be a writable C-contiguous {dtype} array of shape {shapes.get(name)}",
+                                  field=f"out.{name}")
+    return out
 
 
 def _micro_batches(rows: int, micro_batch_size):
