@@ -47,3 +47,18 @@ def assert_step_refused_changing_nothing(trainer, step_id, x, y, field: str) -> 
     assert trainer.parameters()[0] == trainer.version == version
     for name, value in trainer.parameters()[1].items():
         np.testing.assert_array_equal(value, before[name], err_msg=name)
+
+
+def gone(pid: int, within_s: float = 60.0) -> bool:
+    """Whether process `pid` has exited within `within_s`."""
+    import os
+    import time
+
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False

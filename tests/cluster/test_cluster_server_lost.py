@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 
@@ -14,7 +13,7 @@ from gradserve_services.engine import Model
 from gradserve_services.errors import ParameterServerLost, Unavailable
 from gradserve_services.gateway.status import status_code_for
 
-from .helpers import MLP_SPEC, batches
+from .helpers import MLP_SPEC, batches, gone
 
 pytestmark = pytest.mark.integration
 
@@ -24,17 +23,6 @@ def executor():
     started = RayExecutor(num_workers=2, num_cpus=4, object_store_memory=256 * 1024 * 1024)
     yield started
     started.shutdown()
-
-
-def _gone(pid: int, within_s: float = 60.0) -> bool:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_a_killed_server_is_raised_as_parameter_server_lost(executor):
@@ -47,7 +35,7 @@ def test_a_killed_server_is_raised_as_parameter_server_lost(executor):
         server = executor._backend.servers(1)[0]
         pid = executor._backend.get(server.pid.remote())
         os.kill(pid, signal.SIGKILL)
-        assert _gone(pid)
+        assert gone(pid)
         with pytest.raises(ParameterServerLost) as lost:
             trainer.step(2, x2, y2)
         assert isinstance(lost.value, Unavailable)

@@ -16,7 +16,7 @@ from gradserve_services.cluster import RayExecutor, TrainerConfig
 from gradserve_services.engine import Model
 from gradserve_services.errors import ParameterServerLost
 
-from .helpers import MLP_SPEC, batches
+from .helpers import MLP_SPEC, batches, gone
 
 pytestmark = pytest.mark.integration
 
@@ -28,17 +28,6 @@ def executor():
     started = RayExecutor(num_workers=2, num_cpus=4, object_store_memory=256 * 1024 * 1024)
     yield started
     started.shutdown()
-
-
-def _gone(pid: int, within_s: float = 60.0) -> bool:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def _release(pid: int) -> None:
@@ -74,7 +63,7 @@ def test_a_stuck_worker_is_replaced_and_its_shard_rerun_with_the_fault_free_resu
                 result = trainer.step(1, *data[1])
                 waited = time.monotonic() - started
                 if pid is not None:
-                    assert _gone(pid), "the stuck worker was stopped"
+                    assert gone(pid), "the stuck worker was stopped"
             finally:
                 if pid is not None:
                     _release(pid)
@@ -111,7 +100,7 @@ def test_a_stuck_parameter_server_is_replaced_and_the_trainer_restored(executor)
         assert lost.value.field == "parameter_server"
         assert "within 5 s" in lost.value.message
         assert waited >= BOUND_S * 0.9
-        assert _gone(pid), "the stuck server was stopped"
+        assert gone(pid), "the stuck server was stopped"
         trainer.restore(arrays, meta)  # onto the server that replaced it
         result = trainer.step(2, x2, y2)
         assert result.version == 2 and result.applied
