@@ -20,15 +20,21 @@ alive but stuck (stopped, deadlocked, swapping) would otherwise hold a step fore
 
 from __future__ import annotations
 
+import time
 from typing import Any, Protocol, Sequence
 
 from gradserve_services.errors import Unavailable
 
-__all__ = ["Backend", "ActorCalls", "CallTimedOut"]
+__all__ = ["Backend", "ActorCalls", "CallTimedOut", "seconds_left"]
 
 
 class CallTimedOut(Unavailable):
     """A bounded wait for a call's result ran out before the call answered."""
+
+
+def seconds_left(deadline: float | None) -> float | None:
+    """The `timeout_s` of a wait that must end by `deadline` (time.monotonic(); None: no bound)."""
+    return None if deadline is None else max(deadline - time.monotonic(), 0.0)
 
 
 class ActorCalls(Protocol):

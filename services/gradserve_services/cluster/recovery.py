@@ -19,7 +19,7 @@ from typing import Callable
 
 from gradserve_services.errors import ParameterServerLost, Unavailable
 
-from .backend import Backend, CallTimedOut
+from .backend import Backend, CallTimedOut, seconds_left
 
 __all__ = ["server_lost", "servers_alive", "get_from_servers", "load_replacing_lost", "ServersSlow", "PROBE_S"]
 
@@ -81,7 +81,7 @@ def stuck_servers(backend: Backend, servers: list, probe_s: float) -> list[tuple
     stuck = []
     for position, (server, probe) in enumerate(zip(servers, probes)):
         try:
-            backend.get(probe, timeout_s=max(deadline - time.monotonic(), 0.0))
+            backend.get(probe, timeout_s=seconds_left(deadline))
         except CallTimedOut:
             stuck.append((position, server))
         except Exception:  # noqa: BLE001 - gone: the next call to it says so

@@ -19,7 +19,7 @@ from typing import Callable
 
 from gradserve_services.errors import Unavailable
 
-from .backend import Backend, CallTimedOut
+from .backend import Backend, CallTimedOut, seconds_left
 from .shared import BlockRef
 
 __all__ = ["ShardInputs", "ShardCall", "ShardRunner", "Failures", "MAX_SHARD_ATTEMPTS"]
@@ -110,9 +110,8 @@ class ShardRunner:
 
     def stats_of(self, call: ShardCall) -> dict:
         """The call's stats, waited for until its deadline (`CallTimedOut` after it)."""
-        remaining = None if call.deadline is None else max(call.deadline - time.monotonic(), 0.0)
         try:
-            return self._backend.get(call.stats, timeout_s=remaining)
+            return self._backend.get(call.stats, timeout_s=seconds_left(call.deadline))
         except CallTimedOut:
             raise CallTimedOut(f"shard {call.task['start']}:{call.task['stop']}: its worker did not answer "
                                f"within {self.timeout_s:g} s", "workers") from None
@@ -122,8 +121,7 @@ class ShardRunner:
         answered by then, the index of the one whose deadline passed (`stats_of` it times out)."""
         deadlines = [call.deadline for call in calls if call.deadline is not None]
         first = min(deadlines, default=None)
-        index = self._backend.wait_one([call.stats for call in calls],
-                                       timeout_s=None if first is None else max(first - time.monotonic(), 0.0))
+        index = self._backend.wait_one([call.stats for call in calls], timeout_s=seconds_left(first))
         return index if index is not None else [call.deadline for call in calls].index(first)
 
     def gather(self, calls: list[ShardCall], failures: Failures, workers: int) -> list[dict]:

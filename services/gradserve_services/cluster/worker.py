@@ -144,12 +144,15 @@ class GradientWorker:
             stats["jvp_sum"] = derivative * (stop - start)
             computed = time.perf_counter()
         else:
+            # compressed parts are small and are what the server must decode: they travel as is
+            shared = self._lane is not None and task.get("shared_memory", False) and \
+                task.get("compression", "none") == "none"
             push = blocks = None
             if "local" in task:  # a round: the pseudo-gradient of this worker's inner steps
                 result = run_task_round(model, params, x, y, task)
             else:
                 push = GradientPush(self._calls, self._lane, task) if "push" in task else None
-                blocks = self._gradient_blocks(task, params) if push is None and tables is None else None
+                blocks = self._gradient_blocks(task, params) if shared and push is None and tables is None else None
                 result = model.loss_and_grad_sum(
                     params, shard_x, shard_y, **options, on_ready=None if push is None else push.ready,
                     out=None if blocks is None else {n: v for _, views in blocks for n, v in views.items()})
@@ -162,9 +165,6 @@ class GradientWorker:
             if task.get("finite_only"):
                 _refuse_non_finite(result, start, stop,  # what feeds a residual must be finite
                                    gradients_too=feedback is not None or "powersgd" in task)
-            # compressed parts are small and are what the server must decode: they travel as is
-            shared = self._lane is not None and task.get("shared_memory", False) and \
-                task.get("compression", "none") == "none"
             if push is not None:  # the servers hold the sums already, but for the last buckets
                 push.finish(result.grad_sum)
                 parts = [pushed_part(task["push"]["key"])] * len(task["partition"])
@@ -212,11 +212,11 @@ class GradientWorker:
         return None if ref is None else {"kind": "shared", "block": ref}  # None: no room, by store
 
     def _gradient_blocks(self, task: dict, params: dict) -> list | None:
-        """Per server shard, the block `(ref, views)` this shard's plain dense gradient sums are
-        accumulated in by the backward pass itself (no copy after it); None where they are not
-        sent as blocks, or some block finds no room (then they are copied or sent by store)."""
-        if self._lane is None or not task.get("shared_memory", False) or task.get("compression", "none") != "none" \
-                or "local" in task or any(not names for names in task["partition"]):
+        """Per server shard, the block `(ref, views)` this shard's plain dense gradient sums (sent
+        as blocks) are accumulated in by the backward pass itself (no copy after it); None where a
+        server shard holds no dense parameter or some block finds no room (then they are copied
+        or sent by store)."""
+        if any(not names for names in task["partition"]):
             return None
         blocks = [self._lane.kept(_gradient_block_name(task, index),
                                   {n: (params[n].dtype, params[n].shape) for n in names})
