@@ -26,10 +26,16 @@ def note(line):
 with stop_signals_raise("test", grace_s) as stop:
     stop.last_resort(lambda: note("last resort"))
     try:
-        print("ready", flush=True)
+        # "ready" is printed inside the try: the signal is sent the moment it is read, and under
+        # load it landed before the try was entered, escaping the swallowing (seen: clean-up ran).
+        announced = False
         while True:
             try:
-                time.sleep(0.05)
+                if not announced:
+                    announced = True
+                    print("ready", flush=True)
+                while True:
+                    time.sleep(0.05)
             except BaseException:
                 if mode != "swallow":
                     raise
