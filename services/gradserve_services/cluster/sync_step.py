@@ -1,8 +1,9 @@
 """The sync step: every shard's gradient, then one update from all of them (a barrier).
 
 As in Ray's parameter-server example, `grads = [worker.compute(...) for worker in workers]` then
-`params = servers.apply(*grads)`: one `compute` per worker (parameters travel as references to the
-servers' last published snapshots, fetched once per version), one `apply` per server shard that
+`params = servers.apply(*grads)`: one `compute` per worker (parameters travel as the servers' last
+published snapshots: a block reference of a few bytes, given by value to a worker that maps the
+shared memory, else a reference it fetches once per version), one `apply` per server shard that
 receives the workers' gradient references directly, one `get` of the workers' small stats and one
 of the servers' small reports. Gradients and parameters never pass through this process; on one
 machine (shared.py) the batch, the gradients and the parameters stay in shared memory.

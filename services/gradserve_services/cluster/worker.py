@@ -196,6 +196,12 @@ class GradientWorker:
                      fetch_ms=(fetched - started) * 1e3, compute_ms=(computed - fetched) * 1e3)
         return (*parts, stats)
 
+    def compute_given(self, task: dict, snapshots: int, *args):
+        """`compute` given the servers' published snapshots themselves: the first `snapshots` of
+        `args` (`(version, BlockRef)` each, resolved by Ray before this call), so nothing is fetched
+        before the pass; the rest are `compute`'s arguments after `params_refs`."""
+        return self.compute(task, _Given(args[:snapshots]), *args[snapshots:])
+
     def powersgd_q(self, table: str, slot: int, p_hats: dict) -> dict:
         """Phase two of PowerSGD for shard `slot` of the step this worker computed: `{name: Q_i}`
         against the servers' orthonormal P̂ (the residuals follow the shard slot)."""
@@ -228,7 +234,8 @@ class GradientWorker:
         return list(refs) if self._calls is None else self._calls.get(list(refs))
 
     def _parameters(self, table: str, params_refs: list, servers=None):
-        """The `(version, params)` the references point at, from cache while they are unchanged.
+        """The `(version, params)` the references point at (or the snapshots given, `_Given`), from
+        cache while they are unchanged.
         A server's block this worker cannot map (it has no lane) is asked for as a copy from
         `servers`: in sync mode the block holds exactly that version until the next apply."""
         if self._calls is None:
@@ -238,7 +245,7 @@ class GradientWorker:
         if cached is not None and cached[0] == refs:
             self._params.move_to_end(table)
             return cached[1], cached[2]
-        snapshots = self._fetch(params_refs)
+        snapshots = list(refs) if isinstance(params_refs, _Given) else self._fetch(params_refs)
         unmapped = [index for index, (_, held) in enumerate(snapshots)
                     if isinstance(held, BlockRef) and self._lane is None]
         copies = self._calls.get([self._calls.submit(servers[index], "snapshot", table)[0]
@@ -250,6 +257,10 @@ class GradientWorker:
         while len(self._params) > MAX_CACHED_TABLES:
             self._params.popitem(last=False)
         return version, params
+
+
+class _Given(tuple):
+    """Snapshots given to `compute_given` by value, where `compute` is otherwise given references."""
 
 
 def _gradient_block_name(task: dict, index: int) -> str:
