@@ -32,8 +32,12 @@ def test_training_suite_runs_its_steps():
         assert 0 <= line["overlapped_ms"] <= line["hidden_ms"] <= \
             line["gather_ms"] + line["apply_ms"] + line["overlapped_ms"]
         assert line["returned_samples_per_s"] > 0 and line["pushed_samples_per_s"] > 0
+        assert line["serial_samples_per_s"] > 0
         assert line["gradserve_samples_per_s"] == line["pushed_samples_per_s" if line["pushes_gradients"]
                                                        else "returned_samples_per_s"]
+    for line in each:  # (a median's ratio is the median of the ratios)
+        assert line["ahead_over_serial"] == pytest.approx(  # (each printed rounded)
+            line["returned_samples_per_s"] / line["serial_samples_per_s"], rel=1e-3)
     for field in ("gradserve_samples_per_s", "total_ms", "hidden_ms"):
         assert median[field] == sorted(line[field] for line in each)[1]
 

@@ -15,7 +15,10 @@ gradient buckets pushed while a worker still computed). gradserve runs as a trai
 default (`pushes_gradients` says whether that pushed its gradients in buckets during backward: only
 where the machine has a core to spare beyond the workers), then on the other path;
 `pushed_samples_per_s` and `returned_samples_per_s` (each worker returning its sums when done) are
-the two, `pushed_over_returned` their ratio.
+the two, `pushed_over_returned` their ratio. Each step is given the next as a stream of steps
+gives it (StreamSteps, `gradserve train`), so it is begun before the one before it ends where
+steps can overlap; `serial_samples_per_s` is the returned path with each step run alone (Step
+calls one after another), `ahead_over_serial` the gain.
 """
 
 from __future__ import annotations
@@ -59,8 +62,10 @@ def synthetic_batches(count: int, rows: int, seed: int = 0, layers=LAYERS):
 
 
 def measure_gradserve(executor, *, workers: int, batch: int, steps: int, warmup: int,
-                      layers=LAYERS, push_gradients: bool | None = None) -> dict:
-    """Samples/s of sync SGD steps and the mean phase breakdown (ms) over the timed steps."""
+                      layers=LAYERS, push_gradients: bool | None = None, ahead: bool = True) -> dict:
+    """Samples/s of sync SGD steps and the mean phase breakdown (ms) over the timed steps. With
+    `ahead`, each step is given the next (`Trainer.step(..., then=...)`), as StreamSteps and
+    `gradserve train` give it: the next step's workers start the moment the update is published."""
     from gradserve_services.cluster import TrainerConfig
     from gradserve_services.engine import Model
 
@@ -76,7 +81,8 @@ def measure_gradserve(executor, *, workers: int, batch: int, steps: int, warmup:
         results = []
         started = time.perf_counter()
         for step in range(steps):
-            results.append(trainer.step(warmup + step, *data[step % len(data)]))
+            then = (warmup + step + 1, *data[(step + 1) % len(data)]) if ahead and step + 1 < steps else None
+            results.append(trainer.step(warmup + step, *data[step % len(data)], then=then))
         elapsed = time.perf_counter() - started
     finally:
         trainer.close()
@@ -224,10 +230,15 @@ def _measure_all(args, executor) -> dict:
     other = measure_gradserve(executor, workers=args.workers, batch=args.batch, steps=args.steps,
                               warmup=args.warmup, push_gradients=not measured["pushed"])
     pushed, returned = (measured, other) if measured["pushed"] else (other, measured)
+    # the returned path's steps one at a time, none begun ahead (Step calls, one after another)
+    serial = measure_gradserve(executor, workers=args.workers, batch=args.batch, steps=args.steps,
+                               warmup=args.warmup, push_gradients=False, ahead=False)
     record["pushes_gradients"] = measured["pushed"]
     record["pushed_samples_per_s"] = pushed["samples_per_s"]
     record["returned_samples_per_s"] = returned["samples_per_s"]
     record["pushed_over_returned"] = pushed["samples_per_s"] / returned["samples_per_s"]
+    record["serial_samples_per_s"] = serial["samples_per_s"]
+    record["ahead_over_serial"] = returned["samples_per_s"] / serial["samples_per_s"]
     if not args.skip_torch:
         record["ratio_vs_torch"] = record["gradserve_samples_per_s"] / record["torch_samples_per_s"]
         record["ratio_vs_ddp"] = record["gradserve_samples_per_s"] / record["ddp_samples_per_s"]

@@ -26,6 +26,19 @@ __all__ = ["ParameterShards", "PUSH_WAIT_S"]
 PUSH_WAIT_S = 600.0
 
 
+class Update(list):
+    """`update`'s `(published, report)` futures per shard, with the checks (and squared norms)
+    they wait for: read with them where the update fails (each update in flight keeps its own)."""
+
+    def __init__(self, outputs: list, agreement: list = ()):
+        super().__init__(outputs)
+        self.agreement = list(agreement)
+
+
+def _agreement(applying: list) -> list:
+    return applying.agreement if isinstance(applying, Update) else []
+
+
 class ParameterShards:
     def __init__(self, backend: Backend, table: str, partition: list[list[str]], in_shared_memory: bool,
                  step_window: int,
@@ -43,7 +56,6 @@ class ParameterShards:
         # input, and the version they hold (updates applied so far).
         self.published: list = []
         self.version = 0
-        self._agreement: list = []  # the checks (and squared norms) of the update in flight
 
     @property
     def servers(self) -> list:
@@ -145,23 +157,21 @@ class ParameterShards:
         after = after or [[] for _ in self.partition]
         servers, submit = self.servers, self._backend.submit
         if len(self.partition) == 1 and not after[0]:  # it decides alone
-            return [submit(servers[0], "apply_after", self.table, key, counts, computed_on, 0, 0,
-                           *grads_per_shard[0], num_returns=2)]
+            return Update([submit(servers[0], "apply_after", self.table, key, counts, computed_on, 0, 0,
+                           *grads_per_shard[0], num_returns=2)])
         squares = [] if clip_norm is None else [
             submit(server, "squared_norm_after", self.table, 1.0 / rows, len(waits), *waits, *grads)[0]
             for server, waits, grads in zip(servers, after, grads_per_shard)]
         checks = [submit(server, "check_after", self.table, rows, computed_on, len(squares), len(waits),
                          *waits, *squares, *grads)[0]
                   for server, waits, grads in zip(servers, after, grads_per_shard)]
-        self._agreement = squares + checks
-        return [submit(server, "apply_after", self.table, key, counts, computed_on, len(squares), len(checks),
-                       *checks, *squares, *grads, num_returns=2)
-                for server, grads in zip(servers, grads_per_shard)]
+        return Update([submit(server, "apply_after", self.table, key, counts, computed_on, len(squares),
+                              len(checks), *checks, *squares, *grads, num_returns=2)
+                       for server, grads in zip(servers, grads_per_shard)], squares + checks)
 
     def discard_update(self, applying: list) -> None:
         """Read an update's failed futures (a lost gradient, a refusal) so they count as handled."""
-        self.discard([future for output in applying for future in output] + self._agreement)
-        self._agreement = []
+        self.discard([future for output in applying for future in output] + _agreement(applying))
 
     def expect_pushes(self, pushes: str, key: str, batch_shards: int, counts, alone: bool) -> list:
         """Tell every shard the attempt `pushes` at update `key` is pushed by `batch_shards`
@@ -187,11 +197,9 @@ class ParameterShards:
         try:
             reports = self.get([output[1] for output in applying])
         except BaseException:
-            self.discard([output[0] for output in applying] + self._agreement)
-            self._agreement = []
+            self.discard([output[0] for output in applying] + _agreement(applying))
             raise
-        self.published = [output[0] for output in applying]
-        self._agreement = []  # done: the applies ran, so every check passed
+        self.published = [output[0] for output in applying]  # (the applies ran: every check passed)
         return reports
 
     def agree(self, grads_per_shard: list, count: int, computed_on: int, clip_norm: float | None) -> float | None:

@@ -21,6 +21,12 @@ class Clock:
     def mark(self, name: str) -> None:
         self.marks[name] = time.perf_counter()
 
+    def rebase(self, start: float) -> None:
+        """Time the step from `start` (perf_counter: when the step before it ended). What a step
+        begun ahead did before then overlapped that step, and counts in none of its phases."""
+        self.start = max(self.start, start)
+        self.marks = {name: max(mark, self.start) for name, mark in self.marks.items()}
+
     def between(self, first: str | None, second: str) -> float:
         begin = self.start if first is None else self.marks[first]
         return (self.marks[second] - begin) * 1e3

@@ -22,7 +22,7 @@ the sums when the last bucket arrives; the same update is made from them.
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -39,7 +39,23 @@ from .step_report import Clock, global_norm_of, step_result
 from .step_tasks import shard_tasks
 from .steplog import update_key
 
-__all__ = ["SyncSteps"]
+__all__ = ["Begun", "SyncSteps"]
+
+
+@dataclass
+class Begun:
+    """A sync step whose shards and update are submitted, not yet waited for (`SyncSteps.begin`)."""
+
+    step: int
+    clock: Clock
+    calls: list[ShardCall]
+    applying: list | None  # the update's (published, report) futures per server shard
+    rows: int
+    steps_run: int
+    num_workers: int
+    computed_on: int  # the version the update is computed on
+    pull_figures: dict  # the table lane's figures of the rows pulled for it
+    resubmitted: bool = False  # a lost shard was re-run and the update submitted again
 
 
 class SyncSteps:
@@ -53,37 +69,72 @@ class SyncSteps:
         # this trainer's own lane into shared memory (for the batch); None: the object store only
         self._shared_memory = shared_memory
         self._noise_scale = NoiseScale()  # smoothed over this trainer's sync steps
+        self._batch_block = 0  # which of the two batch blocks the last step wrote
 
     def run(self, step: int, x, y, *, steps_run: int, num_workers: int) -> StepResult:
-        shards, key, clock = self._shards, update_key(step), Clock()
+        if self._pushes_gradients(num_workers):
+            return self._run_pushed(step, x, y, steps_run, num_workers)
+        return self.end(self.begin(step, x, y, steps_run=steps_run, num_workers=num_workers))
+
+    def begins_ahead(self, num_workers: int) -> bool:
+        """Whether a step can be begun before the one before it ended (`begin(after=...)`): where
+        the gradients are returned when done and the model has no tables (whose rows are pulled
+        before a step, from what the servers hold then)."""
+        return self._shards.lane is None and not self._pushes_gradients(num_workers)
+
+    def begin(self, step: int, x, y, *, steps_run: int, num_workers: int, after: Begun | None = None) -> Begun:
+        """Submit the step's shards and its update, waiting for none of it. `after`: the step
+        begun just before, not yet ended: this one's workers are then given that update's
+        published parameters as arguments (Ray runs them the moment it is applied), and this
+        update is computed on the version that one makes."""
+        shards, clock = self._shards, Clock()
+        published, computed_on = (shards.published, shards.version) if after is None else \
+            ([output[0] for output in after.applying], after.computed_on + 1)
+        inputs, tasks, rows = self._prepare(clock, x, y, published, steps_run, num_workers)
+        pulls, pull_figures = ([()] * len(tasks), {}) if shards.lane is None else \
+            shards.lane.prepare(self._backend, shards.servers, shards.table, x, tasks)  # table_lane.py
+        calls = [self._runner.dispatch(position, task, inputs, rows=pulls[position])
+                 for position, task in enumerate(tasks)]
+        begun = Begun(step, clock, calls, [], rows, steps_run, num_workers, computed_on, pull_figures)
+        begun.applying = self._update(begun)
+        return begun
+
+    def end(self, begun: Begun) -> StepResult:
+        """Wait for a begun step: its shards (a lost one re-run and the update then submitted
+        again: `begun.resubmitted`), then its update's reports."""
+        shards, clock, calls = self._shards, begun.clock, begun.calls
+        failures = Failures()
+        try:
+            stats = self._runner.gather(calls, failures, begun.num_workers)
+        except BaseException:  # a refused shard (non-finite loss) or workers lost too often
+            shards.discard_update(begun.applying)
+            raise
+        clock.mark("gathered")
+        if failures.reruns:  # it failed on a lost gradient: submitted again, with the re-runs'
+            shards.discard_update(begun.applying)
+            begun.applying, begun.resubmitted = self._update(begun), True
+        reports = shards.settle(begun.applying)
+        clock.mark("applied")
+        result = step_result("sync", stats, [reports[0]], clock, failures, grad_norm=_norm(reports),
+                             positions=[call.position for call in calls])
+        return self._finish(result, stats, reports, begun.pull_figures)
+
+    def abandon(self, begun: Begun) -> None:
+        """Forget a begun step that will not be ended (the one before it failed, so this one's
+        shards, which wait for that update's parameters, fail too): its futures read as handled."""
+        self._shards.discard_update(begun.applying)
+        self._shards.discard([future for call in begun.calls for future in (*call.grads, call.stats)])
+
+    def _prepare(self, clock: Clock, x, y, published: list, steps_run: int, num_workers: int):
+        """`(inputs, tasks, rows)` of a step: the batch put where the workers read it."""
+        shards = self._shards
         rows = x.rows if isinstance(x, Batch) else x.shape[0]
-        inputs = self._inputs(x, y)
+        inputs = self._inputs(x, y, published)
         inputs.prepare(self._runner.shares_memory(num_workers))
         clock.mark("put")
         tasks = shard_tasks(self._config, shards.table, shards.partition, rows, num_workers,
                             steps_run, self._shared_memory is not None)
-        pulls, pull_figures = ([()] * len(tasks), {}) if shards.lane is None else \
-            shards.lane.prepare(self._backend, shards.servers, shards.table, x, tasks)  # table_lane.py
-        if self._pushes_gradients(num_workers):
-            return self._run_pushed(key, clock, inputs, tasks, rows, steps_run, num_workers)
-        calls = [self._runner.dispatch(position, task, inputs, rows=pulls[position])
-                 for position, task in enumerate(tasks)]
-        applying = self._update(key, calls, rows, steps_run)
-        failures = Failures()
-        try:
-            stats = self._runner.gather(calls, failures, num_workers)
-        except BaseException:  # a refused shard (non-finite loss) or workers lost too often
-            shards.discard_update(applying)
-            raise
-        clock.mark("gathered")
-        if failures.reruns:  # it failed on a lost gradient: submitted again, with the re-runs'
-            shards.discard_update(applying)
-            applying = self._update(key, calls, rows, steps_run)
-        reports = shards.settle(applying)
-        clock.mark("applied")
-        result = step_result("sync", stats, [reports[0]], clock, failures, grad_norm=_norm(reports),
-                             positions=[call.position for call in calls])
-        return self._finish(result, stats, reports, pull_figures)
+        return inputs, tasks, rows
 
     def _finish(self, result: StepResult, stats: list, reports: list, pull_figures: dict) -> StepResult:
         shards = self._shards
@@ -102,13 +153,13 @@ class SyncSteps:
         return (wanted and self._config.compression == "none"
                 and self._shards.lane is None and getattr(self._backend, "pushes_gradients", False))
 
-    def _run_pushed(self, key: str, clock: Clock, inputs: ShardInputs, tasks: list[dict], rows: int,
-                    steps_run: int, num_workers: int) -> StepResult:
+    def _run_pushed(self, step: int, x, y, steps_run: int, num_workers: int) -> StepResult:
         """The step with gradients pushed during backward (gradient_push.py, pushed_updates.py):
         each server sums a bucket the moment every shard pushed it; one server applies when the
         last bucket is in; several check and apply as on the other path, from the sums they hold,
         each server's check waiting for its sums."""
-        shards = self._shards
+        shards, key, clock = self._shards, update_key(step), Clock()
+        inputs, tasks, rows = self._prepare(clock, x, y, shards.published, steps_run, num_workers)
         counts = self._counts(tasks, steps_run)
         alone = len(shards.partition) == 1
         pushes = pushes_id(key)  # this attempt's: an abandoned one's late pushes stay out of the next
@@ -143,23 +194,29 @@ class SyncSteps:
         counts = [task["stop"] - task["start"] for task in tasks]
         return counts if steps_run % self._config.signals_every == 0 else sum(counts)
 
-    def _update(self, key: str, calls: list[ShardCall], rows: int, steps_run: int) -> list:
+    def _update(self, begun: Begun) -> list:
         """The update submitted with the workers' gradient futures as arguments: it starts the
         moment the last gradient exists (ParameterShards.update), without a round trip here."""
-        shards = self._shards
-        return shards.update(key, self._counts([call.task for call in calls], steps_run), rows, shards.version,
-                             self._config.optimizer.clip_norm, _grads_per_shard(calls, len(shards.partition)))
+        shards, calls = self._shards, begun.calls
+        return shards.update(update_key(begun.step), self._counts([call.task for call in calls], begun.steps_run),
+                             begun.rows, begun.computed_on, self._config.optimizer.clip_norm,
+                             _grads_per_shard(calls, len(shards.partition)))
 
-    def _inputs(self, x, y) -> ShardInputs:
+    def _inputs(self, x, y, published: list) -> ShardInputs:
         """The step's inputs: the batch as one block for the workers that map shared memory
         (arrays only), through the object store for the others, who also get the servers to ask
         for copies of the parameters published as blocks."""
         backend, lane, shards = self._backend, self._shared_memory, self._shards
         shared_batch = None
         if lane is not None and isinstance(x, np.ndarray):
+            # two batch blocks, taken in turn: a step begun ahead writes its batch while the
+            # workers of the one before it may still read theirs
+            self._batch_block ^= 1
+            name = f"{shards.table}-batch-{self._batch_block}"
+
             def shared_batch():
-                return lane.put(f"{shards.table}-batch", {"x": x, "y": y})
-        return ShardInputs(shards.published, lambda: (backend.put(x), backend.put(y)),
+                return lane.put(name, {"x": x, "y": y})
+        return ShardInputs(published, lambda: (backend.put(x), backend.put(y)),
                            shared_batch=shared_batch, servers=None if lane is None else shards.servers)
 
     def _gradient_signals(self, reports, shard_counts) -> dict:

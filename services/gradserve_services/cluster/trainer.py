@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 import uuid
 from dataclasses import replace
 from typing import Mapping
@@ -39,7 +40,7 @@ from .sharding import partition_parameters
 from .steplog import StepLog, step_number, update_key
 from .local_step import LocalRounds
 from .powersgd_step import PowerSGDSteps
-from .sync_step import SyncSteps
+from .sync_step import Begun, SyncSteps
 from .two_phase import ForwardPhase, TwoPhaseSteps
 from .table_lane import TableLane
 from .table_stream import TableStream
@@ -67,6 +68,8 @@ class Trainer:
             self._partition += [[] for _ in range(self.config.ps_shards - len(self._partition))]
         self._lock = threading.Lock()  # one step (or state change) at a time per trainer
         self._log = StepLog(self.config.step_window)  # exactly-once: recent steps' results
+        self._ahead: Begun | None = None  # the caller's next step, begun before its call (`step`)
+        self._unclaimed: tuple | None = None  # (step, result) of one settled before its call came
         self._closed = False
         self._num_workers = self.config.num_workers
         # Sync steps may share memory with workers on this machine (see shared.py); the on-arrival
@@ -92,23 +95,90 @@ class Trainer:
 
     # ----- public API ----------------------------------------------------------------------------
 
-    def step(self, step_id, x, y) -> StepResult:
+    def step(self, step_id, x, y, *, then: tuple | None = None) -> StepResult:
         """One step, exactly once per step id (an integer >= 0): an id recorded in the step log
         returns its recorded result with `duplicate=True`; an id at or below the highest one seen
-        minus `config.step_window` is refused (FailedPrecondition), see steplog.py."""
+        minus `config.step_window` is refused (FailedPrecondition), see steplog.py.
+
+        `then=(step_id, x, y)`: the caller's next step, known already (a stream of steps). Where
+        steps can overlap (sync, gradients returned when done, no tables: `SyncSteps.begins_ahead`)
+        it is begun before this step is waited for: its workers are given this update's published
+        parameters as arguments, so they start the moment it is applied, with no round trip
+        through this process, and the call for it finds it running. A step begun ahead is
+        applied even if its call never comes (its caller sent it): any other call first waits for
+        it, records it, and the first call for its id gets its result as no duplicate. Where this
+        step fails, or a lost shard made its update be submitted again, the one begun ahead
+        (which waited for that update) is dropped and runs afresh when called."""
         def run(step: int) -> StepResult:
-            batch, targets = self._model.validate_batch(x, y, dtype=self._dtype)
-            return self._steps.run(step, batch, targets, steps_run=self.steps_run,
-                                   num_workers=self._num_workers)
+            begun, self._ahead = (self._ahead, None) if self._ahead is not None else (None, None)
+            if begun is None:
+                batch, targets = self._model.validate_batch(x, y, dtype=self._dtype)
+                if then is None or not self._begins_ahead():
+                    return self._steps.run(step, batch, targets, steps_run=self.steps_run,
+                                           num_workers=self._num_workers)
+                begun = self._steps.begin(step, batch, targets, steps_run=self.steps_run,
+                                          num_workers=self._num_workers)
+            ahead = self._begin_ahead(step, then, begun)
+            try:
+                result = self._steps.end(begun)
+            except BaseException:
+                if ahead is not None:
+                    self._steps.abandon(ahead)
+                raise
+            if ahead is not None and (begun.resubmitted or result.version != ahead.computed_on):
+                self._steps.abandon(ahead)
+            elif ahead is not None:
+                ahead.clock.rebase(time.perf_counter())
+                self._ahead = ahead
+            return result
 
         return self._once(step_id, run)
+
+    def _begins_ahead(self) -> bool:
+        return isinstance(self._steps, SyncSteps) and self._steps.begins_ahead(self._num_workers)
+
+    def _begin_ahead(self, step: int, then: tuple | None, begun: Begun) -> Begun | None:
+        """The step `then` begun after `begun` (see `step`), or None where it cannot be: no next
+        step, an id already recorded or refused, a batch this model refuses (its call will say
+        why), or steps that do not overlap."""
+        if then is None or not self._begins_ahead():
+            return None
+        try:
+            following = step_number(then[0])
+            if following == step or self._log.lookup(update_key(following)) is not None:
+                return None
+            batch, targets = self._model.validate_batch(then[1], then[2], dtype=self._dtype)
+        except (InvalidArgument, FailedPrecondition):
+            return None
+        return self._steps.begin(following, batch, targets, steps_run=self.steps_run + 1,
+                                 num_workers=self._num_workers, after=begun)
+
+    def _settle_ahead(self) -> None:
+        """Wait for the step begun ahead, if any, and record it; the first call for its id is
+        answered with its result. One that fails is forgotten: its call, if it comes, runs it."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return
+        try:
+            result = self._steps.end(ahead)
+        except Exception:  # noqa: BLE001 - what failed is met again by whatever runs next
+            return
+        self._log.record(update_key(ahead.step), result.to_record())
+        self._unclaimed = (ahead.step, result)
+
+    @contextlib.contextmanager
+    def _quiet(self):
+        """This trainer's lock, open, with no step in flight (one begun ahead is waited for)."""
+        with self._lock:
+            self._check_open()
+            self._settle_ahead()
+            yield
 
     def forward_step(self, step_id, x) -> ForwardPhase:
         """Phase one of a two-phase step (two_phase.py): the output at the current parameters,
         activations held under the step id; a recorded step id answers `duplicate`."""
         step = step_number(step_id)
-        with self._lock:
-            self._check_open()
+        with self._quiet():
             if self._log.lookup(update_key(step)) is not None:
                 return ForwardPhase(self.version, None, duplicate=True)
             held = self._two_phase.forward(step, x, steps_run=self.steps_run)
@@ -129,8 +199,13 @@ class Trainer:
         step = step_number(step_id)
         with self._lock:
             self._check_open()
+            if self._ahead is not None and self._ahead.step != step:
+                self._settle_ahead()
             recorded = self._log.lookup(update_key(step))
             if recorded is not None:
+                if self._unclaimed is not None and self._unclaimed[0] == step:  # settled ahead of its call
+                    result, self._unclaimed = self._unclaimed[1], None
+                    return result
                 return replace(StepResult.from_record(recorded), duplicate=True)
             self._shards.refresh()  # after a call that outlived its bound
             result = run(step)
@@ -139,8 +214,7 @@ class Trainer:
 
     def parameters(self) -> tuple[int, dict[str, np.ndarray]]:
         """`(version, params)`: copies the caller owns, in model order."""
-        with self._lock:
-            self._check_open()
+        with self._quiet():
             snapshots = self._shards.copies()
             merged = {} if self._lane is None else self._lane.whole(  # from every shard's rows
                 self._shards.get, self._backend.submit, self._shards.servers, self._table)
@@ -157,8 +231,7 @@ class Trainer:
         their parts are taken, never assembled. Valid inside the `with` block, during which this
         trainer runs no step, restore or close (its lock is held). For streaming them out
         (PullParameters) without a copy first."""
-        with self._lock:
-            self._check_open()
+        with self._quiet():
             snapshots = self._shards.get(self._shards.published)
             attached = Attachments()  # mapped for this block only: a later restore unlinks them
             merged = {} if self._lane is None else self._lane.streams(  # tables: read a range at a time
@@ -171,8 +244,7 @@ class Trainer:
     def server_pids(self) -> list[int]:
         """Process ids of this trainer's parameter-server shards, in shard order (their memory is
         what a model's tables cost: `procfs.rss_bytes`)."""
-        with self._lock:
-            self._check_open()
+        with self._quiet():
             return self._shards.get([self._backend.submit(server, "pid")[0] for server in self._shards.servers])
 
     def table_rows(self, name: str, ids: np.ndarray) -> tuple[int, np.ndarray]:
@@ -184,8 +256,7 @@ class Trainer:
             raise InvalidArgument("ids must be a 1-D int64 array", "ids")
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= shape[0]):
             raise InvalidArgument(f"ids must lie in [0, {shape[0]}) (the rows of {name})", "ids")
-        with self._lock:
-            self._check_open()
+        with self._quiet():
             rows = self._lane.rows(self._shards.get, self._backend.submit, self._shards.servers,
                                    self._table, name, ids)
             return self._shards.version, rows
@@ -193,8 +264,7 @@ class Trainer:
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
         """`(arrays, meta)` for a checkpoint: parameters, optimizer state, version, and the step
         log's mark and window (never more than `config.step_window` steps' records)."""
-        with self._lock:
-            self._check_open()
+        with self._quiet():
             states = self._shards.states()
             mark, records = self._log.state()
             meta = {"format": STATE_FORMAT, "version": states[0][1]["version"],
@@ -221,12 +291,12 @@ class Trainer:
             params.update(self._lane.stored_rows(arrays))
         if self._model.validate_parameters(params, field_prefix="state.param") != self._dtype:
             raise InvalidArgument(f"parameters must be {self._dtype}", "state.param")
-        with self._lock:
-            self._check_open()
+        with self._quiet():
             if self._lane is not None:  # rows never stored are made from the seed they started from
                 self._lane.seed = int(meta.get("table_seed", self._lane.seed))
             self._shards.load(arrays, meta["table"])
             self._two_phase.clear()
+            self._unclaimed = None
             self._shards.version = int(meta["version"])
             self._log = StepLog.from_state(meta.get("step_mark"), meta["step_log"],
                                            self.config.step_window, steps_recorded=int(meta["steps_run"]))
@@ -234,8 +304,7 @@ class Trainer:
     def resize(self, num_workers: int) -> None:
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
             raise InvalidArgument(f"must be an integer >= 1, got {num_workers!r}", "num_workers")
-        with self._lock:
-            self._check_open()
+        with self._quiet():
             self._backend.reserve_workers(self._table, num_workers)
             self._num_workers = num_workers
 
@@ -257,6 +326,7 @@ class Trainer:
         with self._lock:
             if self._closed:
                 return
+            self._settle_ahead()
             self._closed = True
             backend = self._backend
             self._shards.drop()
