@@ -309,6 +309,11 @@ class Trainer:
             self._num_workers = num_workers
 
     @property
+    def ahead_step(self) -> int | None:
+        """The id of the step begun ahead of its call (`step`'s `then`), or None."""
+        return None if self._ahead is None else self._ahead.step
+
+    @property
     def num_workers(self) -> int:
         return self._num_workers
 

@@ -22,6 +22,7 @@ from gradserve_services.errors import DeadlineExceeded, InvalidArgument
 from . import wire
 from .describe import describe_reply, server_info_reply
 from .functions import INPUT_GRADIENTS, OUTPUT_GRADIENT, OUTPUTS, ModelFunctions
+from .read_ahead import ReadAhead
 from .sessions import SessionRegistry, activation_features, check_activations
 
 __all__ = ["GradserveServicer"]
@@ -152,16 +153,24 @@ class GradserveServicer(service_pb2_grpc.GradserveServicer):
         return self._step(owner, header, arrays, context)
 
     def StreamSteps(self, request_iterator, context):
-        owner = context.identity
-        for header, arrays in wire.read_each(request_iterator, self._max_bytes):
-            yield self._step(owner, header, arrays, context)
+        # read one step ahead: a step whose successor has arrived begins it before its own end
+        steps = ReadAhead(wire.read_each(request_iterator, self._max_bytes))
+        try:
+            for header, arrays in steps:
+                yield self._step(context.identity, header, arrays, context, following=steps.arrived())
+        finally:
+            steps.close()
 
-    def _step(self, owner, header, arrays, context) -> service_pb2.StepResponse:
+    def _step(self, owner, header, arrays, context, following=None) -> service_pb2.StepResponse:
         session = self._sessions.get(owner, header.session_id)
-        x, y = wire.batch_tensors(wire.group(arrays, (wire.BATCH_PREFIX,))[wire.BATCH_PREFIX], session.config.spec)
-        if y is None:
-            raise InvalidArgument("missing tensor", "batch.y")
-        result = self._sessions.step(session, header.step_id, x, y, _seconds_left(context))
+        x, y = _batch(session, arrays)
+        then = None
+        if following is not None and following[0].session_id == header.session_id:
+            try:  # a bad next step is refused in its own turn, by this same code
+                then = (following[0].step_id, *_batch(session, following[1]))
+            except InvalidArgument:
+                pass
+        result = self._sessions.step(session, header.step_id, x, y, _seconds_left(context), then=then)
         return _step_response(header.step_id, result)
 
     def StepForward(self, request_iterator, context):
@@ -245,6 +254,13 @@ def _gradients_answer(result: dict, version: int) -> tuple:
     if result["jvp"] is not None:
         reply.jvp = result["jvp"]
     return reply, wire.gradient_arrays(result["grads"] or {})  # tables as (ids, rows)
+
+
+def _batch(session, arrays) -> tuple:
+    x, y = wire.batch_tensors(wire.group(arrays, (wire.BATCH_PREFIX,))[wire.BATCH_PREFIX], session.config.spec)
+    if y is None:
+        raise InvalidArgument("missing tensor", "batch.y")
+    return x, y
 
 
 def _step_response(step_id: int, result) -> service_pb2.StepResponse:

@@ -78,6 +78,10 @@ class Session:
     base_checkpoint: str | None = None
     replay: list = dataclasses.field(default_factory=list)
     features_per_row: int = 0  # activation elements per batch row (see check_activations)
+    # (step_id, x, y) of the next step of a stream, begun by the trainer before its call
+    # (Trainer.step's `then`); and (step_id, result) of one run before its call came
+    ahead: tuple | None = None
+    answered: tuple | None = None
 
     def __post_init__(self):
         self.features_per_row = activation_features(self.config.spec)
@@ -225,39 +229,90 @@ class SessionRegistry:
 
     # ----- work ---------------------------------------------------------------------------------
 
-    def step(self, session: Session, step_id: int, x, y, seconds_left: Callable[[], float | None]) -> StepResult:
+    def step(self, session: Session, step_id: int, x, y, seconds_left: Callable[[], float | None], *,
+             then: tuple | None = None) -> StepResult:
         """One step under the session's lock. Refuses (DeadlineExceeded) a step the caller's
         deadline cannot cover, judged by the session's recent step times, so a step is never
-        applied after its caller gave up on it."""
+        applied after its caller gave up on it. `then=(step_id, x, y)`: the stream's next step,
+        arrived already: the trainer begins it before this one's end is waited for, where the
+        deadline covers both and no checkpoint falls between them. It is applied even if its
+        call never comes (it was sent): any other call of the session first waits for it and
+        runs its bookkeeping (replay, checkpoints, metrics), and its call gets that result."""
         if step_id < 1:
             raise InvalidArgument("step ids start at 1", "step_id")
         check_activations(session.features_per_row, x, session.config.micro_batch_size,
                           self.limits.activation_elements_per_call)
         with session.lock:
             self._check_open(session)
+            answered, session.answered = session.answered, None
+            if answered is not None and answered[0] == step_id:
+                return answered[1]
+            if session.ahead is not None and session.ahead[0] != step_id:
+                self._settle_ahead(session)
             remaining = seconds_left()
             if remaining is not None and remaining < session.step_seconds:
                 raise DeadlineExceeded(
                     f"{remaining:.3f} s left, a step of this session takes about {session.step_seconds:.3f} s",
                     "deadline",
                 )
-            started = time.perf_counter()
-            result = self._store.recovering(session, lambda: session.trainer.step(step_id, x, y))
-            elapsed = time.perf_counter() - started
-            record_step_metrics(result, elapsed)
-            if not result.duplicate:
-                session.step_seconds = elapsed if session.steps == 1 else (
-                    STEP_TIME_SMOOTHING * elapsed + (1 - STEP_TIME_SMOOTHING) * session.step_seconds)
-                self._store.after_step(session, step_id, x, y, result)
+            return self._run_step(session, step_id, x, y, self._ahead_of(session, then, remaining))
+
+    def _ahead_of(self, session: Session, then: tuple | None, remaining: float | None) -> tuple | None:
+        """`then`, where it may be begun ahead: a valid id, a batch within the limits, a deadline
+        that covers two steps, and no checkpoint due after this step (it saves a quiet state)."""
+        if then is None or then[0] < 1:
+            return None
+        every = session.checkpoint_every_steps
+        if (every and (session.steps + 1) % every == 0) or \
+                (remaining is not None and remaining < 2 * session.step_seconds):
+            return None
+        try:
+            check_activations(session.features_per_row, then[1], session.config.micro_batch_size,
+                              self.limits.activation_elements_per_call)
+        except InvalidArgument:
+            return None
+        return then
+
+    def _run_step(self, session: Session, step_id: int, x, y, then: tuple | None = None) -> StepResult:
+        """The step with the session's lock held: recovery, metrics, replay and checkpoints."""
+        session.ahead = None
+        started = time.perf_counter()
+        result = self._store.recovering(session, lambda: session.trainer.step(step_id, x, y, then=then))
+        elapsed = time.perf_counter() - started
+        record_step_metrics(result, elapsed)
+        if not result.duplicate:
+            session.step_seconds = elapsed if session.steps == 1 else (
+                STEP_TIME_SMOOTHING * elapsed + (1 - STEP_TIME_SMOOTHING) * session.step_seconds)
+            self._store.after_step(session, step_id, x, y, result)
+        if then is not None and session.trainer.ahead_step == then[0]:
+            session.ahead = then
+            metrics.record_step_begun_ahead()
         return result
+
+    def _settle_ahead(self, session: Session) -> None:
+        """Run out the step begun ahead, if any, as its call would (with the lock held); its call,
+        when it comes, is answered with the result. One that fails is left to its call."""
+        ahead, session.ahead = session.ahead, None
+        if ahead is not None:
+            try:
+                session.answered = (ahead[0], self._run_step(session, *ahead))
+            except Exception:  # noqa: BLE001 - its own call meets the error again
+                pass
+
+    @contextlib.contextmanager
+    def _held(self, session: Session):
+        """The session's lock, the session open, no step begun ahead still in flight."""
+        with session.lock:
+            self._check_open(session)
+            self._settle_ahead(session)
+            yield
 
     def forward_step(self, session: Session, step_id: int, x):
         """Phase one of a two-phase step (cluster/two_phase.py): a `ForwardPhase`."""
         if step_id < 1:
             raise InvalidArgument("step ids start at 1", "step_id")
         check_activations(session.features_per_row, x, 0, self.limits.activation_elements_per_call)
-        with session.lock:
-            self._check_open(session)
+        with self._held(session):
             return self._store.recovering(session, lambda: session.trainer.forward_step(step_id, x))
 
     def backward_step(self, session: Session, step_id: int, output_gradient, loss: float, *,
@@ -267,8 +322,7 @@ class SessionRegistry:
         batches, and this update has none to re-run."""
         if step_id < 1:
             raise InvalidArgument("step ids start at 1", "step_id")
-        with session.lock:
-            self._check_open(session)
+        with self._held(session):
             started = time.perf_counter()
 
             def backward():
@@ -283,35 +337,30 @@ class SessionRegistry:
 
     def table_rows(self, session: Session, table: str, ids) -> tuple[int, np.ndarray]:
         """`(version, rows)` of a session's table by id (PullRows)."""
-        with session.lock:
-            self._check_open(session)
+        with self._held(session):
             return session.trainer.table_rows(table, ids)
 
     def parameters(self, session: Session) -> tuple[int, dict[str, np.ndarray]]:
-        with session.lock:
-            self._check_open(session)
+        with self._held(session):
             return self._store.recovering(session, session.trainer.parameters)
 
     @contextlib.contextmanager
     def parameters_in_place(self, session: Session):
         """`(version, params)` as the servers hold them (Trainer.parameters_in_place), with the
         session's lock held until the `with` block ends: no step of the session runs meanwhile."""
-        with session.lock, contextlib.ExitStack() as held:
-            self._check_open(session)
+        with self._held(session), contextlib.ExitStack() as held:
             yield self._store.recovering(
                 session, lambda: held.enter_context(session.trainer.parameters_in_place()))
 
     def save_checkpoint(self, session: Session) -> tuple[str, int]:
-        with session.lock:
-            self._check_open(session)
+        with self._held(session):
             return self._store.recovering(session, lambda: self._store.save(session))
 
     def restore_checkpoint(self, session: Session, name: str) -> tuple[str, int]:
         with self.landing() as landing:  # the parameters read where the servers' processes map them
             name, arrays, meta = self._store.load(session, name, allocate=lambda found: landing.allocate(
                 {key: spec for key, spec in found.items() if key.startswith("param/")}))
-            with session.lock:
-                self._check_open(session)
+            with self._held(session):
                 # validates before changing anything; the loaded arrays become the servers' (handover.py)
                 session.trainer.restore(hand_over(arrays), meta)
                 session.base_checkpoint = name

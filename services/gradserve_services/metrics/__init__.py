@@ -28,7 +28,7 @@ from __future__ import annotations
 from . import definitions, exporter, recording
 from .definitions import *  # noqa: F403 - every metric, reachable as gradserve_services.metrics.NAME
 from .exporter import start_metrics_server, stop_metrics_server
-from .recording import (declare_rpc_methods, record_rpc, record_step, record_table_step, set_active_sessions,
-                        set_workers_alive)
+from .recording import (declare_rpc_methods, record_rpc, record_step, record_step_begun_ahead, record_table_step,
+                        set_active_sessions, set_workers_alive)
 
 __all__ = [*definitions.__all__, *exporter.__all__, *recording.__all__]

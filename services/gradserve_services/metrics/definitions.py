@@ -22,7 +22,7 @@ __all__ = [
     "WORKER_RETRIES", "COMPRESSION_RATIO", "GRADIENT_RAW_BYTES", "GRADIENT_COMPRESSED_BYTES",
     "NOISE_SCALE", "SHARD_COSINE", "UPDATE_RATIO", "COMPUTE_SPREAD", "SLOWEST_WORKER", "TABLE_ROWS",
     "TABLE_WIRE_BYTES", "TABLE_DENSE_BYTES", "TABLE_UNIQUE_ROW_RATIO", "TABLE_STORED_ROWS",
-    "TABLE_STORED_BYTES", "WORKERS_ALIVE", "ACTIVE_SESSIONS",
+    "TABLE_STORED_BYTES", "WORKERS_ALIVE", "ACTIVE_SESSIONS", "STEPS_BEGUN_AHEAD",
 ]
 
 # In the text format each counter and histogram also gets a `*_created` gauge: a second series per
@@ -140,6 +140,11 @@ UPDATES = Counter(
 WORKER_FAILURES = Counter(
     "gradserve_worker_failures",
     "Worker actor failures seen by the step coordinator (actor died or task raised).",
+    registry=REGISTRY,
+)
+STEPS_BEGUN_AHEAD = Counter(
+    "gradserve_steps_begun_ahead",
+    "Steps of a stream begun before the step before them ended (their workers waited for its update).",
     registry=REGISTRY,
 )
 WORKER_RETRIES = Counter(
@@ -274,6 +279,7 @@ METRIC_NAMES = frozenset(
         "gradserve_step_duration_seconds",
         "gradserve_step_phase_duration_seconds",
         "gradserve_samples_processed_total",
+        "gradserve_steps_begun_ahead_total",
         "gradserve_loss",
         "gradserve_gradient_global_norm",
         "gradserve_parameter_version",

@@ -39,12 +39,13 @@ from .definitions import (
     WORKERS_ALIVE,
     WORKER_FAILURES,
     WORKER_RETRIES,
+    STEPS_BEGUN_AHEAD,
     position_label,
 )
 
 __all__ = [
     "declare_rpc_methods", "record_rpc", "record_step", "record_table_step", "set_workers_alive",
-    "set_active_sessions",
+    "set_active_sessions", "record_step_begun_ahead",
 ]
 
 
@@ -163,6 +164,10 @@ def record_table_step(*, rows_pulled: int, rows_pushed: int, bytes_pulled: int, 
         TABLE_UNIQUE_ROW_RATIO.set(rows_updated / row_lookups)
     TABLE_STORED_ROWS.set(table_rows)
     TABLE_STORED_BYTES.set(table_bytes)
+
+
+def record_step_begun_ahead() -> None:
+    STEPS_BEGUN_AHEAD.inc()
 
 
 def set_workers_alive(n: int) -> None:
