@@ -150,7 +150,10 @@ class GradserveServicer:
 
     def StreamSteps(self, request_iterator, context):
         """Many steps over one stream (batch jobs): each step is a header followed by its chunks; the
-        service answers each step, in order, once all its bytes have arrived.
+        service answers each step, in order, once all its bytes have arrived. A step whose successor
+        has arrived may begin that successor before it is answered (its workers start the moment the
+        update is applied): a step the service has received is applied even if the stream ends before
+        its answer, and sending it again is answered as a duplicate.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
