@@ -1,7 +1,9 @@
 """Through a real gRPC gateway over real Ray actors: updates that would make parameters non-finite
 are refused (FAILED_PRECONDITION naming the cause) and change nothing, the session going on from its
 last good version; the exactly-once window answers retries inside it, refuses ids older than it, and
-holds across SaveCheckpoint / RestoreCheckpoint."""
+holds across SaveCheckpoint / RestoreCheckpoint. A streamed step whose successor has arrived begins it
+before its own end, and the trajectory is bitwise the one of Step calls made one at a time (the calls
+between two streamed steps: tests/gateway/test_gateway_steps_ahead.py)."""
 
 from __future__ import annotations
 
@@ -12,18 +14,20 @@ import pytest
 
 import gradserve
 from gradserve import Client
+from gradserve_services import metrics
 from gradserve_services.checkpoint import load_checkpoint
 from gradserve_services.cluster import LocalExecutor, RayExecutor, TrainerConfig
 from gradserve_services.engine import Model
 from gradserve_services.gateway import create_server
 from gradserve_services.gateway.sessions import SessionLimits
 
-from .helpers import MLP_SPEC, classification_data
+from .helpers import MLP_SPEC, batches, classification_data
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 WINDOW = 8
 LARGEST = float(np.finfo(np.float64).max)
+STREAMED_STEPS = 8
 MSE_SPEC = {"input_features": 4, "nodes": [{"name": "out", "op": "dense", "inputs": ["input"], "units": 2}],
             "output": "out", "loss": "mse"}
 
@@ -143,3 +147,33 @@ def test_step_window_edge_and_checkpoint_restore(client, gateway):
         assert not replayed.duplicate and replayed.version == 13 and replayed.loss == later.loss
     finally:
         client.close_session(session)
+
+
+def _streaming_session(client) -> str:
+    return client.create_session(MLP_SPEC, optimizer={"name": "momentum", "lr": 0.1}, seed=0,
+                                 dtype="float64", num_workers=2)
+
+
+def _begun_ahead() -> float:
+    return metrics.REGISTRY.get_sample_value("gradserve_steps_begun_ahead_total")
+
+
+def test_streamed_steps_begin_ahead_and_equal_steps_called_one_at_a_time(client):
+    data = batches(STREAMED_STEPS, 40)
+    one_at_a_time = _streaming_session(client)
+    called = [client.step(one_at_a_time, x, y, step_id=index + 1) for index, (x, y) in enumerate(data)]
+    streamed = _streaming_session(client)
+    try:
+        before = _begun_ahead()
+        answered = list(client.stream_steps(streamed, iter(data)))
+        assert _begun_ahead() > before, "no step of the stream was begun ahead"
+        assert [r.loss for r in answered] == [r.loss for r in called]
+        assert [r.version for r in answered] == list(range(1, STREAMED_STEPS + 1))
+        assert not any(r.duplicate for r in answered)
+        (version, expected), (streamed_version, pulled) = client.pull_parameters(one_at_a_time), \
+            client.pull_parameters(streamed)
+        assert version == streamed_version == STREAMED_STEPS
+        _assert_same(pulled, expected)
+    finally:
+        client.close_session(one_at_a_time)
+        client.close_session(streamed)

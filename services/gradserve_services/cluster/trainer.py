@@ -132,7 +132,7 @@ class Trainer:
                 self._ahead = ahead
             return result
 
-        return self._once(step_id, run)
+        return self._once(step_id, run, claims_ahead=True)
 
     def _begins_ahead(self) -> bool:
         return isinstance(self._steps, SyncSteps) and self._steps.begins_ahead(self._num_workers)
@@ -194,12 +194,13 @@ class Trainer:
             step, output_gradient, loss, input_gradients=inputs if input_gradient else None))
         return (result, inputs[0] if inputs else None) if input_gradient else result
 
-    def _once(self, step_id, run) -> StepResult:
-        """`run(step)` under the lock unless the step log answers the id; its result recorded."""
+    def _once(self, step_id, run, claims_ahead: bool = False) -> StepResult:
+        """`run(step)` under the lock unless the step log answers the id; its result recorded.
+        A step begun ahead is waited for first, unless `run` claims it (a `step` of its id)."""
         step = step_number(step_id)
         with self._lock:
             self._check_open()
-            if self._ahead is not None and self._ahead.step != step:
+            if self._ahead is not None and not (claims_ahead and self._ahead.step == step):
                 self._settle_ahead()
             recorded = self._log.lookup(update_key(step))
             if recorded is not None:
