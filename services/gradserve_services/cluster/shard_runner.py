@@ -62,18 +62,15 @@ class ShardInputs:
             self._by_store = self._store_batch()
         return self._by_store
 
-    def compute_call(self, shares_memory: bool) -> tuple[str, ...]:
-        """The worker method for a worker that does (or does not) map the area: where the servers
-        publish blocks, a worker that maps them is given the snapshots themselves, `(version,
-        BlockRef)` of a few bytes each, which Ray resolves before the call (`compute_given`); any
-        other is given their references, and fetches what they point at once per version."""
-        return ("compute_given",) if shares_memory and self._servers is not None else ("compute",)
-
-    def params_for(self, shares_memory: bool) -> list:
-        """The arguments `compute_call`'s method takes for the parameters."""
+    def compute_call(self, shares_memory: bool) -> tuple[str, list]:
+        """`(worker method, its parameter arguments)` for a worker that does (or does not) map the
+        area: where the servers publish blocks, a worker that maps them is given the snapshots
+        themselves, `(version, BlockRef)` of a few bytes each, which Ray resolves before the call
+        (`compute_given`); any other is given their references, and fetches what they point at
+        once per version (`compute`)."""
         if shares_memory and self._servers is not None:
-            return [len(self.params), *self.params]
-        return [self.params]
+            return "compute_given", [len(self.params), *self.params]
+        return "compute", [self.params]
 
     def task_for(self, task: dict, shares_memory: bool) -> dict:
         return task if shares_memory or self._servers is None else {**task, "servers": self._servers}
@@ -115,9 +112,10 @@ class ShardRunner:
     def dispatch(self, position: int, task: dict, inputs: ShardInputs, rows: list = ()) -> ShardCall:
         worker = self._backend.workers(position + 1)[position]
         shares = self._backend.shares_memory(worker)
-        futures = self._backend.submit(worker, *inputs.compute_call(shares), inputs.task_for(task, shares),
-                                       *inputs.params_for(shares), *inputs.batch_for(shares), inputs.tangent,
-                                       *rows, num_returns=len(task["partition"]) + 1)
+        method, params = inputs.compute_call(shares)
+        futures = self._backend.submit(worker, method, inputs.task_for(task, shares), *params,
+                                       *inputs.batch_for(shares), inputs.tangent, *rows,
+                                       num_returns=len(task["partition"]) + 1)
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
         return ShardCall(position, task, inputs, futures[:-1], futures[-1], list(rows), deadline)
 

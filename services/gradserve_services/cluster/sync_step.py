@@ -49,7 +49,7 @@ class Begun:
     step: int
     clock: Clock
     calls: list[ShardCall]
-    applying: list | None  # the update's (published, report) futures per server shard
+    applying: list  # the update's (published, report) futures per server shard
     rows: int
     steps_run: int
     num_workers: int

@@ -110,7 +110,7 @@ class Trainer:
         step fails, or a lost shard made its update be submitted again, the one begun ahead
         (which waited for that update) is dropped and runs afresh when called."""
         def run(step: int) -> StepResult:
-            begun, self._ahead = (self._ahead, None) if self._ahead is not None else (None, None)
+            begun, self._ahead = self._ahead, None  # (`_once` left only one of this id)
             if begun is None:
                 batch, targets = self._model.validate_batch(x, y, dtype=self._dtype)
                 if then is None or not self._begins_ahead():

@@ -16,7 +16,8 @@ _PUT_POLL_S = 0.5  # how often a reader with a full queue looks whether its hand
 class ReadAhead:
     """Iterate it as `items` (an error `items` raised comes in its turn); `arrived()` is the next
     item where it has been read already, else None, without waiting. At most two items are held
-    beyond the one the handler works on (and one in the reader's hands). `close()` (the handler is done) ends the reader."""
+    beyond the one the handler works on (and one in the reader's hands). `close()` (the handler
+    is done) ends the reader."""
 
     def __init__(self, items: Iterator):
         # two: when the handler takes an item, the next one is in the queue already (one slot
@@ -48,8 +49,8 @@ class ReadAhead:
 
     def __iter__(self):
         while True:
-            entry, self._held = (self._held, None) if self._held is not None else (self._queue.get(), None)
-            kind, value = entry
+            kind, value = self._held if self._held is not None else self._queue.get()
+            self._held = None
             if kind == "end":
                 return
             if kind == "error":

@@ -240,8 +240,7 @@ class SessionRegistry:
         runs its bookkeeping (replay, checkpoints, metrics), and its call gets that result."""
         if step_id < 1:
             raise InvalidArgument("step ids start at 1", "step_id")
-        check_activations(session.features_per_row, x, session.config.micro_batch_size,
-                          self.limits.activation_elements_per_call)
+        self._check_activations(session, x)
         with session.lock:
             self._check_open(session)
             answered, session.answered = session.answered, None
@@ -267,11 +266,14 @@ class SessionRegistry:
                 (remaining is not None and remaining < 2 * session.step_seconds):
             return None
         try:
-            check_activations(session.features_per_row, then[1], session.config.micro_batch_size,
-                              self.limits.activation_elements_per_call)
+            self._check_activations(session, then[1])
         except InvalidArgument:
             return None
         return then
+
+    def _check_activations(self, session: Session, x) -> None:
+        check_activations(session.features_per_row, x, session.config.micro_batch_size,
+                          self.limits.activation_elements_per_call)
 
     def _run_step(self, session: Session, step_id: int, x, y, then: tuple | None = None) -> StepResult:
         """The step with the session's lock held: recovery, metrics, replay and checkpoints."""
