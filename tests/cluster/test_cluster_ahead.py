@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -35,9 +36,10 @@ LINEAR_SPEC = {"input_features": 6, "nodes": [{"name": "logits", "op": "dense", 
 
 
 def _trainer(executor, spec=MLP_SPEC, **config):
+    config.setdefault("call_timeout_s", BOUND_S)
     params = Model(spec).init_parameters(seed=0, dtype="float64")
     return executor.create_trainer(TrainerConfig(spec, {"name": "momentum", "lr": 0.1}, num_workers=2,
-                                                 call_timeout_s=BOUND_S, push_gradients=False, **config),
+                                                 push_gradients=False, **config),
                                    params)
 
 
@@ -143,4 +145,46 @@ def test_a_stuck_worker_drops_the_step_begun_ahead_and_the_trajectory_holds(exec
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        trainer.close()
+
+
+@pytest.mark.parametrize("ps_shards", [1, 2])
+def test_a_step_begun_ahead_waits_on_the_servers_boards_and_keeps_the_trajectory(executor, ps_shards):
+    """Once an update reported its servers' boards, the workers of the next step begun ahead
+    are given the parameter blocks by value and wait for the update there, not through Ray."""
+    data = batches(5, 40)
+    trainer = _trainer(executor, ps_shards=ps_shards)
+    at_once = _trainer(executor, ps_shards=ps_shards)
+    try:
+        followed = []
+        for index, (x, y) in enumerate(data):
+            then = (index + 1, *data[index + 1]) if index + 1 < len(data) else None
+            result = trainer.step(index, x, y, then=then)
+            assert result.loss == at_once.step(index, x, y).loss
+            ahead = trainer._ahead
+            followed.append(ahead is not None and all(call.inputs.follows is not None for call in ahead.calls))
+        assert followed == [False, True, True, True, False]  # (step 0's servers had posted nothing yet)
+        _assert_same(at_once.parameters(), trainer.parameters())
+    finally:
+        trainer.close()
+        at_once.close()
+
+
+def test_a_worker_waiting_on_the_boards_is_released_when_its_step_is_dropped(executor):
+    """The step before fails with no outcome on any board (a shard's loss is not finite: its
+    update never runs); the trainer gives the step begun after it up, and its workers, released,
+    serve the next call at once instead of waiting out their bound."""
+    data = batches(4, 40)
+    huge = data[2][0].copy()
+    huge[:] = 1e308  # finite, but every shard's loss overflows: the shards are refused
+    trainer = _trainer(executor, spec=LINEAR_SPEC, call_timeout_s=600)
+    try:
+        trainer.step(0, *data[0], then=(1, *data[1]))
+        trainer.step(1, *data[1])
+        started = time.monotonic()
+        with pytest.raises(FailedPrecondition):
+            trainer.step(2, huge, data[2][1], then=(3, *data[3]))
+        assert trainer.step(3, *data[3]).version == 3
+        assert time.monotonic() - started < 60, "the dropped step's workers waited for an update never made"
+    finally:
         trainer.close()

@@ -33,6 +33,7 @@ from .pushed_updates import PushedUpdates
 from .shard_tables import ShardTables
 from .shared import Attachments, BlockRef, SharedMemoryLane, remove_block
 from .steplog import DEFAULT_STEP_WINDOW, StepLog
+from .update_board import APPLIED, BOARD_LAYOUT, FAILED, UpdateBoard, ring
 
 __all__ = ["ParameterTable", "ParameterServer", "StalenessRule"]
 
@@ -193,6 +194,7 @@ class ParameterServer:
         self._blocks: dict[str, BlockRef] = {}  # table id -> its parameter block
         self._lane = SharedMemoryLane.joined(shared_area)
         self._pushes = PushedUpdates()  # gradient buckets pushed during backward, by attempt
+        self._boards: dict[str, tuple[BlockRef, UpdateBoard]] = {}  # table id -> its update board
 
     def pid(self) -> int:
         return os.getpid()
@@ -243,6 +245,7 @@ class ParameterServer:
     def drop_table(self, table_id: str) -> None:
         self.tables.pop(table_id, None)
         self._pushes.drop_table(table_id)
+        self._boards.pop(table_id, None)
         block = self._blocks.pop(table_id, None)
         if block is not None:
             remove_block(block)
@@ -308,14 +311,41 @@ class ParameterServer:
     def check_after(self, table_id: str, count: int, computed_on: int, squares: int, after: int, *refs) -> None:
         self.check(table_id, count, computed_on, _norm_of(refs[after:after + squares]), *refs[after + squares:])
 
-    def apply_after(self, table_id: str, key: str, count, computed_on: int, squares: int, after: int, *refs):
+    def apply_after(self, table_id: str, key: str, count, computed_on: int, ticket: int, squares: int,
+                    after: int, *refs):
         """`apply` of a sync update once every shard's check passed (they are among the
         arguments): its gradients are all in, so the workers wait and their cores are free for
-        it. The report carries the global norm where it was agreed (clipping)."""
+        it. The report carries the global norm where it was agreed (clipping). A `ticket` (not 0)
+        has its outcome posted on this table's update board (update_board.py), for the workers of
+        a step begun ahead; the report then names the board and the parameter block."""
         norm = _norm_of(refs[after:after + squares])
-        published, report = self._apply(table_id, key, count, computed_on, norm, refs[after + squares:],
-                                         idle_cores=True)
-        return published, report if norm is None else {**report, "global_norm": norm}
+        try:
+            published, report = self._apply(table_id, key, count, computed_on, norm, refs[after + squares:],
+                                             idle_cores=True)
+        except BaseException:
+            self._post(table_id, ticket, FAILED)
+            raise
+        board = self._post(table_id, ticket, APPLIED)
+        if norm is not None:
+            report = {**report, "global_norm": norm}
+        if board is not None and isinstance(published[1], BlockRef):
+            report = {**report, "board": board, "block": published[1]}
+        return published, report
+
+    def _post(self, table_id: str, ticket: int, status: int) -> BlockRef | None:
+        """Post `ticket`'s outcome on the table's board and ring the workers' bells; the board's
+        ref, or None where there is none (no ticket, no lane, no room)."""
+        if not ticket or self._lane is None or table_id not in self.tables:
+            return None
+        held = self._boards.get(table_id)
+        if held is None:
+            block = self._lane.kept(f"{table_id}-updates", BOARD_LAYOUT)
+            if block is None:
+                return None
+            held = self._boards[table_id] = (block[0], UpdateBoard(block[1]["slots"]))
+        held[1].post(ticket, status, self.tables[table_id].version)
+        ring(self._lane.area[0])
+        return held[0]
 
     def apply(self, table_id: str, key: str, count: int, computed_on: int, norm: float | None,
               *parts):

@@ -56,6 +56,9 @@ class ParameterShards:
         # input, and the version they hold (updates applied so far).
         self.published: list = []
         self.version = 0
+        # Each shard's `(update board, parameter block)` as the last update reported them
+        # (update_board.py), or None: a step begun ahead then waits through Ray.
+        self.boards: list | None = None
 
     @property
     def servers(self) -> list:
@@ -86,6 +89,7 @@ class ParameterShards:
 
     def create(self, params: Mapping[str, np.ndarray], optimizer: dict, rule: dict) -> None:
         lane = self.lane
+        self.boards = None  # a new parameter block: known again from the next update's reports
         self.published = [
             self._backend.submit(server, "create_table", self.table,
                                  self._sent(server, {n: params[n] for n in names}),
@@ -105,7 +109,7 @@ class ParameterShards:
             published.append(load_replacing_lost(self._backend, position, lambda server: self._backend.submit(
                 server, "load_table", self.table, self._sent(server, shard_arrays, [f"param/{n}" for n in names], "param/"),
                 table_meta, names, self._in_shared_memory, self._step_window, *layout)[0]))
-        self.published = published
+        self.published, self.boards = published, None
 
     def _sent(self, server, arrays: Mapping, names=None, prefix: str = ""):
         """What `server` is sent of `arrays`: where the ones named `names` (default all) landed in a
@@ -132,7 +136,7 @@ class ParameterShards:
         a failed on-arrival step, some shards' applies may have failed, others not)."""
         published = [self._backend.submit(server, "published", self.table)[0] for server in self.servers]
         versions = [version for version, _ in self.get(published)]
-        self.published = published
+        self.published, self.boards = published, None
         self.version = max(versions)
         return self.version
 
@@ -146,18 +150,19 @@ class ParameterShards:
                 for server, grads in zip(self.servers, grads_per_shard)]
 
     def update(self, key: str, counts, rows: int, computed_on: int, clip_norm: float | None,
-               grads_per_shard: list, after: list | None = None) -> list:
+               grads_per_shard: list, after: list | None = None, ticket: int = 0) -> list:
         """Submit a whole update without waiting for any of it; returns each shard's
         `(published, report)` futures. One shard applies and decides alone. Several first each
         check their part (with clipping, after every shard's squared norm), and every apply takes
         all the checks as arguments: Ray runs no apply unless every check passed, so a refusal
         anywhere changes no shard, with no round trip through this process. `after[k]`: futures
         shard k's first call waits for (the pushes it must hold). A sync update is applied when
-        the workers are done and wait, so it may use their cores (`apply_after`)."""
+        the workers are done and wait, so it may use their cores (`apply_after`). A `ticket` has
+        each server post the outcome on its update board (update_board.py)."""
         after = after or [[] for _ in self.partition]
         servers, submit = self.servers, self._backend.submit
         if len(self.partition) == 1 and not after[0]:  # it decides alone
-            return Update([submit(servers[0], "apply_after", self.table, key, counts, computed_on, 0, 0,
+            return Update([submit(servers[0], "apply_after", self.table, key, counts, computed_on, ticket, 0, 0,
                            *grads_per_shard[0], num_returns=2)])
         squares = [] if clip_norm is None else [
             submit(server, "squared_norm_after", self.table, 1.0 / rows, len(waits), *waits, *grads)[0]
@@ -165,7 +170,7 @@ class ParameterShards:
         checks = [submit(server, "check_after", self.table, rows, computed_on, len(squares), len(waits),
                          *waits, *squares, *grads)[0]
                   for server, waits, grads in zip(servers, after, grads_per_shard)]
-        return Update([submit(server, "apply_after", self.table, key, counts, computed_on, len(squares),
+        return Update([submit(server, "apply_after", self.table, key, counts, computed_on, ticket, len(squares),
                               len(checks), *checks, *squares, *grads, num_returns=2)
                        for server, grads in zip(servers, grads_per_shard)], squares + checks)
 
@@ -200,6 +205,9 @@ class ParameterShards:
             self.discard([output[0] for output in applying] + _agreement(applying))
             raise
         self.published = [output[0] for output in applying]  # (the applies ran: every check passed)
+        # where every shard posts on a board: what a step begun after the next update is given
+        self.boards = [(report["board"], report["block"]) for report in reports] \
+            if all("board" in report for report in reports) else None
         return reports
 
     def agree(self, grads_per_shard: list, count: int, computed_on: int, clip_norm: float | None) -> float | None:

@@ -38,8 +38,12 @@ class ShardInputs:
 
     def __init__(self, params: list, store_batch: Callable[[], tuple], *,
                  shared_batch: Callable[[], BlockRef | None] | None = None, tangent: list | None = None,
-                 servers: list | None = None):
+                 servers: list | None = None, follows: tuple[list, dict] | None = None):
         self.params = list(params)
+        # `(snapshots, spec)` of a step begun ahead on one machine: what a worker that maps the
+        # area is given instead of `params`, the parameter blocks by value, and how it waits for
+        # the update before it (`task["follows"]`, update_board.py)
+        self.follows = follows
         self.tangent = tangent
         self._servers = servers
         self._store_batch, self._shared_batch = store_batch, shared_batch
@@ -67,13 +71,20 @@ class ShardInputs:
         area: where the servers publish blocks, a worker that maps them is given the snapshots
         themselves, `(version, BlockRef)` of a few bytes each, which Ray resolves before the call
         (`compute_given`); any other is given their references, and fetches what they point at
-        once per version (`compute`)."""
+        once per version (`compute`). A step begun ahead on one machine gives the former its
+        parameter blocks by value instead: it waits for the update before it on the servers'
+        boards, and Ray has nothing to wait for."""
         if shares_memory and self._servers is not None:
-            return "compute_given", [len(self.params), *self.params]
+            given = self.params if self.follows is None else self.follows[0]
+            return "compute_given", [len(given), *given]
         return "compute", [self.params]
 
     def task_for(self, task: dict, shares_memory: bool) -> dict:
-        return task if shares_memory or self._servers is None else {**task, "servers": self._servers}
+        if self._servers is None:
+            return task
+        if not shares_memory:
+            return {**task, "servers": self._servers}
+        return task if self.follows is None else {**task, "follows": self.follows[1]}
 
 
 @dataclass

@@ -15,6 +15,11 @@ with clipping, give their part of the norm), and every apply takes all the check
 none runs unless all passed (ParameterShards.update). If a worker is lost, the update fails on its
 missing argument without running, and is submitted again once the shard was re-run.
 
+A step begun before the one before it ended (`begin(after=...)`) gives its workers that update's
+published futures as arguments; where they and the servers map one shared-memory area, it gives
+them the parameter blocks by value instead, and each waits for that update's outcome on the
+servers' update boards (update_board.py): no hop through this process before they start.
+
 Where the workers push their gradients during backward instead (`_run_pushed`), the servers hold
 the sums when the last bucket arrives; the same update is made from them.
 """
@@ -28,7 +33,7 @@ import numpy as np
 
 from gradserve_services.engine import Batch
 
-from .config import StepResult, TrainerConfig
+from .config import DEFAULT_CALL_TIMEOUT_S, StepResult, TrainerConfig
 from .gradient_push import pushed_part
 from .parameter_shards import ParameterShards
 from .pushed_updates import pushes_id
@@ -38,6 +43,7 @@ from .signals import NoiseScale, add_products, noise_terms, shard_cosines
 from .step_report import Clock, global_norm_of, step_result
 from .step_tasks import shard_tasks
 from .steplog import update_key
+from .update_board import BOARD_LAYOUT, GIVEN_UP, UpdateBoard, new_ticket, ring
 
 __all__ = ["Begun", "SyncSteps"]
 
@@ -56,6 +62,8 @@ class Begun:
     computed_on: int  # the version the update is computed on
     pull_figures: dict  # the table lane's figures of the rows pulled for it
     resubmitted: bool = False  # a lost shard was re-run and the update submitted again
+    ticket: int = 0  # its update's, posted on the servers' update boards (0: none)
+    follows: int = 0  # the ticket of the update before it its workers wait for on the boards
 
 
 class SyncSteps:
@@ -70,6 +78,7 @@ class SyncSteps:
         self._shared_memory = shared_memory
         self._noise_scale = NoiseScale()  # smoothed over this trainer's sync steps
         self._batch_block = 0  # which of the two batch blocks the last step wrote
+        self._given_up: tuple | None = None  # (ref, UpdateBoard) of the updates given up on
 
     def run(self, step: int, x, y, *, steps_run: int, num_workers: int) -> StepResult:
         if self._pushes_gradients(num_workers):
@@ -90,14 +99,37 @@ class SyncSteps:
         shards, clock = self._shards, Clock()
         published, computed_on = (shards.published, shards.version) if after is None else \
             ([output[0] for output in after.applying], after.computed_on + 1)
-        inputs, tasks, rows = self._prepare(clock, x, y, published, steps_run, num_workers)
+        follows = None if after is None else self._follows(after)
+        inputs, tasks, rows = self._prepare(clock, x, y, published, steps_run, num_workers, follows)
         pulls, pull_figures = ([()] * len(tasks), {}) if shards.lane is None else \
             shards.lane.prepare(self._backend, shards.servers, shards.table, x, tasks)  # table_lane.py
         calls = [self._runner.dispatch(position, task, inputs, rows=pulls[position])
                  for position, task in enumerate(tasks)]
-        begun = Begun(step, clock, calls, [], rows, steps_run, num_workers, computed_on, pull_figures)
+        begun = Begun(step, clock, calls, [], rows, steps_run, num_workers, computed_on, pull_figures,
+                      follows=0 if follows is None else after.ticket)
         begun.applying = self._update(begun)
         return begun
+
+    def _follows(self, after: Begun) -> tuple[list, dict] | None:
+        """How the workers of a step begun after `after` wait for its update without Ray
+        (update_board.py): `(the parameter blocks, the spec)`; None where the servers post no
+        outcomes or this trainer has no board to give a step up on (they wait through Ray)."""
+        boards = self._shards.boards
+        if not after.ticket or boards is None or self._given_up_board() is None:
+            return None
+        timeout_s = self._config.call_timeout_s
+        return ([(None, block) for _, block in boards],
+                {"ticket": after.ticket, "boards": [board for board, _ in boards],
+                 "given_up": self._given_up[0], "timeout_s": DEFAULT_CALL_TIMEOUT_S if timeout_s is None else timeout_s})
+
+    def _given_up_board(self) -> UpdateBoard | None:
+        """This trainer's board of updates it gave up waiting on (made once; None without a lane
+        or room)."""
+        if self._given_up is None and self._shared_memory is not None:
+            block = self._shared_memory.kept(f"{self._shards.table}-given-up", BOARD_LAYOUT)
+            if block is not None:
+                self._given_up = (block[0], UpdateBoard(block[1]["slots"]))
+        return None if self._given_up is None else self._given_up[1]
 
     def end(self, begun: Begun) -> StepResult:
         """Wait for a begun step: its shards (a lost one re-run and the update then submitted
@@ -122,14 +154,18 @@ class SyncSteps:
     def abandon(self, begun: Begun) -> None:
         """Forget a begun step that will not be ended (the one before it failed, so this one's
         shards, which wait for that update's parameters, fail too): its futures read as handled."""
+        if begun.follows:  # its workers wait on the boards: tell them the update is not coming
+            self._given_up_board().post(begun.follows, GIVEN_UP, 0)
+            ring(self._shared_memory.area[0])
         self._shards.discard_update(begun.applying)
         self._shards.discard([future for call in begun.calls for future in (*call.grads, call.stats)])
 
-    def _prepare(self, clock: Clock, x, y, published: list, steps_run: int, num_workers: int):
+    def _prepare(self, clock: Clock, x, y, published: list, steps_run: int, num_workers: int,
+                 follows: tuple | None = None):
         """`(inputs, tasks, rows)` of a step: the batch put where the workers read it."""
         shards = self._shards
         rows = x.rows if isinstance(x, Batch) else x.shape[0]
-        inputs = self._inputs(x, y, published)
+        inputs = self._inputs(x, y, published, follows)
         inputs.prepare(self._runner.shares_memory(num_workers))
         clock.mark("put")
         tasks = shard_tasks(self._config, shards.table, shards.partition, rows, num_workers,
@@ -198,11 +234,13 @@ class SyncSteps:
         """The update submitted with the workers' gradient futures as arguments: it starts the
         moment the last gradient exists (ParameterShards.update), without a round trip here."""
         shards, calls = self._shards, begun.calls
+        # a ticket where a step begun after this one could wait for its outcome on the boards
+        begun.ticket = new_ticket() if self._shared_memory is not None else 0
         return shards.update(update_key(begun.step), self._counts([call.task for call in calls], begun.steps_run),
                              begun.rows, begun.computed_on, self._config.optimizer.clip_norm,
-                             _grads_per_shard(calls, len(shards.partition)))
+                             _grads_per_shard(calls, len(shards.partition)), ticket=begun.ticket)
 
-    def _inputs(self, x, y, published: list) -> ShardInputs:
+    def _inputs(self, x, y, published: list, follows: tuple | None = None) -> ShardInputs:
         """The step's inputs: the batch as one block for the workers that map shared memory
         (arrays only), through the object store for the others, who also get the servers to ask
         for copies of the parameters published as blocks."""
@@ -217,7 +255,8 @@ class SyncSteps:
             def shared_batch():
                 return lane.put(name, {"x": x, "y": y})
         return ShardInputs(published, lambda: (backend.put(x), backend.put(y)),
-                           shared_batch=shared_batch, servers=None if lane is None else shards.servers)
+                           shared_batch=shared_batch, servers=None if lane is None else shards.servers,
+                           follows=follows)
 
     def _gradient_signals(self, reports, shard_counts) -> dict:
         """StepResult fields from the server shards' products (each holds a parameter slice)."""

@@ -103,8 +103,9 @@ class Trainer:
         `then=(step_id, x, y)`: the caller's next step, known already (a stream of steps). Where
         steps can overlap (sync, gradients returned when done, no tables: `SyncSteps.begins_ahead`)
         it is begun before this step is waited for: its workers are given this update's published
-        parameters as arguments, so they start the moment it is applied, with no round trip
-        through this process, and the call for it finds it running. A step begun ahead is
+        parameters as arguments (or, where they map the servers' shared memory, wait for it on
+        the servers' update boards: update_board.py), so they start the moment it is applied,
+        with no round trip through this process, and the call for it finds it running. A step begun ahead is
         applied even if its call never comes (its caller sent it): any other call first waits for
         it, records it, and the first call for its id gets its result as no duplicate. Where this
         step fails, or a lost shard made its update be submitted again, the one begun ahead

@@ -33,6 +33,7 @@ from .gradient_push import GradientPush, pushed_part
 from .local_round import run_task_round
 from .powersgd import WorkerFactors, encode_p
 from .shared import BlockRef, SharedMemoryLane
+from .update_board import Doorbell, UpdateBoard, wait_for_update
 from .worker_rows import row_pushes, table_parameters
 
 __all__ = ["GradientWorker", "ModelCache", "limit_blas_threads", "spec_key"]
@@ -88,6 +89,7 @@ class GradientWorker:
         self._feedback: dict[str, ErrorFeedback] = {}
         self._power: dict[tuple, WorkerFactors] = {}  # (table, shard slot) -> PowerSGD state
         self._lane = SharedMemoryLane.joined(shared_area)
+        self._bell = Doorbell.bound(None if self._lane is None else self._lane.area[0])
         self._calls = calls
 
     def pid(self) -> int:
@@ -199,8 +201,18 @@ class GradientWorker:
     def compute_given(self, task: dict, snapshots: int, *args):
         """`compute` given the servers' published snapshots themselves: the first `snapshots` of
         `args` (`(version, BlockRef)` each, resolved by Ray before this call), so nothing is fetched
-        before the pass; the rest are `compute`'s arguments after `params_refs`."""
-        return self.compute(task, _Given(args[:snapshots]), *args[snapshots:])
+        before the pass; the rest are `compute`'s arguments after `params_refs`. With
+        `task["follows"]` (a step begun ahead on one machine), the snapshots name the blocks only:
+        the update before this step is waited for on the servers' update boards
+        (update_board.py), which give the version."""
+        given = args[:snapshots]
+        follows = task.get("follows")
+        if follows is not None:  # a step begun ahead: the update before it is waited for here
+            versions = wait_for_update([UpdateBoard(self._lane.read(ref)["slots"]) for ref in follows["boards"]],
+                                       UpdateBoard(self._lane.read(follows["given_up"])["slots"]),
+                                       follows["ticket"], self._bell, follows["timeout_s"])
+            given = [(version, block) for version, (_, block) in zip(versions, given)]
+        return self.compute(task, _Given(given), *args[snapshots:])
 
     def powersgd_q(self, table: str, slot: int, p_hats: dict) -> dict:
         """Phase two of PowerSGD for shard `slot` of the step this worker computed: `{name: Q_i}`
