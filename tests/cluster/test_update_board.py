@@ -14,7 +14,7 @@ import pytest
 
 from gradserve_services.cluster.shared import SharedArea, SharedMemoryLane
 from gradserve_services.cluster.update_board import (APPLIED, BOARD_LAYOUT, FAILED, GIVEN_UP, SLOTS, Doorbell,
-                                                     UpdateBoard, ring, wait_for_update)
+                                                     UpdateBoard, kept_board, read_board, ring, wait_for_update)
 from gradserve_services.errors import Unavailable
 
 WAIT_S = 30.0  # what a wait that must not run out is given (a busy machine)
@@ -33,10 +33,9 @@ def _boards(area, count: int = 1):
     """`count` server boards and a given-up board, each written through one lane and read
     through another (as a server, the coordinator and a worker do)."""
     writer, reader = SharedMemoryLane((area.path, area.token)), SharedMemoryLane((area.path, area.token))
-    written = [writer.kept(f"t-updates-{index}", BOARD_LAYOUT) for index in range(count + 1)]
-    boards = [UpdateBoard(views["slots"]) for _, views in written]
-    read = [UpdateBoard(reader.read(ref)["slots"]) for ref, _ in written]
-    return boards[:-1], boards[-1], read[:-1], read[-1]
+    written = [kept_board(writer, f"t-updates-{index}") for index in range(count + 1)]
+    read = [read_board(reader, board.ref) for board in written]
+    return written[:-1], written[-1], read[:-1], read[-1]
 
 
 def test_an_outcome_is_found_by_its_ticket_by_another_mapping(area):
@@ -105,9 +104,8 @@ def test_a_ring_wakes_a_waiter_long_before_its_poll(area, monkeypatch):
         (wait_for_update(seen, seen_given_up, 14, bell, 2 * WAIT_S), time.monotonic())))
     waiter.start()
     time.sleep(0.2)  # the waiter is in its wait
-    server.post(14, APPLIED, 6)
     posted = time.monotonic()
-    ring(area.path)
+    server.post(14, APPLIED, 6)  # a post rings the area's bells
     waiter.join(2 * WAIT_S)
     assert answers and answers[0][0] == [6]
     assert answers[0][1] - posted < WAIT_S / 2

@@ -33,7 +33,7 @@ from .pushed_updates import PushedUpdates
 from .shard_tables import ShardTables
 from .shared import Attachments, BlockRef, SharedMemoryLane, remove_block
 from .steplog import DEFAULT_STEP_WINDOW, StepLog
-from .update_board import APPLIED, BOARD_LAYOUT, FAILED, UpdateBoard, ring
+from .update_board import APPLIED, FAILED, PostedBoard, kept_board
 
 __all__ = ["ParameterTable", "ParameterServer", "StalenessRule"]
 
@@ -194,7 +194,7 @@ class ParameterServer:
         self._blocks: dict[str, BlockRef] = {}  # table id -> its parameter block
         self._lane = SharedMemoryLane.joined(shared_area)
         self._pushes = PushedUpdates()  # gradient buckets pushed during backward, by attempt
-        self._boards: dict[str, tuple[BlockRef, UpdateBoard]] = {}  # table id -> its update board
+        self._boards: dict[str, PostedBoard] = {}  # table id -> its update board
 
     def pid(self) -> int:
         return os.getpid()
@@ -337,15 +337,12 @@ class ParameterServer:
         ref, or None where there is none (no ticket, no lane, no room)."""
         if not ticket or self._lane is None or table_id not in self.tables:
             return None
-        held = self._boards.get(table_id)
-        if held is None:
-            block = self._lane.kept(f"{table_id}-updates", BOARD_LAYOUT)
-            if block is None:
-                return None
-            held = self._boards[table_id] = (block[0], UpdateBoard(block[1]["slots"]))
-        held[1].post(ticket, status, self.tables[table_id].version)
-        ring(self._lane.area[0])
-        return held[0]
+        board = self._boards.get(table_id) or kept_board(self._lane, f"{table_id}-updates")
+        if board is None:
+            return None
+        self._boards[table_id] = board
+        board.post(ticket, status, self.tables[table_id].version)
+        return board.ref
 
     def apply(self, table_id: str, key: str, count: int, computed_on: int, norm: float | None,
               *parts):

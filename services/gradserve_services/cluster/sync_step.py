@@ -43,7 +43,7 @@ from .signals import NoiseScale, add_products, noise_terms, shard_cosines
 from .step_report import Clock, global_norm_of, step_result
 from .step_tasks import shard_tasks
 from .steplog import update_key
-from .update_board import BOARD_LAYOUT, GIVEN_UP, UpdateBoard, new_ticket, ring
+from .update_board import GIVEN_UP, PostedBoard, kept_board, new_ticket
 
 __all__ = ["Begun", "SyncSteps"]
 
@@ -78,7 +78,7 @@ class SyncSteps:
         self._shared_memory = shared_memory
         self._noise_scale = NoiseScale()  # smoothed over this trainer's sync steps
         self._batch_block = 0  # which of the two batch blocks the last step wrote
-        self._given_up: tuple | None = None  # (ref, UpdateBoard) of the updates given up on
+        self._given_up: PostedBoard | None = None  # the updates this trainer gave up waiting on
 
     def run(self, step: int, x, y, *, steps_run: int, num_workers: int) -> StepResult:
         if self._pushes_gradients(num_workers):
@@ -120,16 +120,14 @@ class SyncSteps:
         timeout_s = self._config.call_timeout_s
         return ([(None, block) for _, block in boards],
                 {"ticket": after.ticket, "boards": [board for board, _ in boards],
-                 "given_up": self._given_up[0], "timeout_s": DEFAULT_CALL_TIMEOUT_S if timeout_s is None else timeout_s})
+                 "given_up": self._given_up.ref, "timeout_s": DEFAULT_CALL_TIMEOUT_S if timeout_s is None else timeout_s})
 
-    def _given_up_board(self) -> UpdateBoard | None:
+    def _given_up_board(self) -> PostedBoard | None:
         """This trainer's board of updates it gave up waiting on (made once; None without a lane
         or room)."""
         if self._given_up is None and self._shared_memory is not None:
-            block = self._shared_memory.kept(f"{self._shards.table}-given-up", BOARD_LAYOUT)
-            if block is not None:
-                self._given_up = (block[0], UpdateBoard(block[1]["slots"]))
-        return None if self._given_up is None else self._given_up[1]
+            self._given_up = kept_board(self._shared_memory, f"{self._shards.table}-given-up")
+        return self._given_up
 
     def end(self, begun: Begun) -> StepResult:
         """Wait for a begun step: its shards (a lost one re-run and the update then submitted
@@ -155,8 +153,7 @@ class SyncSteps:
         """Forget a begun step that will not be ended (the one before it failed, so this one's
         shards, which wait for that update's parameters, fail too): its futures read as handled."""
         if begun.follows:  # its workers wait on the boards: tell them the update is not coming
-            self._given_up_board().post(begun.follows, GIVEN_UP, 0)
-            ring(self._shared_memory.area[0])
+            self._given_up.post(begun.follows, GIVEN_UP, 0)
         self._shards.discard_update(begun.applying)
         self._shards.discard([future for call in begun.calls for future in (*call.grads, call.stats)])
 

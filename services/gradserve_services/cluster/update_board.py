@@ -36,8 +36,8 @@ import numpy as np
 
 from gradserve_services.errors import Unavailable
 
-__all__ = ["UpdateBoard", "Doorbell", "ring", "new_ticket", "wait_for_update", "APPLIED", "FAILED",
-           "GIVEN_UP", "BOARD_LAYOUT"]
+__all__ = ["UpdateBoard", "PostedBoard", "kept_board", "read_board", "Doorbell", "ring", "new_ticket",
+           "wait_for_update", "APPLIED", "FAILED", "GIVEN_UP", "BOARD_LAYOUT"]
 
 SLOTS = 256  # outcomes kept: a re-run shard still finds the one it follows
 APPLIED, FAILED, GIVEN_UP = 1, 2, 3
@@ -82,6 +82,30 @@ class UpdateBoard:
             if sequence > 0 and int(slot[0]) == sequence and record[0] == ticket:
                 return Outcome(record[1], record[2])
         return None
+
+
+@dataclass(frozen=True)
+class PostedBoard:
+    """A board its writer posts on (`ref`: what readers map), each post ringing the area's bells."""
+
+    ref: object  # shared.BlockRef
+    board: UpdateBoard
+    folder: str
+
+    def post(self, ticket: int, status: int, version: int) -> None:
+        self.board.post(ticket, status, version)
+        ring(self.folder)
+
+
+def kept_board(lane, name: str) -> PostedBoard | None:
+    """The board `name` this process writes, a block of its lane (None where there is no room)."""
+    block = lane.kept(name, BOARD_LAYOUT)
+    return None if block is None else PostedBoard(block[0], UpdateBoard(block[1]["slots"]), lane.area[0])
+
+
+def read_board(lane, ref) -> UpdateBoard:
+    """Another process's board, mapped read-only through `lane`."""
+    return UpdateBoard(lane.read(ref)["slots"])
 
 
 class Doorbell:

@@ -33,7 +33,7 @@ from .gradient_push import GradientPush, pushed_part
 from .local_round import run_task_round
 from .powersgd import WorkerFactors, encode_p
 from .shared import BlockRef, SharedMemoryLane
-from .update_board import Doorbell, UpdateBoard, wait_for_update
+from .update_board import Doorbell, read_board, wait_for_update
 from .worker_rows import row_pushes, table_parameters
 
 __all__ = ["GradientWorker", "ModelCache", "limit_blas_threads", "spec_key"]
@@ -208,8 +208,8 @@ class GradientWorker:
         given = args[:snapshots]
         follows = task.get("follows")
         if follows is not None:  # a step begun ahead: the update before it is waited for here
-            versions = wait_for_update([UpdateBoard(self._lane.read(ref)["slots"]) for ref in follows["boards"]],
-                                       UpdateBoard(self._lane.read(follows["given_up"])["slots"]),
+            versions = wait_for_update([read_board(self._lane, ref) for ref in follows["boards"]],
+                                       read_board(self._lane, follows["given_up"]),
                                        follows["ticket"], self._bell, follows["timeout_s"])
             given = [(version, block) for version, (_, block) in zip(versions, given)]
         return self.compute(task, _Given(given), *args[snapshots:])
